@@ -1,0 +1,1 @@
+"""Bytes to tensors. Knows no model and no trainer."""

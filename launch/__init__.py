@@ -1,0 +1,1 @@
+"""Everything that starts runs: the `genscale` command and its launchers."""

@@ -1,0 +1,157 @@
+"""The `genscale` command: a table of subcommands, each a small function over trainer/ and data_pipelines/."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Dict, List, Optional
+
+def _user_errors() -> tuple:
+    from data_pipelines.builtin import DataError
+    from trainer.build import RunDirError
+    from trainer.checkpointing import CheckpointError
+    from trainer.config import ConfigError
+    from trainer.gan_module import NonFiniteLossError
+
+    return (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteLossError)
+
+
+def cmd_train(args) -> int:
+    from trainer.build import train
+    from trainer.config import describe_fields
+
+    if args.help_config:
+        print("\n".join(describe_fields()))
+        return 0
+    experiment, overrides = args.experiment, list(args.overrides)
+    if experiment and "=" in experiment:  # `genscale train key=value ...` with the default experiment
+        overrides.insert(0, experiment)
+        experiment = None
+    run = train(experiment, overrides)
+    ckpt = run.checkpointer.last_path
+    print(json.dumps({"run_dir": str(run.run_dir), "iteration": int(run.module.iteration),
+                      "kimg": int(run.module.images_seen) / 1000, "checkpoint": str(ckpt) if ckpt else None,
+                      "samples": str(run.sampler.last_path) if run.sampler.last_path else None,
+                      "metrics": str(run.run_dir / "metrics.csv")}))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from trainer.evaluate import sample_grid
+
+    out = sample_grid(args.checkpoint, num=args.num, out=args.out, seed=args.seed, use_ema=not args.no_ema)
+    print(json.dumps({"out": str(out), "num": args.num, "seed": args.seed, "ema": not args.no_ema}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from trainer.evaluate import evaluate_checkpoint, train_feature_net
+
+    if args.target == "train-features":
+        if not args.dataset:
+            raise SystemExit("genscale eval train-features needs --dataset (mnist5k, digits or npz).")
+        path = train_feature_net(args.dataset, args.resolution, data_path=args.data_path,
+                                 features_dir=args.features_dir, force=args.force)
+        print(json.dumps({"feature_net": str(path)}))
+        return 0
+    result = evaluate_checkpoint(args.target, num_samples=args.num, seed=args.seed, use_ema=not args.no_ema,
+                                 features_dir=args.features_dir)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from data_pipelines.builtin import DESCRIPTIONS as DATA
+    from models.registry import DESCRIPTIONS as MODELS
+    from trainer.config import DEFAULT_EXPERIMENT, list_experiments
+
+    what = args.what or "all"
+    if what in ("models", "all"):
+        print("models:")
+        for k in sorted(MODELS):
+            print(f"  {k:16s} {MODELS[k]}")
+    if what in ("experiments", "all"):
+        print("experiments:")
+        for k in list_experiments():
+            print(f"  {k}{'  (default)' if k == DEFAULT_EXPERIMENT else ''}")
+    if what in ("datasets", "all"):
+        print("datasets:")
+        for k in sorted(DATA):
+            print(f"  {k:16s} {DATA[k]}")
+    return 0
+
+
+def _later(issue: str) -> Callable:
+    def run(args) -> int:
+        print(f"genscale {args.command}: this subcommand is not part of this release yet ({issue}).",
+              file=sys.stderr)
+        return 2
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genscale", description="Train, sample and evaluate deep generative models.")
+    sp = p.add_subparsers(dest="command", metavar="COMMAND")
+    sp.required = True
+
+    t = sp.add_parser("train", help="train an experiment", description=(
+        "Train EXPERIMENT (default: wgan_gp_mnist5k) with key=value overrides, e.g. "
+        "`genscale train gan_mnist5k trainer.max_iters=500 data.batch_size=128`. "
+        "Resume with resume=<run dir or checkpoint>."))
+    t.add_argument("experiment", nargs="?", default=None, help="experiment name or path to a .yaml")
+    t.add_argument("overrides", nargs="*", help="key=value config overrides")
+    t.add_argument("--help-config", action="store_true", help="list every config key with its type, default and meaning")
+    t.set_defaults(fn=cmd_train)
+
+    s = sp.add_parser("sample", help="write a grid of samples from a checkpoint")
+    s.add_argument("checkpoint", help="checkpoint file or run directory")
+    s.add_argument("--num", type=int, default=64, help="number of samples")
+    s.add_argument("--out", default="samples.png", help="output PNG")
+    s.add_argument("--seed", type=int, default=0, help="latent seed")
+    s.add_argument("--no-ema", action="store_true", help="use the raw generator instead of G_ema")
+    s.set_defaults(fn=cmd_sample)
+
+    e = sp.add_parser("eval", help="FID/KID of a checkpoint, or train the domain feature network", description=(
+        "`genscale eval CKPT` computes FID and KID between generated and held-out images and appends them to "
+        "the run's eval.jsonl. `genscale eval train-features --dataset mnist5k` trains the domain classifier "
+        "whose features FID/KID use on digit data (done automatically on first use)."))
+    e.add_argument("target", help="checkpoint / run directory, or 'train-features'")
+    e.add_argument("--num", type=int, default=None, help="generated samples (default: eval.num_samples)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-ema", action="store_true", help="evaluate the raw generator")
+    e.add_argument("--features-dir", default=None, help="where feature networks are kept")
+    e.add_argument("--dataset", default=None, help="train-features: dataset name")
+    e.add_argument("--resolution", type=int, default=32, help="train-features: image resolution")
+    e.add_argument("--data-path", default="", help="train-features: data.path for file datasets")
+    e.add_argument("--force", action="store_true", help="train-features: retrain even if saved")
+    e.set_defaults(fn=cmd_eval)
+
+    ls = sp.add_parser("list", help="list models, experiments and datasets")
+    ls.add_argument("what", nargs="?", choices=["models", "experiments", "datasets", "all"])
+    ls.set_defaults(fn=cmd_list)
+
+    for name, text, issue in (
+        ("data", "write and inspect webdataset shards", "sharded data pipelines"),
+        ("launch", "launch multi-node runs with torchrun or SLURM", "multi-node training"),
+        ("sweep", "run or submit sweeps over config values", "sweeps"),
+        ("bench", "benchmark training throughput", "benchmarks"),
+    ):
+        q = sp.add_parser(name, help=f"{text} (coming with the {issue} work)",
+                          description=f"{text}. Not in this release yet: it comes with the {issue} work.")
+        q.add_argument("args", nargs=argparse.REMAINDER)
+        q.set_defaults(fn=_later(issue))
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _user_errors() as e:
+        print(f"genscale {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pure nn.Module networks. Nothing here imports Lightning or the other genscale packages."""

@@ -1,0 +1,1 @@
+"""How models are trained: configs, Lightning modules, callbacks and the one assembly point."""

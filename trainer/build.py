@@ -1,0 +1,174 @@
+"""The one assembly point: config -> (LightningModule, DataModule, Trainer) and the run directory."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig
+
+from data_pipelines.builtin import load_split
+from data_pipelines.datamodule import ArrayDataModule
+from models.registry import build_gan
+from trainer.callbacks.ema import EMACallback
+from trainer.callbacks.samples import SampleGridCallback
+from trainer.checkpointing import AtomicCheckpointIO, IterationCheckpoint, load_checkpoint
+from trainer.config import ConfigError, load_config, to_dict, to_yaml
+from trainer.gan_module import GANModule, NonFiniteLossError
+
+
+class RunDirError(ValueError):
+    """The run directory would overwrite an existing run."""
+
+
+@dataclass
+class Run:
+    cfg: DictConfig
+    run_dir: Path
+    module: GANModule
+    datamodule: ArrayDataModule
+    trainer: L.Trainer
+    ckpt_path: Optional[str]
+    checkpointer: IterationCheckpoint
+    sampler: SampleGridCallback
+
+
+def default_run_id() -> str:
+    for var in ("SLURM_JOB_ID", "GENSCALE_RUN_ID"):
+        if os.environ.get(var):
+            return os.environ[var]
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def make_run_dir(cfg: DictConfig) -> Path:
+    """runs/<experiment>/<run_id>/, refusing to reuse a directory that already holds a run."""
+    explicit = bool(cfg.logging.run_id)
+    run_id = cfg.logging.run_id or default_run_id()
+    base = Path(cfg.logging.root) / (cfg.experiment or "default")
+    run_dir = base / run_id
+    if (run_dir / "config.yaml").exists():
+        if explicit or os.environ.get("SLURM_JOB_ID"):
+            raise RunDirError(f"Run directory '{run_dir}' already holds a run. Resume it with "
+                              f"resume={run_dir}, or choose a new logging.run_id.")
+        k = 1
+        while (base / f"{run_id}-{k}" / "config.yaml").exists():
+            k += 1
+        run_dir = base / f"{run_id}-{k}"
+    cfg.logging.run_id = run_dir.name
+    return run_dir
+
+
+def build_module(cfg: DictConfig, channels: int, num_classes: int) -> GANModule:
+    m = cfg.model
+    G, D = build_gan(m.name, z_dim=m.z_dim, g_width=m.g_width, d_width=m.d_width,
+                     resolution=cfg.data.resolution, channels=channels, g_norm=m.g_norm,
+                     d_norm=m.d_norm, num_classes=num_classes)
+    return GANModule(G, D, to_dict(cfg), z_dim=m.z_dim)
+
+
+def build_datamodule(cfg: DictConfig) -> ArrayDataModule:
+    d = cfg.data
+    return ArrayDataModule(d.name, d.resolution, d.batch_size, d.val_fraction, d.path, d.num_workers,
+                           seed=cfg.trainer.seed)
+
+
+class ThroughputBar(TQDMProgressBar):
+    """Progress bar whose postfix shows G iteration, kimg and images/s (no Lightning version number)."""
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        items["it"] = int(pl_module.iteration)
+        return items
+
+
+def _devices(value: str):
+    value = str(value)
+    if value == "auto":
+        return "auto"
+    if value.startswith("["):
+        return [int(v) for v in value.strip("[]").split(",") if v.strip()]
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"trainer.devices='{value}' is not 'auto', a count or a list like [0,1].") from None
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path):
+    t = cfg.trainer
+    loggers: List = [CSVLogger(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=10)]
+    if cfg.logging.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(WandbLogger(project=cfg.logging.wandb_project, name=f"{cfg.experiment}/{run_dir.name}",
+                                   id=f"{cfg.experiment}-{run_dir.name}".replace("/", "-"),
+                                   save_dir=str(run_dir), offline=cfg.logging.wandb_mode == "offline",
+                                   config=to_dict(cfg), resume="allow"))
+    ckpt = IterationCheckpoint(run_dir / "checkpoints", t.checkpoint.every_n_iters, t.checkpoint.every_n_minutes,
+                               t.checkpoint.save_top_k, t.checkpoint.monitor)
+    samples = SampleGridCallback(run_dir / "samples", t.sample_every)
+    callbacks = [ckpt, samples]
+    if cfg.ema.enabled:
+        # EMA must run before samples/checkpoints read G_ema at the same step.
+        callbacks.insert(0, EMACallback(cfg.ema.decay, cfg.ema.start_iter, cfg.ema.rampup_iters))
+    if t.progress_bar:
+        callbacks.append(ThroughputBar(refresh_rate=10))
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=_devices(t.devices), num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=t.precision, max_epochs=-1, max_steps=-1, logger=loggers, callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()], enable_checkpointing=False, enable_progress_bar=t.progress_bar,
+        enable_model_summary=False, log_every_n_steps=1, deterministic=t.deterministic,
+        num_sanity_val_steps=0, default_root_dir=str(run_dir), use_distributed_sampler=False,
+    )
+    return trainer, ckpt, samples
+
+
+def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]] = None) -> Run:
+    """Everything before fit: config, data check, run directory, module, trainer. Fails early."""
+    overrides = list(overrides or [])
+    resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), "")
+    ckpt_path = None
+    if resume:
+        ckpt = load_checkpoint(resume)
+        rest = [o for o in overrides if not o.startswith("resume=")]
+        cfg = load_config(base=ckpt["genscale"]["config"], overrides=rest)
+        cfg.resume = ckpt["_path"]
+        ckpt_path = ckpt["_path"]
+        run_dir = Path(ckpt_path).resolve().parent.parent
+        del ckpt
+    else:
+        cfg = load_config(experiment, overrides)
+        run_dir = None
+    dm = build_datamodule(cfg)
+    train = dm.prepare()  # a missing or unreadable data path fails here, before any directory is made
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    module = build_module(cfg, channels=train.channels, num_classes=train.num_classes)
+    if run_dir is None:
+        run_dir = make_run_dir(cfg)
+        module.cfg = to_dict(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer, ckpt_cb, samples = build_trainer(cfg, run_dir)
+    if trainer.is_global_zero:
+        name = "config.yaml" if not resume else f"config.resume-{_dt.datetime.now():%Y%m%d-%H%M%S}.yaml"
+        (run_dir / name).write_text(to_yaml(cfg))
+    return Run(cfg, run_dir, module, dm, trainer, ckpt_path, ckpt_cb, samples)
+
+
+def train(experiment: Optional[str] = None, overrides: Optional[List[str]] = None) -> Run:
+    run = prepare_run(experiment, overrides)
+    if run.cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
+    except NonFiniteLossError as e:
+        last = run.checkpointer.last_path
+        raise NonFiniteLossError(f"{e} Last good checkpoint: {last or 'none was written yet'} "
+                                 f"(run directory {run.run_dir}).") from None
+    return run

@@ -1,0 +1,143 @@
+"""Checkpoints that are never half-written, written every N iterations and/or minutes.
+
+Writes go to a temporary file in the same directory, are fsynced, then renamed over the target, so
+a crash leaves either the old file or the new one. `last.ckpt` is a hard link (or copy) of the
+newest checkpoint, replaced atomically as well. Besides it, the best k by a monitored metric (lower
+is better) or, without one, the newest k are kept.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file, the problem and the fix."""
+
+
+def _atomic_replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint: Dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            torch.save(checkpoint, tmp)
+            _atomic_replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def atomic_link(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    _atomic_replace(tmp, dst)
+
+
+class IterationCheckpoint(L.Callback):
+    """Saves on G-iteration multiples and/or elapsed minutes, plus once at the end of training."""
+
+    def __init__(self, dirpath: str | Path, every_n_iters: int = 0, every_n_minutes: float = 0.0,
+                 save_top_k: int = 3, monitor: str = ""):
+        self.dirpath = Path(dirpath)
+        self.every_n_iters, self.every_n_minutes = every_n_iters, every_n_minutes
+        self.save_top_k, self.monitor = save_top_k, monitor
+        self.kept: Dict[str, float] = {}  # file name -> score (lower better) or -iteration
+        self._t_last = time.monotonic()
+        self.last_path: Optional[Path] = None
+
+    def state_dict(self) -> dict:
+        return {"kept": dict(self.kept)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kept = dict(state.get("kept", {}))
+
+    def _due(self, trainer, it: int) -> bool:
+        due = self.every_n_iters > 0 and it % self.every_n_iters == 0
+        if self.every_n_minutes > 0:
+            timed = time.monotonic() - self._t_last >= 60.0 * self.every_n_minutes
+            due = due or bool(trainer.strategy.broadcast(timed, src=0))  # every rank must agree
+        return due
+
+    def save(self, trainer, pl_module) -> Path:
+        it = int(pl_module.iteration)
+        path = self.dirpath / f"iter-{it:07d}.ckpt"
+        trainer.save_checkpoint(path, weights_only=False)  # collective: every rank calls, rank 0 writes
+        self._t_last = time.monotonic()
+        if trainer.is_global_zero:
+            atomic_link(path, self.dirpath / "last.ckpt")
+            self._rank_and_prune(trainer, path.name, it)
+        self.last_path = path
+        return path
+
+    def _rank_and_prune(self, trainer, name: str, it: int) -> None:
+        value = trainer.callback_metrics.get(self.monitor) if self.monitor else None
+        self.kept[name] = float(value) if value is not None else -float(it)
+        if self.save_top_k < 0:
+            return
+        order = sorted(self.kept, key=lambda n: self.kept[n])
+        for stale in order[self.save_top_k:]:
+            (self.dirpath / stale).unlink(missing_ok=True)
+            del self.kept[stale]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.g_stepped and self._due(trainer, int(pl_module.iteration)):
+            self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        it = int(pl_module.iteration)
+        if self.last_path is None or self.last_path.name != f"iter-{it:07d}.ckpt":
+            self.save(trainer, pl_module)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory means its checkpoints/last.ckpt; a file is used as it is."""
+    p = Path(path)
+    if p.is_dir():
+        cand = p / "checkpoints" / "last.ckpt"
+        if not cand.exists():
+            cand = p / "last.ckpt"
+        if not cand.exists():
+            raise CheckpointError(f"No checkpoint in '{p}': expected {p}/checkpoints/last.ckpt. "
+                                  "Pass a run directory that has saved a checkpoint, or a .ckpt file.")
+        return cand
+    if not p.exists():
+        raise CheckpointError(f"Checkpoint '{p}' does not exist. Pass a run directory or an existing .ckpt file.")
+    return p
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Loads and checks a genscale checkpoint on CPU; truncated or foreign files give a clear error."""
+    p = resolve_checkpoint(path)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, garbage bytes, pickle errors
+        siblings = sorted(x.name for x in p.parent.glob("*.ckpt") if x != p)
+        hint = f" Other checkpoints beside it: {', '.join(siblings)}." if siblings else ""
+        raise CheckpointError(f"Checkpoint '{p}' is truncated or corrupt and cannot be read "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]}).{hint} "
+                              "Nothing was changed; pass an intact checkpoint.") from None
+    if not isinstance(ckpt, dict) or "genscale" not in ckpt or "state_dict" not in ckpt:
+        keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"'{p}' is not a genscale checkpoint (it has no 'genscale' section; found {keys}). "
+                              "Pass a checkpoint written by `genscale train`.")
+    ckpt["_path"] = str(p)
+    return ckpt

@@ -1,0 +1,334 @@
+"""Typed configuration: dataclass schemas, strict loading and validation.
+
+A run's config is built from three layers, later ones winning:
+  1. the dataclass defaults below (each field carries its own doc string),
+  2. an experiment file ``configs/experiment/<name>.yaml`` (which may ``extends:`` another one),
+  3. ``key=value`` overrides from the command line (OmegaConf dotlist syntax).
+Every layer is merged into the structured schema on its own, so an unknown key or a wrongly typed
+value is reported with the layer (file or argument) it came from and the closest valid keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"  # the configs package
+EXPERIMENT_DIR = CONFIG_ROOT / "experiment"
+DEFAULT_EXPERIMENT = "wgan_gp_mnist5k"
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says what and how."""
+
+
+def f(default: Any, doc: str):
+    """A dataclass field with a default and a doc string (shown by ``genscale train --help-config``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def sub(cls, doc: str):
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_iters: int = f(500, "Save a checkpoint every N generator iterations (0: off).")
+    every_n_minutes: float = f(0.0, "Also save every this many minutes of wall time (0: off).")
+    save_top_k: int = f(3, "Keep this many checkpoints besides last.ckpt: the best k by `monitor`, "
+                           "or the newest k when no monitor value was logged.")
+    monitor: str = f("", "Metric that ranks checkpoints (lower is better), e.g. 'eval/fid'. Empty: newest.")
+
+
+@dataclass
+class TrainerConfig:
+    max_iters: int = f(2000, "Generator iterations to train (one iteration = n_critic D steps + one G step).")
+    accelerator: str = f("auto", "Lightning accelerator: auto, cpu, gpu.")
+    devices: str = f("auto", "Lightning devices: 'auto', a count such as '2', or a list such as '[0,1]'.")
+    num_nodes: int = f(1, "Number of nodes.")
+    strategy: str = f("auto", "Lightning strategy: auto, ddp, ddp_find_unused_parameters_true.")
+    precision: str = f("32", "Numerical precision: 32, bf16-mixed or 16-mixed.")
+    seed: int = f(0, "Global seed; each rank seeds itself with seed + rank.")
+    deterministic: bool = f(False, "Ask torch for deterministic algorithms (needed for bit-exact resume).")
+    log_every: int = f(10, "Log scalar metrics every N iterations.")
+    sample_every: int = f(250, "Write a fixed-latent sample grid every N iterations (0: only at the end).")
+    sample_grid: int = f(64, "Number of images in the sample grid (a square number looks best).")
+    max_nonfinite: int = f(20, "Stop the run after this many consecutive steps with a non-finite loss.")
+    progress_bar: bool = f(True, "Show a progress bar with images/s and kimg.")
+    checkpoint: CheckpointConfig = sub(CheckpointConfig, "When and how many checkpoints are written.")
+
+
+@dataclass
+class DataConfig:
+    name: str = f("mnist5k", "Dataset: mnist5k, digits (built in) or npz (arrays at `path`).")
+    path: str = f("", "Data location for file-backed datasets (npz: a .npz with 'images' and optional 'labels').")
+    resolution: int = f(32, "Images are resized to resolution x resolution.")
+    batch_size: int = f(64, "Global batch size per D step, divided evenly across ranks.")
+    val_fraction: float = f(0.1, "Fraction held out (fixed split, seed 1234) for evaluation.")
+    num_workers: int = f(0, "DataLoader worker processes (in-memory data needs none).")
+    hflip: bool = f(False, "Random horizontal flips of real images (off for digits).")
+
+
+@dataclass
+class ModelConfig:
+    name: str = f("dcgan", "Architecture from the model registry (`genscale list models`).")
+    z_dim: int = f(100, "Latent dimension.")
+    g_width: int = f(64, "Generator width: channels of its last hidden layer.")
+    d_width: int = f(64, "Discriminator width: channels of its first hidden layer.")
+    d_norm: str = f("batch", "Normalisation in D: batch, layer or none (WGAN-GP must not use batch).")
+    g_norm: str = f("batch", "Normalisation in G: batch or none.")
+
+
+@dataclass
+class LossConfig:
+    name: str = f("nonsaturating", "GAN objective: nonsaturating, hinge, wgan (weight clipping) or wgan_gp.")
+    gp_weight: float = f(10.0, "Gradient-penalty weight lambda (wgan_gp).")
+    clip: float = f(0.01, "Critic weight-clipping bound c (wgan): parameters kept in [-c, c].")
+    drift: float = f(0.0, "Drift penalty epsilon * mean(D(x)^2) (Progressive GAN uses 0.001).")
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = f("adam", "adam or rmsprop.")
+    lr: float = f(2e-4, "Learning rate.")
+    betas: List[float] = f([0.5, 0.999], "Adam betas.")
+    eps: float = f(1e-8, "Epsilon.")
+    weight_decay: float = f(0.0, "Weight decay.")
+
+
+@dataclass
+class OptimConfig:
+    g: OptimizerConfig = sub(OptimizerConfig, "Generator optimiser.")
+    d: OptimizerConfig = sub(OptimizerConfig, "Discriminator (critic) optimiser.")
+    n_critic: int = f(1, "D steps per G step.")
+    critic_boost_steps: int = f(0, "WGAN: D steps in boosted iterations (100 in the paper; 0: off).")
+    critic_boost_first: int = f(25, "WGAN: the first this-many G iterations are boosted.")
+    critic_boost_every: int = f(500, "WGAN: every this-many-th G iteration is boosted.")
+    accumulate: int = f(1, "Split each batch into this many micro-batches whose gradients are summed.")
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = f(True, "Keep an exponential moving average G_ema of the generator.")
+    decay: float = f(0.999, "EMA decay beta: p_ema = beta * p_ema + (1 - beta) * p.")
+    start_iter: int = f(0, "Before this G iteration G_ema is a plain copy of G.")
+    rampup_iters: int = f(0, "After start, beta ramps linearly from 0 to decay over this many iterations.")
+
+
+@dataclass
+class LoggingConfig:
+    root: str = f("runs", "Runs go to <root>/<experiment>/<run_id>/.")
+    run_id: str = f("", "Run id; empty: $SLURM_JOB_ID if set, else a timestamp.")
+    wandb: bool = f(True, "Log to Weights & Biases.")
+    wandb_mode: str = f("offline", "offline (sync later with `wandb sync`) or online.")
+    wandb_project: str = f("genscale", "W&B project name.")
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = f(2000, "Generated samples compared against the held-out split.")
+    features: str = f("auto", "Feature network: 'auto' (domain classifier for digit data, Inception "
+                              "otherwise), 'domain', or 'inception'.")
+    features_dir: str = f("runs/features", "Where trained domain-classifier feature networks are kept.")
+    use_ema: bool = f(True, "Evaluate G_ema (False: the raw generator).")
+    kid_subsets: int = f(50, "KID: number of random subsets.")
+    kid_subset_size: int = f(500, "KID: size of each subset (capped by the sample count).")
+
+
+@dataclass
+class LaunchConfig:
+    nodes: int = f(1, "Nodes for `genscale launch`.")
+    gpus_per_node: int = f(1, "GPUs (processes) per node for `genscale launch`.")
+    partition: str = f("", "SLURM partition.")
+    time: str = f("", "SLURM time limit, e.g. 24:00:00.")
+    account: str = f("", "SLURM account.")
+
+
+@dataclass
+class GenscaleConfig:
+    experiment: str = f("", "Experiment name (set from the experiment file).")
+    resume: str = f("", "Run directory or checkpoint to resume from.")
+    trainer: TrainerConfig = sub(TrainerConfig, "Training loop and Lightning Trainer.")
+    data: DataConfig = sub(DataConfig, "Data.")
+    model: ModelConfig = sub(ModelConfig, "Networks.")
+    loss: LossConfig = sub(LossConfig, "Objective.")
+    optim: OptimConfig = sub(OptimConfig, "Optimisers and step schedule.")
+    ema: EMAConfig = sub(EMAConfig, "EMA generator.")
+    logging: LoggingConfig = sub(LoggingConfig, "Run directory and loggers.")
+    eval: EvalConfig = sub(EvalConfig, "Evaluation protocol.")
+    launch: LaunchConfig = sub(LaunchConfig, "Launchers.")
+
+
+CHOICES = {
+    "trainer.precision": ["32", "bf16-mixed", "16-mixed"],
+    "model.d_norm": ["batch", "layer", "none"],
+    "model.g_norm": ["batch", "none"],
+    "optim.g.name": ["adam", "rmsprop"],
+    "optim.d.name": ["adam", "rmsprop"],
+    "logging.wandb_mode": ["offline", "online"],
+    "eval.features": ["auto", "domain", "inception"],
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def list_experiments() -> List[str]:
+    return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
+
+
+def _all_keys(node: Any, prefix: str = "") -> List[str]:
+    keys = []
+    if dataclasses.is_dataclass(node):
+        for fl in dataclasses.fields(node):
+            full = f"{prefix}{fl.name}"
+            keys.append(full)
+            keys.extend(_all_keys(getattr(node, fl.name), full + "."))
+    return keys
+
+
+def valid_keys() -> List[str]:
+    return _all_keys(GenscaleConfig())
+
+
+def _suggest(bad_key: str) -> str:
+    keys = valid_keys()
+    leaf = bad_key.split(".")[-1]
+    parent = bad_key.rsplit(".", 1)[0] + "." if "." in bad_key else ""
+    close = difflib.get_close_matches(bad_key, keys, n=3, cutoff=0.6)
+    close += [k for k in keys if k.split(".")[-1] == leaf and k not in close][:3]
+    if not close:
+        siblings = [k for k in keys if k.startswith(parent) and "." not in k[len(parent):]]
+        close = difflib.get_close_matches(bad_key, siblings, n=3, cutoff=0.3) or siblings[:8]
+    return ", ".join(close)
+
+
+def _merge_layer(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        raise ConfigError(
+            f"Unknown config key '{key}' in {source}. Closest valid keys: {_suggest(key)}. "
+            "Run `genscale train --help-config` for every key with its meaning."
+        ) from None
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"Bad value for '{key}' in {source}: {msg}. "
+                          "Fix the value to the type shown in `genscale train --help-config`.") from None
+
+
+def _load_experiment(name_or_path: str, seen: Optional[set] = None) -> List[tuple]:
+    """Returns [(source, DictConfig)] for the experiment and those it extends, base first."""
+    seen = seen or set()
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        path = EXPERIMENT_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        close = difflib.get_close_matches(name_or_path, list_experiments(), n=3, cutoff=0.4)
+        raise ConfigError(f"Unknown experiment '{name_or_path}'. Valid experiments: "
+                          f"{', '.join(list_experiments())}" + (f" (closest: {', '.join(close)})" if close else "")
+                          + ". An experiment may also be a path to a .yaml file.")
+    if path in seen:
+        raise ConfigError(f"Experiment {path} extends itself (cycle through 'extends').")
+    seen.add(path)
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"Cannot parse experiment file {path}: {e}") from None
+    parent = raw.pop("extends", None)
+    layers = _load_experiment(str(parent), seen) if parent else []
+    if "experiment" not in raw:
+        raw.experiment = path.stem
+    return layers + [(str(path), raw)]
+
+
+def _parse_overrides(overrides: List[str]) -> List[tuple]:
+    layers = []
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"Override '{ov}' is not of the form key=value (e.g. trainer.max_iters=100).")
+        try:
+            layers.append((f"command-line argument '{ov}'", OmegaConf.from_dotlist([ov])))
+        except Exception as e:
+            raise ConfigError(f"Cannot parse command-line argument '{ov}': {e}") from None
+    return layers
+
+
+def load_config(experiment: Optional[str] = None, overrides: Optional[List[str]] = None,
+                base: Optional[dict] = None) -> DictConfig:
+    """Defaults + experiment file (+ a saved config ``base`` when resuming) + overrides, validated."""
+    cfg = OmegaConf.structured(GenscaleConfig)
+    layers = [("saved run config", OmegaConf.create(base))] if base is not None else []
+    if base is None:
+        layers += _load_experiment(experiment or DEFAULT_EXPERIMENT)
+    layers += _parse_overrides(overrides or [])
+    for source, layer in layers:
+        cfg = _merge_layer(cfg, layer, source)
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, choices in CHOICES.items():
+        val = str(OmegaConf.select(cfg, key))
+        if val not in choices:
+            raise ConfigError(f"Invalid value '{val}' for '{key}'. Valid values: {', '.join(choices)}.")
+    from models.registry import MODELS
+    from trainer.losses import LOSSES
+    from data_pipelines.builtin import DATASETS
+
+    for key, registry in (("model.name", MODELS), ("loss.name", LOSSES), ("data.name", DATASETS)):
+        val = OmegaConf.select(cfg, key)
+        if val not in registry:
+            raise ConfigError(f"Unknown {key.split('.')[0]} '{val}' for '{key}'. Valid: {', '.join(sorted(registry))}.")
+    positive = ["trainer.max_iters", "data.batch_size", "data.resolution", "optim.n_critic",
+                "optim.accumulate", "model.z_dim", "trainer.sample_grid"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"'{key}' must be positive, got {OmegaConf.select(cfg, key)}.")
+    if cfg.data.batch_size % cfg.optim.accumulate:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
+                          f"optim.accumulate={cfg.optim.accumulate}; choose values that divide.")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}.")
+    if cfg.loss.name == "wgan_gp" and cfg.model.d_norm == "batch":
+        raise ConfigError("loss.name=wgan_gp with model.d_norm=batch: the gradient penalty is per sample, "
+                          "so the critic must not use BatchNorm. Set model.d_norm=layer or none.")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def describe_fields(node: Any = None, prefix: str = "") -> List[str]:
+    """Lines 'key (type, default): doc' for every field, used by --help-config."""
+    node = node if node is not None else GenscaleConfig()
+    lines = []
+    for fl in dataclasses.fields(node):
+        val = getattr(node, fl.name)
+        full = prefix + fl.name
+        if dataclasses.is_dataclass(val):
+            lines.append(f"{full}:  {fl.metadata.get('doc', '')}")
+            lines.extend(describe_fields(val, full + "."))
+        else:
+            tname = getattr(fl.type, "__name__", str(fl.type))
+            lines.append(f"  {full} ({tname}, default {val!r}): {fl.metadata.get('doc', '')}")
+    return lines

@@ -1,0 +1,247 @@
+"""GANModule: the phase logic of adversarial training around two pure nn.Modules G and D.
+
+One Lightning training_step = one D step on one batch. After ``n_critic`` D steps (a schedule of the
+G iteration, so WGAN's 100-step phases are expressible) comes one G step. Each batch may be split
+into micro-batches whose gradients are summed (accumulation) with DDP's all-reduce skipped on all
+but the last. The module keeps its own counters as buffers (checkpointed with the weights), because
+Lightning's global_step counts optimizer steps of both networks.
+
+Randomness (latents, penalty mixing weights, flips) comes from a generator seeded by
+(seed, rank, D step), a pure function of checkpointed counters, so resume is exact without saving
+any RNG state and ranks draw distinct latents.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from typing import Optional
+
+import lightning as L
+import torch
+import torch.nn as nn
+
+from trainer.losses import clip_weights, drift_penalty, get_loss, gradient_penalty
+
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive non-finite losses; the run stops, checkpoints are kept."""
+
+
+def set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def mix_seed(*parts: int) -> int:
+    """splitmix64 over the parts: nearby (seed, rank, step) tuples give unrelated streams."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def critic_steps(iteration: int, n_critic: int, boost_steps: int, boost_first: int, boost_every: int) -> int:
+    """D steps before G iteration ``iteration`` (0-based); WGAN boosts early and periodic ones."""
+    if boost_steps > 0 and (iteration < boost_first or (boost_every > 0 and iteration % boost_every == 0)):
+        return boost_steps
+    return n_critic
+
+
+class GANModule(L.LightningModule):
+    def __init__(self, G: nn.Module, D: nn.Module, cfg: dict, z_dim: int):
+        super().__init__()
+        self.automatic_optimization = False
+        self.G, self.D = G, D
+        self.cfg = cfg  # plain dict: the resolved run config (saved in every checkpoint)
+        self.z_dim = z_dim
+        self.G_ema: Optional[nn.Module] = None
+        if cfg["ema"]["enabled"]:
+            self.G_ema = copy.deepcopy(G).eval()
+            set_requires_grad(self.G_ema, False)
+        self.loss = get_loss(cfg["loss"]["name"])
+        for name in ("iteration", "d_steps", "d_phase", "images_seen", "nonfinite_total"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        grid = cfg["trainer"]["sample_grid"]
+        g = torch.Generator().manual_seed(mix_seed(cfg["trainer"]["seed"], 0xF1CED))
+        self.register_buffer("fixed_z", torch.randn(grid, z_dim, generator=g))
+        self.g_stepped = False  # whether the last training_step ended with a G step (callbacks read it)
+        self._nonfinite_streak = 0
+        self._t_last: Optional[float] = None
+        self._img_s = 0.0
+        self._seen_last = 0
+
+    # ---- optimisers ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return [self._make_opt(self.G, self.cfg["optim"]["g"]), self._make_opt(self.D, self.cfg["optim"]["d"])]
+
+    @staticmethod
+    def _make_opt(net: nn.Module, o: dict) -> torch.optim.Optimizer:
+        if o["name"] == "adam":
+            return torch.optim.Adam(net.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+                                    weight_decay=o["weight_decay"])
+        return torch.optim.RMSprop(net.parameters(), lr=o["lr"], eps=o["eps"], weight_decay=o["weight_decay"])
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _rng(self) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(mix_seed(self.cfg["trainer"]["seed"], self.global_rank, int(self.d_steps)))
+        return g
+
+    def _prep(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """uint8 -> float in [-1, 1] on the device; flips drawn from the step's generator."""
+        x = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        if self.cfg["data"]["hflip"]:
+            flip = torch.rand(x.shape[0], device=self.device, generator=gen) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return x
+
+    def _sync_ctx(self, module: nn.Module, last: bool):
+        """Skip DDP's gradient all-reduce on non-final micro-batches."""
+        strategy = getattr(self, "_trainer", None) and self.trainer.strategy
+        if not last and strategy is not None and hasattr(strategy, "block_backward_sync"):
+            return strategy.block_backward_sync()
+        return contextlib.nullcontext()
+
+    def _finite_or_skip(self, loss: torch.Tensor, opt) -> bool:
+        if bool(torch.isfinite(loss)):
+            self._nonfinite_streak = 0
+            return True
+        opt.zero_grad(set_to_none=True)
+        self.nonfinite_total += 1
+        self._nonfinite_streak += 1
+        limit = self.cfg["trainer"]["max_nonfinite"]
+        if self._nonfinite_streak >= limit:
+            raise NonFiniteLossError(
+                f"The loss was non-finite for {self._nonfinite_streak} consecutive steps "
+                f"(iteration {int(self.iteration)}, {int(self.nonfinite_total)} skipped in all). "
+                "Those steps were skipped and the run stopped; the last checkpoint written before them "
+                "is intact. Lower the learning rates, use trainer.precision=32, or raise "
+                "trainer.max_nonfinite if the spikes are transient.")
+        return False
+
+    def sample_latents(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(n, self.z_dim, device=self.device, generator=gen)
+
+    # ---- phases ----------------------------------------------------------------------------
+    def d_step(self, real: torch.Tensor, gen: torch.Generator, opt) -> dict:
+        c = self.cfg["loss"]
+        accum = self.cfg["optim"]["accumulate"]
+        set_requires_grad(self.G, False)
+        set_requires_grad(self.D, True)
+        opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        stats = {"d/real": 0.0, "d/fake": 0.0, "d/gp": 0.0}
+        for k, r in enumerate(real.chunk(accum)):
+            with self._sync_ctx(self.D, last=k == accum - 1):
+                with torch.no_grad():
+                    fake = self.G(self.sample_latents(r.shape[0], gen))
+                # One D call on real and fake together: BN/spectral-norm buffers update once.
+                scores = self.D(torch.cat([r, fake.to(r.dtype)])).float()
+                s_real, s_fake = scores[: r.shape[0]], scores[r.shape[0]:]
+                loss = self.loss.d(s_real, s_fake)
+                if self.loss.uses_gp:
+                    eps = torch.rand(r.shape[0], device=self.device, generator=gen)
+                    gp = gradient_penalty(self.D, r, fake, eps)
+                    loss = loss + c["gp_weight"] * gp
+                    stats["d/gp"] += gp.detach() / accum
+                if c["drift"] > 0:
+                    loss = loss + c["drift"] * drift_penalty(s_real)
+                self.manual_backward(loss / accum)
+            total = total + loss.detach() / accum
+            stats["d/real"] += s_real.detach().mean() / accum
+            stats["d/fake"] += s_fake.detach().mean() / accum
+        if self._finite_or_skip(total, opt):
+            opt.step()
+            if self.loss.clips_weights:
+                clip_weights(self.D, c["clip"])
+        stats["d/loss"] = total
+        return stats
+
+    def g_step(self, batch: int, gen: torch.Generator, opt) -> dict:
+        accum = self.cfg["optim"]["accumulate"]
+        set_requires_grad(self.G, True)
+        set_requires_grad(self.D, False)  # no D gradients are computed or accumulated in G's phase
+        opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        micro = batch // accum
+        for k in range(accum):
+            with self._sync_ctx(self.G, last=k == accum - 1):
+                fake = self.G(self.sample_latents(micro, gen))
+                loss = self.loss.g(self.D(fake).float())
+                self.manual_backward(loss / accum)
+            total = total + loss.detach() / accum
+        if self._finite_or_skip(total, opt):
+            opt.step()
+        set_requires_grad(self.D, True)
+        return {"g/loss": total}
+
+    def n_critic_now(self) -> int:
+        o = self.cfg["optim"]
+        return critic_steps(int(self.iteration), o["n_critic"], o["critic_boost_steps"],
+                            o["critic_boost_first"], o["critic_boost_every"])
+
+    def training_step(self, batch, batch_idx):
+        images, _labels = batch
+        opt_g, opt_d = self.optimizers()
+        gen = self._rng()
+        real = self._prep(images, gen)
+        stats = self.d_step(real, gen, opt_d)
+        self.d_steps += 1
+        self.d_phase += 1
+        self.images_seen += real.shape[0] * self.trainer.world_size
+        self.g_stepped = False
+        if int(self.d_phase) >= self.n_critic_now():
+            stats.update(self.g_step(real.shape[0], gen, opt_g))
+            self.iteration += 1
+            self.d_phase.zero_()
+            self.g_stepped = True
+            self._log_progress(stats)
+        if int(self.iteration) >= self.cfg["trainer"]["max_iters"]:
+            self.trainer.should_stop = True
+
+    def _log_progress(self, stats: dict) -> None:
+        now = time.perf_counter()
+        it = int(self.iteration)
+        seen = int(self.images_seen)
+        if self._t_last is not None:
+            self._img_s = (seen - self._seen_last) / max(now - self._t_last, 1e-9)
+        self._t_last, self._seen_last = now, seen
+        kimg = float(self.images_seen) / 1000.0
+        self.log_dict({"kimg": kimg, "img/s": self._img_s}, prog_bar=True, logger=False)
+        every = self.cfg["trainer"]["log_every"]
+        if it % every == 0 or it == 1:
+            # Straight to the loggers, keyed by G iteration: self.log would repeat cached values on
+            # every later batch in manual optimisation. The reduce is collective (all ranks log together).
+            keys = list(stats)
+            vals = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32, device=self.device) for k in keys])
+            vals = self.trainer.strategy.reduce(vals, reduce_op="mean")
+            logged = {k: float(v) for k, v in zip(keys, vals.tolist())}
+            logged.update({"iteration": float(it), "progress/kimg": kimg, "perf/img_per_s": self._img_s,
+                           "train/nonfinite_skipped": float(self.nonfinite_total)})
+            if self.trainer.is_global_zero:
+                for lg in self.loggers:
+                    lg.log_metrics(logged, step=it)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["genscale"] = {
+            "format": CHECKPOINT_FORMAT,
+            "kind": "gan",
+            "config": self.cfg,
+            "iteration": int(self.iteration),
+            "images_seen": int(self.images_seen),
+        }
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, use_ema: bool = True) -> torch.Tensor:
+        """Images in [-1, 1] from latents, with G_ema (eval mode) when it exists and is asked for."""
+        net = self.G_ema if (use_ema and self.G_ema is not None) else self.G
+        was_training = net.training
+        net.eval()
+        out = net(z.to(self.device))
+        net.train(was_training)
+        return out.float().clamp(-1, 1)

@@ -1,0 +1,88 @@
+"""GAN objectives as pure functions of discriminator outputs (logits / critic scores).
+
+Each loss has a D side (real, fake scores -> scalar) and a G side (fake scores -> scalar).
+Means over the batch everywhere, so changing the batch size never rescales a coefficient.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class GANLoss(NamedTuple):
+    d: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    g: Callable[[torch.Tensor], torch.Tensor]
+    uses_gp: bool = False
+    clips_weights: bool = False
+
+
+def ns_d(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(D(x)) - log(1 - sigmoid(D(G(z)))), in the stable softplus form."""
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def ns_g(fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss -log sigmoid(D(G(z)))."""
+    return F.softplus(-fake).mean()
+
+
+def hinge_d(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+
+
+def hinge_g(fake: torch.Tensor) -> torch.Tensor:
+    return -fake.mean()
+
+
+def wgan_d(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Critic minimises E[D(G(z))] - E[D(x)] (the negative Wasserstein estimate)."""
+    return fake.mean() - real.mean()
+
+
+def wgan_g(fake: torch.Tensor) -> torch.Tensor:
+    return -fake.mean()
+
+
+LOSSES: Dict[str, GANLoss] = {
+    "nonsaturating": GANLoss(ns_d, ns_g),
+    "hinge": GANLoss(hinge_d, hinge_g),
+    "wgan": GANLoss(wgan_d, wgan_g, clips_weights=True),
+    "wgan_gp": GANLoss(wgan_d, wgan_g, uses_gp=True),
+}
+
+
+def get_loss(name: str) -> GANLoss:
+    if name not in LOSSES:
+        raise KeyError(f"Unknown loss '{name}'. Valid: {', '.join(sorted(LOSSES))}.")
+    return LOSSES[name]
+
+
+def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
+                     fake: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """mean over samples of (||grad_x D(x_hat)||_2 - 1)^2, x_hat = eps * real + (1 - eps) * fake.
+
+    Computed in fp32 with autocast off: the squared-norm of low-precision gradients is the usual
+    source of NaNs in WGAN-GP under AMP. ``eps`` has shape (N,) and is drawn by the caller so that
+    its random stream is owned (and checkpointed) by the training module.
+    """
+    with torch.autocast(device_type=real.device.type, enabled=False):
+        e = eps.float().view(-1, *([1] * (real.dim() - 1)))
+        x_hat = (e * real.float() + (1 - e) * fake.detach().float()).requires_grad_(True)
+        out = critic(x_hat).float()
+        (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
+        norm = grad.flatten(1).norm(2, dim=1)
+        return ((norm - 1.0) ** 2).mean()
+
+
+def drift_penalty(real: torch.Tensor) -> torch.Tensor:
+    """Progressive GAN's drift term mean(D(x)^2), keeping critic scores near zero."""
+    return real.float().pow(2).mean()
+
+
+@torch.no_grad()
+def clip_weights(module: torch.nn.Module, bound: float) -> None:
+    """WGAN's crude Lipschitz constraint: every parameter clamped to [-bound, bound]."""
+    for p in module.parameters():
+        p.clamp_(-bound, bound)
