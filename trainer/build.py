@@ -10,7 +10,6 @@ from typing import List, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
 from data_pipelines.builtin import load_split
@@ -18,6 +17,7 @@ from data_pipelines.datamodule import ArrayDataModule
 from models.registry import build_gan
 from trainer.callbacks.ema import EMACallback
 from trainer.callbacks.samples import SampleGridCallback
+from trainer.csv_log import AppendingCSVLogger
 from trainer.checkpointing import AtomicCheckpointIO, IterationCheckpoint, load_checkpoint
 from trainer.config import ConfigError, load_config, to_dict, to_yaml
 from trainer.gan_module import GANModule, NonFiniteLossError
@@ -100,9 +100,9 @@ def _devices(value: str):
         raise ConfigError(f"trainer.devices='{value}' is not 'auto', a count or a list like [0,1].") from None
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path):
+def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int] = None):
     t = cfg.trainer
-    loggers: List = [CSVLogger(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=10)]
+    loggers: List = [AppendingCSVLogger(str(run_dir), keep_through_step=resume_iteration, flush_logs_every_n_steps=10)]
     if cfg.logging.wandb:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -142,10 +142,11 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
         cfg.resume = ckpt["_path"]
         ckpt_path = ckpt["_path"]
         run_dir = Path(ckpt_path).resolve().parent.parent
+        resume_iteration = ckpt["genscale"]["iteration"]
         del ckpt
     else:
         cfg = load_config(experiment, overrides)
-        run_dir = None
+        run_dir, resume_iteration = None, None
     dm = build_datamodule(cfg)
     train = dm.prepare()  # a missing or unreadable data path fails here, before any directory is made
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -154,7 +155,7 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
         run_dir = make_run_dir(cfg)
         module.cfg = to_dict(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer, ckpt_cb, samples = build_trainer(cfg, run_dir)
+    trainer, ckpt_cb, samples = build_trainer(cfg, run_dir, resume_iteration)
     if trainer.is_global_zero:
         name = "config.yaml" if not resume else f"config.resume-{_dt.datetime.now():%Y%m%d-%H%M%S}.yaml"
         (run_dir / name).write_text(to_yaml(cfg))
