@@ -172,4 +172,13 @@ def train(experiment: Optional[str] = None, overrides: Optional[List[str]] = Non
         last = run.checkpointer.last_path
         raise NonFiniteLossError(f"{e} Last good checkpoint: {last or 'none was written yet'} "
                                  f"(run directory {run.run_dir}).") from None
+    finally:
+        close_loggers(run.trainer)
     return run
+
+
+def close_loggers(trainer: L.Trainer) -> None:
+    """Flush the W&B run to its files now (Lightning leaves it open until the process exits)."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero and logger._experiment is not None:
+            logger._experiment.finish()

@@ -69,7 +69,7 @@ class GANModule(L.LightningModule):
         g = torch.Generator().manual_seed(mix_seed(cfg["trainer"]["seed"], 0xF1CED))
         self.register_buffer("fixed_z", torch.randn(grid, z_dim, generator=g))
         self.g_stepped = False  # whether the last training_step ended with a G step (callbacks read it)
-        self._nonfinite_streak = 0
+        self._nonfinite_streak = {"D": 0, "G": 0}
         self._t_last: Optional[float] = None
         self._img_s = 0.0
         self._seen_last = 0
@@ -106,17 +106,18 @@ class GANModule(L.LightningModule):
             return strategy.block_backward_sync()
         return contextlib.nullcontext()
 
-    def _finite_or_skip(self, loss: torch.Tensor, opt) -> bool:
+    def _finite_or_skip(self, loss: torch.Tensor, opt, net: str) -> bool:
+        """Skips the optimiser step on a non-finite loss; too many in a row (per network) stop the run."""
         if bool(torch.isfinite(loss)):
-            self._nonfinite_streak = 0
+            self._nonfinite_streak[net] = 0
             return True
         opt.zero_grad(set_to_none=True)
         self.nonfinite_total += 1
-        self._nonfinite_streak += 1
+        self._nonfinite_streak[net] += 1
         limit = self.cfg["trainer"]["max_nonfinite"]
-        if self._nonfinite_streak >= limit:
+        if self._nonfinite_streak[net] >= limit:
             raise NonFiniteLossError(
-                f"The loss was non-finite for {self._nonfinite_streak} consecutive steps "
+                f"The {net} loss was non-finite for {self._nonfinite_streak[net]} consecutive steps "
                 f"(iteration {int(self.iteration)}, {int(self.nonfinite_total)} skipped in all). "
                 "Those steps were skipped and the run stopped; the last checkpoint written before them "
                 "is intact. Lower the learning rates, use trainer.precision=32, or raise "
@@ -154,7 +155,7 @@ class GANModule(L.LightningModule):
             total = total + loss.detach() / accum
             stats["d/real"] += s_real.detach().mean() / accum
             stats["d/fake"] += s_fake.detach().mean() / accum
-        if self._finite_or_skip(total, opt):
+        if self._finite_or_skip(total, opt, "D"):
             opt.step()
             if self.loss.clips_weights:
                 clip_weights(self.D, c["clip"])
@@ -174,7 +175,7 @@ class GANModule(L.LightningModule):
                 loss = self.loss.g(self.D(fake).float())
                 self.manual_backward(loss / accum)
             total = total + loss.detach() / accum
-        if self._finite_or_skip(total, opt):
+        if self._finite_or_skip(total, opt, "G"):
             opt.step()
         set_requires_grad(self.D, True)
         return {"g/loss": total}

@@ -1,0 +1,93 @@
+"""Bad input gets a short, specific error and loses nothing."""
+import math
+import shutil
+
+import pytest
+import torch
+
+from launch.cli import main
+from trainer.build import prepare_run, train
+from trainer.checkpointing import load_checkpoint
+from trainer.gan_module import NonFiniteLossError
+from trainer.losses import GANLoss, ns_d, ns_g
+
+
+def _base(tmp_path):
+    return [f"logging.root={tmp_path}", "trainer.progress_bar=false", "logging.wandb=false", "trainer.sample_every=0"]
+
+
+def test_cli_reports_config_errors_without_making_a_run(tmp_path, capsys):
+    assert main(["train", "gan_digits", *_base(tmp_path), "optim.n_critc=2"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown config key 'optim.n_critic'".replace("n_critic", "n_critc") in err and "optim.n_critic" in err
+    assert "command-line argument" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_data_path_fails_before_any_run_dir(tmp_path, capsys):
+    assert main(["train", "gan_digits", *_base(tmp_path), "data.name=npz", f"data.path={tmp_path}/nope.npz"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "gan_digits").exists()
+
+
+def test_existing_run_is_never_overwritten(tmp_path, capsys):
+    args = ["train", "gan_digits", *_base(tmp_path), "trainer.max_iters=2", "logging.run_id=r1"]
+    assert main(args) == 0
+    before = (tmp_path / "gan_digits" / "r1" / "checkpoints" / "last.ckpt").read_bytes()
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "gan_digits" / "r1" / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_bad_checkpoint_for_resume_sample_eval(tmp_path, capsys, damage):
+    run = train("gan_digits", _base(tmp_path) + ["trainer.max_iters=2"])
+    bad = tmp_path / "bad.ckpt"
+    if damage == "truncated":
+        data = (run.run_dir / "checkpoints" / "last.ckpt").read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+        expected = "truncated or corrupt"
+    else:
+        torch.save({"model": {"w": torch.zeros(2)}}, bad)
+        expected = "not a genscale checkpoint"
+    snapshot = sorted(p.name for p in run.run_dir.rglob("*"))
+    for argv in (["train", f"resume={bad}"], ["sample", str(bad), "--out", str(tmp_path / "s.png")],
+                 ["eval", str(bad)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err
+    assert sorted(p.name for p in run.run_dir.rglob("*")) == snapshot
+
+
+class _NaNAfter:
+    """D loss that turns NaN from a given D step on (for `count` steps, or forever)."""
+
+    def __init__(self, module, start, count=10**9):
+        self.module, self.start, self.count = module, start, count
+
+    def __call__(self, real, fake):
+        loss = ns_d(real, fake)
+        step = int(self.module.d_steps)
+        return loss * math.nan if self.start <= step < self.start + self.count else loss
+
+
+def test_transient_nonfinite_steps_are_skipped_and_counted(tmp_path):
+    run = prepare_run("gan_digits", _base(tmp_path) + ["trainer.max_iters=8", "trainer.max_nonfinite=5"])
+    run.module.loss = GANLoss(_NaNAfter(run.module, start=3, count=2), ns_g)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert int(run.module.nonfinite_total) == 2 and int(run.module.iteration) == 8
+    assert all(torch.isfinite(p).all() for p in run.module.D.parameters())
+
+
+def test_persistent_nonfinite_stops_and_keeps_last_good_checkpoint(tmp_path):
+    run = prepare_run("gan_digits", _base(tmp_path) + ["trainer.max_iters=50", "trainer.max_nonfinite=3",
+                                                       "trainer.checkpoint.every_n_iters=4"])
+    run.module.loss = GANLoss(_NaNAfter(run.module, start=10), ns_g)
+    with pytest.raises(NonFiniteLossError, match="non-finite for 3 consecutive steps"):
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+    ckpt = load_checkpoint(run.run_dir)
+    # the newest checkpoint on disk was written before the stop, with finite weights: the skipped
+    # D steps left D untouched, so the run is resumable from it
+    assert 8 <= ckpt["genscale"]["iteration"] <= int(run.module.iteration) < 50
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert not list((run.run_dir / "checkpoints").glob(".*tmp*"))

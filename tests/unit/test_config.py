@@ -1,0 +1,305 @@
+"""Strict config loading: layers, error messages that name the source and the fix, validation."""
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+
+import pytest
+
+from trainer.config import (CHOICES, DEFAULT_EXPERIMENT, ConfigError, GenscaleConfig, describe_fields,
+                            list_experiments, load_config, valid_keys)
+
+
+def write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# ---- what ships validates ----------------------------------------------------------------------
+
+
+def test_default_experiment_loads():
+    cfg = load_config()
+    assert cfg.experiment == DEFAULT_EXPERIMENT
+    # wgan_gp_mnist5k extends gan_mnist5k: its own keys and the parent's
+    assert cfg.loss.name == "wgan_gp" and cfg.model.d_norm == "layer" and cfg.optim.n_critic == 5
+    assert cfg.data.name == "mnist5k" and cfg.model.g_width == 32
+
+
+def test_experiment_list():
+    names = list_experiments()
+    assert {"gan_digits", "gan_mnist5k", "wgan_gp_mnist5k", "wgan_mnist5k"} <= set(names)
+    assert DEFAULT_EXPERIMENT in names
+
+
+@pytest.mark.parametrize("name", list_experiments())
+def test_every_experiment_validates(name):
+    cfg = load_config(name)
+    assert cfg.experiment == name
+
+
+def test_gan_digits_chain():
+    cfg = load_config("gan_digits")
+    assert cfg.data.name == "digits" and cfg.data.resolution == 16 and cfg.data.batch_size == 32
+    assert cfg.loss.name == "nonsaturating"            # from gan_mnist5k
+    assert cfg.ema.rampup_iters == 200                  # from gan_mnist5k
+    assert cfg.trainer.checkpoint.every_n_iters == 100  # nested override in gan_digits
+    assert cfg.trainer.checkpoint.save_top_k == 3       # dataclass default survives the nested override
+    assert list(cfg.optim.g.betas) == [0.5, 0.999]
+
+
+def test_wgan_experiment_is_the_paper_schedule():
+    cfg = load_config("wgan_mnist5k")
+    assert cfg.loss.name == "wgan" and cfg.loss.clip == 0.01
+    assert (cfg.optim.n_critic, cfg.optim.critic_boost_steps, cfg.optim.critic_boost_first,
+            cfg.optim.critic_boost_every) == (5, 100, 25, 500)
+    assert cfg.optim.g.name == cfg.optim.d.name == "rmsprop"
+
+
+# ---- overrides ---------------------------------------------------------------------------------
+
+
+def test_override_is_typed():
+    cfg = load_config("gan_digits", ["trainer.max_iters=7", "optim.g.lr=0.5", "ema.enabled=false",
+                                     "trainer.precision=bf16-mixed"])
+    assert cfg.trainer.max_iters == 7 and type(cfg.trainer.max_iters) is int
+    assert cfg.optim.g.lr == 0.5 and type(cfg.optim.g.lr) is float
+    assert cfg.ema.enabled is False
+    assert cfg.trainer.precision == "bf16-mixed"
+    assert cfg.optim.d.lr == 2e-4  # the sibling is untouched
+
+
+def test_override_beats_experiment_and_later_override_wins():
+    cfg = load_config("gan_digits", ["data.batch_size=16", "data.batch_size=8"])
+    assert cfg.data.batch_size == 8
+
+
+def test_config_is_struct_after_load():
+    cfg = load_config("gan_digits")
+    with pytest.raises(Exception):
+        cfg.trainer.not_a_key = 1
+    cfg.trainer.max_iters = 3  # but writable
+    assert cfg.trainer.max_iters == 3
+
+
+def test_unknown_cli_key_names_key_source_and_suggestion():
+    with pytest.raises(ConfigError) as ei:
+        load_config("gan_digits", ["trainer.max_iter=5"])
+    msg = str(ei.value)
+    assert "'trainer.max_iter'" in msg
+    assert "command-line argument" in msg and "trainer.max_iter=5" in msg
+    assert "trainer.max_iters" in msg.split("Closest valid keys:")[1]
+
+
+def test_unknown_nested_cli_key_suggests_sibling():
+    with pytest.raises(ConfigError) as ei:
+        load_config("gan_digits", ["optim.g.lrr=1"])
+    assert "optim.g.lrr" in str(ei.value) and "optim.g.lr" in str(ei.value).split("Closest")[1]
+
+
+def test_override_without_equals():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("gan_digits", ["trainer.max_iters"])
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError) as ei:
+        load_config("gan_digits", ["optim.g.lr=abc"])
+    msg = str(ei.value)
+    assert "'optim.g.lr'" in msg and "command-line argument" in msg and "abc" in msg
+
+
+def test_float_for_int_is_refused():
+    with pytest.raises(ConfigError, match="trainer.seed"):
+        load_config("gan_digits", ["trainer.seed=1.5"])
+
+
+@pytest.mark.parametrize("key, bad", [("trainer.precision", "64"), ("model.d_norm", "instance"),
+                                      ("optim.d.name", "sgd"), ("eval.features", "clip")])
+def test_invalid_choice_lists_valid_values(key, bad):
+    with pytest.raises(ConfigError) as ei:
+        load_config("gan_digits", [f"{key}={bad}"])
+    msg = str(ei.value)
+    assert key in msg and bad in msg
+    for choice in CHOICES[key]:
+        assert choice in msg
+
+
+def test_unknown_experiment_lists_valid_ones():
+    with pytest.raises(ConfigError) as ei:
+        load_config("gan_digit")
+    msg = str(ei.value)
+    assert "'gan_digit'" in msg
+    for name in list_experiments():
+        assert name in msg
+
+
+@pytest.mark.parametrize("key, bad, valid", [
+    ("model.name", "stylegan", ["dcgan"]),
+    ("loss.name", "lsgan", ["hinge", "nonsaturating", "wgan", "wgan_gp"]),
+    ("data.name", "cifar10", ["digits", "mnist5k", "npz"]),
+])
+def test_unknown_registry_names_list_valid_ones(key, bad, valid):
+    with pytest.raises(ConfigError) as ei:
+        load_config("gan_digits", [f"{key}={bad}"])
+    msg = str(ei.value)
+    assert bad in msg and key in msg
+    for v in valid:
+        assert v in msg
+
+
+def test_wgan_gp_with_batchnorm_critic_refused():
+    with pytest.raises(ConfigError, match="d_norm"):
+        load_config("wgan_gp_mnist5k", ["model.d_norm=batch"])
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        load_config("gan_digits", ["loss.name=wgan_gp"])  # gan_digits has d_norm=batch
+    assert load_config("gan_digits", ["loss.name=wgan_gp", "model.d_norm=none"]).loss.name == "wgan_gp"
+
+
+def test_batch_not_divisible_by_accumulate_refused():
+    with pytest.raises(ConfigError) as ei:
+        load_config("gan_digits", ["data.batch_size=30", "optim.accumulate=4"])
+    assert "data.batch_size=30" in str(ei.value) and "optim.accumulate=4" in str(ei.value)
+    assert load_config("gan_digits", ["data.batch_size=32", "optim.accumulate=4"]).optim.accumulate == 4
+
+
+@pytest.mark.parametrize("ov", ["trainer.max_iters=0", "data.batch_size=-1", "optim.n_critic=0",
+                                "data.val_fraction=1.0", "data.val_fraction=0", "ema.decay=1.0"])
+def test_out_of_range_values_refused(ov):
+    with pytest.raises(ConfigError, match=ov.split("=")[0]):
+        load_config("gan_digits", [ov])
+
+
+# ---- experiment files --------------------------------------------------------------------------
+
+
+def test_typo_in_experiment_file_names_the_file(tmp_path):
+    p = write(tmp_path / "typo.yaml", """\
+        extends: gan_digits
+        trainer:
+          max_iter: 5
+        """)
+    with pytest.raises(ConfigError) as ei:
+        load_config(str(p))
+    msg = str(ei.value)
+    assert str(p) in msg
+    assert "trainer.max_iter" in msg and "trainer.max_iters" in msg.split("Closest")[1]
+    assert "command-line" not in msg
+
+
+def test_typo_in_parent_file_names_the_parent(tmp_path):
+    parent = write(tmp_path / "parent.yaml", """\
+        extends: gan_digits
+        model:
+          z_dimm: 4
+        """)
+    child = write(tmp_path / "child.yaml", f"""\
+        extends: {parent}
+        trainer:
+          max_iters: 3
+        """)
+    with pytest.raises(ConfigError) as ei:
+        load_config(str(child))
+    assert str(parent) in str(ei.value) and "model.z_dimm" in str(ei.value)
+
+
+def test_wrong_type_in_experiment_file_names_file_and_key(tmp_path):
+    p = write(tmp_path / "bad.yaml", """\
+        extends: gan_digits
+        data:
+          batch_size: lots
+        """)
+    with pytest.raises(ConfigError) as ei:
+        load_config(str(p))
+    assert str(p) in str(ei.value) and "data.batch_size" in str(ei.value)
+
+
+def test_extends_chain_merges(tmp_path):
+    parent = write(tmp_path / "parent.yaml", """\
+        extends: gan_digits
+        model:
+          z_dim: 12
+          g_width: 24
+        trainer:
+          max_iters: 50
+          seed: 3
+        """)
+    child = write(tmp_path / "child.yaml", f"""\
+        extends: {parent}
+        model:
+          z_dim: 20
+        trainer:
+          max_iters: 9
+        """)
+    cfg = load_config(str(child))
+    assert cfg.experiment == "child"
+    assert cfg.model.z_dim == 20 and cfg.trainer.max_iters == 9   # child overrides parent
+    assert cfg.model.g_width == 24 and cfg.trainer.seed == 3      # parent values kept
+    assert cfg.data.name == "digits" and cfg.model.d_width == 16  # grandparent gan_digits
+    assert cfg.loss.name == "nonsaturating"                       # great-grandparent gan_mnist5k
+    assert cfg.trainer.log_every == 10                            # dataclass default
+    # and the command line beats all files
+    assert load_config(str(child), ["model.z_dim=5"]).model.z_dim == 5
+
+
+def test_extends_cycle_is_reported(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    write(a, f"extends: {b}\n")
+    write(b, f"extends: {a}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(a))
+
+
+def test_unparseable_yaml_names_file(tmp_path):
+    p = write(tmp_path / "broken.yaml", "trainer: [unclosed\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(str(p))
+    assert str(p) in str(ei.value)
+
+
+def test_resume_base_layer():
+    from trainer.config import to_dict
+
+    base = to_dict(load_config("gan_digits", ["trainer.max_iters=11"]))
+    cfg = load_config(base=base, overrides=["trainer.max_iters=20"])
+    assert cfg.trainer.max_iters == 20 and cfg.data.name == "digits" and cfg.experiment == "gan_digits"
+
+
+# ---- documentation -----------------------------------------------------------------------------
+
+
+def _leaf_fields(node, prefix=""):
+    for fl in dataclasses.fields(node):
+        val = getattr(node, fl.name)
+        if dataclasses.is_dataclass(val):
+            yield from _leaf_fields(val, prefix + fl.name + ".")
+        else:
+            yield prefix + fl.name, fl
+
+
+def test_every_field_has_a_doc():
+    leaves = dict(_leaf_fields(GenscaleConfig()))
+    assert len(leaves) > 40
+    for key, fl in leaves.items():
+        assert fl.metadata.get("doc", "").strip(), f"{key} has no doc string"
+
+
+def test_describe_fields_has_a_doc_on_every_leaf_line():
+    lines = describe_fields()
+    leaves = [k for k, _ in _leaf_fields(GenscaleConfig())]
+    leaf_lines = [ln for ln in lines if ln.startswith("  ")]
+    assert len(leaf_lines) == len(leaves)
+    for key, line in zip(leaves, leaf_lines):
+        head, doc = line.split("): ", 1)
+        assert head.strip().startswith(key + " ("), line
+        assert doc.strip(), f"empty doc for {key}"
+    assert any(ln.startswith("  trainer.max_iters (int, default 2000): ") for ln in lines)
+    # section lines carry their doc too
+    for ln in lines:
+        if not ln.startswith("  "):
+            assert ln.split(":", 1)[1].strip(), ln
+
+
+def test_valid_keys_cover_describe_fields():
+    keys = set(valid_keys())
+    assert {"trainer.max_iters", "trainer.checkpoint.save_top_k", "optim.g.betas", "ema.decay"} <= keys

@@ -1,0 +1,281 @@
+"""Sampling and FID/KID evaluation of checkpoints, and the domain feature network they use on digits.
+
+Protocol: `num_samples` images from G_ema (eval mode, so BatchNorm uses its running statistics),
+latents from a seeded generator, quantised to uint8 like saved images, against the held-out 'val'
+split of the run's dataset at the run's resolution. Real and generated images go through the same
+uint8 -> features path. On digit data the features are the penultimate layer of a classifier
+trained on the train split only (Inception features mean little on 16-32 px grey digits); it is
+trained once per dataset and resolution and kept in eval.features_dir.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from data_pipelines.builtin import ArrayDataset, DataError, load_split
+from models.classifier import DomainClassifier
+from models.registry import build_gan
+from trainer.checkpointing import CheckpointError, load_checkpoint
+from trainer.config import ConfigError, EvalConfig
+from trainer.images import save_grid, to_uint8
+from trainer.metrics import fid_from_features, inception_feature_extractor, kid_from_features
+
+DOMAIN_DATASETS = ("mnist5k", "digits")
+GEN_BATCH = 250
+FEATURE_BATCH = 500
+
+Features = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, C, H, W) -> float64 (N, D) on the CPU
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float in [-1, 1], the range G produces and GANModule trains D on."""
+    return images.float().div(127.5).sub(1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Domain feature network
+
+
+def feature_net_path(dataset: str, resolution: int, features_dir: str | os.PathLike, data_path: str = "",
+                     val_fraction: float = 0.1) -> Path:
+    """<features_dir>/<dataset>-<res>px.pt; npz files and non-default splits get their own file, so a
+    net is never reused for other images or for a split in which it saw the held-out ones."""
+    name = dataset if dataset != "npz" else f"npz-{Path(data_path).stem}"
+    split = "" if val_fraction == 0.1 else f"-val{val_fraction:g}"
+    return Path(features_dir) / f"{name}-{resolution}px{split}.pt"
+
+
+def _fit_classifier(data: ArrayDataset, resolution: int, epochs: int, seed: int, device: torch.device,
+                    batch_size: int = 64, lr: float = 3e-3) -> DomainClassifier:
+    net = DomainClassifier(data.channels, resolution, data.num_classes).to(device)
+    steps = epochs * math.ceil(len(data) / batch_size)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    # One-cycle: a few epochs reach the accuracy a constant rate needs many more for.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    order = torch.Generator().manual_seed(seed)
+    net.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(data), generator=order).split(batch_size):
+            x, y = _to_float(data.images[idx]).to(device), data.labels[idx].to(device)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def classifier_accuracy(net: DomainClassifier, data: ArrayDataset) -> float:
+    dev = next(net.parameters()).device
+    correct = sum(int((net(_to_float(x).to(dev)).argmax(1).cpu() == y).sum())
+                  for x, y in zip(data.images.split(FEATURE_BATCH), data.labels.split(FEATURE_BATCH)))
+    return correct / max(1, len(data))
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # per process: concurrent evals never collide
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def train_feature_net(dataset: str, resolution: int, data_path: str = "", features_dir=None, force: bool = False,
+                      epochs: int = 6, seed: int = 0, val_fraction: float = 0.1) -> Path:
+    """Trains (or reuses) the domain classifier on the train split; returns its file."""
+    features_dir = features_dir or EvalConfig().features_dir
+    path = feature_net_path(dataset, resolution, features_dir, data_path, val_fraction)
+    if path.exists() and not force:
+        return path
+    train = load_split(dataset, "train", resolution, val_fraction, data_path)
+    val = load_split(dataset, "val", resolution, val_fraction, data_path)
+    if train.num_classes < 2:
+        raise DataError(f"The domain feature network is a classifier and needs labels, but '{dataset}' "
+                        f"{data_path} has {train.num_classes} class. Add 'labels' to the data or use "
+                        "eval.features=inception.")
+    print(f"genscale: training the domain feature network for {dataset} at {resolution} px "
+          f"({len(train)} train images, {epochs} epochs; done once, then reused from {path})", file=sys.stderr)
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):  # seeded init and dropout without touching the caller's RNG
+        torch.manual_seed(seed)
+        net = _fit_classifier(train, resolution, epochs, seed, _device())
+    acc = classifier_accuracy(net, val)
+    meta = {"dataset": dataset, "data_path": data_path, "resolution": resolution, "channels": train.channels,
+            "num_classes": train.num_classes, "width": net.width, "feat_dim": net.feat_dim,
+            "val_accuracy": acc, "val_fraction": val_fraction, "epochs": epochs, "seed": seed,
+            "train_seconds": round(time.perf_counter() - t0, 2)}
+    _atomic_save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "meta": meta}, path)
+    print(f"genscale: feature network held-out accuracy {acc:.4f} ({meta['train_seconds']} s) -> {path}",
+          file=sys.stderr)
+    return path
+
+
+def load_feature_net(path: Path) -> Tuple[DomainClassifier, dict]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain metadata only
+        meta = obj["meta"]
+        net = DomainClassifier(meta["channels"], meta["resolution"], meta["num_classes"], meta["width"],
+                               meta["feat_dim"])
+        net.load_state_dict(obj["state_dict"])
+    except Exception as e:
+        raise CheckpointError(f"Feature network '{path}' cannot be read ({type(e).__name__}: {e}). Delete it or "
+                              "retrain it with `genscale eval train-features --dataset ... --force`.") from None
+    return net.eval(), meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Generator from a checkpoint
+
+
+def _run_data(cfg: dict, split: str) -> ArrayDataset:
+    d = cfg["data"]
+    return load_split(d["name"], split, d["resolution"], d["val_fraction"], d["path"])
+
+
+def _build_generator(cfg: dict, state: dict, data: ArrayDataset, use_ema: bool) -> Tuple[torch.nn.Module, bool]:
+    """G exactly as trainer.build.build_module builds it, with G_ema's weights when asked and present."""
+    m = cfg["model"]
+    G, _ = build_gan(m["name"], z_dim=m["z_dim"], g_width=m["g_width"], d_width=m["d_width"],
+                     resolution=cfg["data"]["resolution"], channels=data.channels, g_norm=m["g_norm"],
+                     d_norm=m["d_norm"], num_classes=data.num_classes)
+    ema = use_ema and any(k.startswith("G_ema.") for k in state)
+    prefix = "G_ema." if ema else "G."
+    try:
+        G.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    except RuntimeError as e:
+        raise CheckpointError(f"The checkpoint's generator weights do not fit model '{m['name']}' as its config "
+                              f"describes it ({str(e).splitlines()[0][:200]}).") from None
+    return G.eval(), ema
+
+
+@torch.no_grad()
+def generate_uint8(G: torch.nn.Module, z_dim: int, num: int, seed: int, device: torch.device) -> torch.Tensor:
+    # Latents are drawn on the CPU so a seed gives the same images on any device.
+    z = torch.randn(num, z_dim, generator=torch.Generator().manual_seed(seed))
+    G = G.to(device)
+    return torch.cat([to_uint8(G(zb.to(device)).float().cpu()) for zb in z.split(GEN_BATCH)])
+
+
+def _load_gan(checkpoint, use_ema: bool) -> Tuple[dict, dict, ArrayDataset, torch.nn.Module, bool]:
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt["genscale"]["config"]
+    val = _run_data(cfg, "val")  # also gives the channel and class counts build_module used
+    G, ema = _build_generator(cfg, ckpt["state_dict"], val, use_ema)
+    return ckpt, cfg, val, G, ema
+
+
+def sample_grid(checkpoint, num: int = 64, out="samples.png", seed: int = 0, use_ema: bool = True) -> Path:
+    """Writes a PNG grid of `num` samples from latents seeded by `seed`."""
+    if num <= 0:
+        raise ConfigError(f"--num must be positive, got {num}.")
+    _, cfg, _, G, _ = _load_gan(checkpoint, use_ema)
+    return save_grid(generate_uint8(G, cfg["model"]["z_dim"], num, seed, _device()), out)
+
+
+# ----------------------------------------------------------------------------------------------
+# FID / KID
+
+
+def _feature_kind(requested: str, dataset: str, val: ArrayDataset) -> str:
+    if requested != "auto":
+        return requested
+    domain = dataset in DOMAIN_DATASETS or (dataset == "npz" and val.channels == 1 and val.num_classes >= 2)
+    return "domain" if domain else "inception"
+
+
+def _domain_extractor(cfg: dict, val: ArrayDataset, features_dir, device) -> Tuple[Features, dict]:
+    d = cfg["data"]
+    path = train_feature_net(d["name"], d["resolution"], d["path"], features_dir, val_fraction=d["val_fraction"])
+    net, meta = load_feature_net(path)
+    if (meta["resolution"], meta["channels"]) != (d["resolution"], val.channels):
+        raise ConfigError(f"Feature network '{path}' was trained for {meta['channels']}-channel {meta['resolution']} "
+                          f"px images, not this run's data; retrain it with `genscale eval train-features --force`.")
+    net = net.to(device)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    proto = {"features": f"domain-classifier:{path.name}", "feature_dim": meta["feat_dim"],
+             "feature_net_val_accuracy": meta["val_accuracy"], "feature_net_sha256": sha}
+    return (lambda x: net.features(_to_float(x).to(device)).double().cpu()), proto
+
+
+def _extractor(kind: str, cfg: dict, val: ArrayDataset, features_dir, device) -> Tuple[Features, dict]:
+    if kind == "domain":
+        return _domain_extractor(cfg, val, features_dir, device)
+    return inception_feature_extractor(device), {"features": "inception-v3", "feature_dim": 2048}
+
+
+@torch.no_grad()
+def _features(fn: Features, images: torch.Tensor) -> torch.Tensor:
+    return torch.cat([fn(x) for x in images.split(FEATURE_BATCH)])
+
+
+def _train_vs_val_fid(cfg: dict, fn: Features, f_val: torch.Tensor, n: int, seed: int) -> float:
+    """FID of n real train images against val: what a perfect generator would score at this n."""
+    train = _run_data(cfg, "train")
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    return fid_from_features(_features(fn, train.images[idx]), f_val)
+
+
+def _append_log(ckpt_path: Path, result: dict) -> Optional[Path]:
+    run_dir = ckpt_path.resolve().parent.parent
+    if not (run_dir / "config.yaml").exists():
+        return None
+    log = run_dir / "eval.jsonl"
+    with open(log, "a") as fh:  # one write of one line: concurrent evaluations do not interleave
+        fh.write(json.dumps(result) + "\n")
+    return log
+
+
+def evaluate_checkpoint(checkpoint, num_samples: Optional[int] = None, seed: int = 0, use_ema: bool = True,
+                        features_dir=None, features: Optional[str] = None) -> dict:
+    """FID/KID of a checkpoint's samples against the held-out split; appended to <run>/eval.jsonl.
+
+    `features` overrides the run's eval.features ('auto', 'domain', 'inception').
+    """
+    ckpt = load_checkpoint(checkpoint)
+    cfg, ev = ckpt["genscale"]["config"], ckpt["genscale"]["config"]["eval"]
+    num = num_samples or ev["num_samples"]
+    if num < 2:
+        raise ConfigError(f"FID/KID need at least 2 generated samples, got {num}.")
+    device = _device()
+    val = _run_data(cfg, "val")
+    kind = _feature_kind(features or ev["features"], cfg["data"]["name"], val)
+    # Features first: a missing Inception or unlabelled data fails before any generation.
+    fn, proto = _extractor(kind, cfg, val, features_dir or ev["features_dir"], device)
+    G, ema = _build_generator(cfg, ckpt["state_dict"], val, use_ema and ev["use_ema"])
+    f_fake = _features(fn, generate_uint8(G, cfg["model"]["z_dim"], num, seed, device))
+    f_real = _features(fn, val.images)
+    kid_mean, kid_std = kid_from_features(f_fake, f_real, ev["kid_subsets"], ev["kid_subset_size"], seed)
+    result = {
+        "fid": fid_from_features(f_fake, f_real),
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        # Cheap only with the small domain network; Inception would double the evaluation time.
+        "fid_train_vs_val": _train_vs_val_fid(cfg, fn, f_real, num, seed) if kind == "domain" else None,
+        "class_accuracy": None,  # unconditional models; conditional ones report it later
+        "iteration": int(ckpt["genscale"]["iteration"]),
+        "kimg": int(ckpt["genscale"]["images_seen"]) / 1000.0,
+        "checkpoint": str(ckpt["_path"]),
+        "time": _dt.datetime.now().isoformat(timespec="seconds"),
+        "protocol": {**proto, "num_generated": num, "num_real": len(val), "real_split": "val", "ema": ema,
+                     "truncation": None, "bn_mode": "eval", "seed": seed, "kid_subsets": ev["kid_subsets"],
+                     "kid_subset_size": min(ev["kid_subset_size"], num, len(val))},
+    }
+    _append_log(Path(ckpt["_path"]), result)
+    return result
