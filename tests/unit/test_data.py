@@ -163,7 +163,8 @@ def test_resize_downsample_averages():
     x[..., ::2, ::2] = 255
     x[..., 1::2, 1::2] = 255
     y = resize_uint8(x, 8)
-    assert bool(((y.int() - 128).abs() <= 1).all())
+    assert bool((y[..., 1:-1, 1:-1] == 128).all())  # away from the borders, where the filter is cut
+    assert bool(((y.int() - 128).abs() <= 3).all())
 
 
 # ---- npz ---------------------------------------------------------------------------------------
