@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Callable, Dict, List, Optional
 
 def _user_errors() -> tuple:
@@ -144,8 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_library_noise() -> None:
+    # G_ema is deliberately in eval mode; the other two are library deprecation chatter.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_library_noise()
     try:
         return args.fn(args)
     except _user_errors() as e:

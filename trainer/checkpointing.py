@@ -80,17 +80,25 @@ class IterationCheckpoint(L.Callback):
     def save(self, trainer, pl_module) -> Path:
         it = int(pl_module.iteration)
         path = self.dirpath / f"iter-{it:07d}.ckpt"
+        # Registered before writing, so the callback state stored inside this very checkpoint lists
+        # it: after a resume from it, it is still pruned like any other.
+        self.kept[path.name] = self._score(trainer, it)
         trainer.save_checkpoint(path, weights_only=False)  # collective: every rank calls, rank 0 writes
         self._t_last = time.monotonic()
         if trainer.is_global_zero:
             atomic_link(path, self.dirpath / "last.ckpt")
-            self._rank_and_prune(trainer, path.name, it)
+            self._prune()
         self.last_path = path
         return path
 
-    def _rank_and_prune(self, trainer, name: str, it: int) -> None:
-        value = trainer.callback_metrics.get(self.monitor) if self.monitor else None
-        self.kept[name] = float(value) if value is not None else -float(it)
+    def _score(self, trainer, it: int) -> float:
+        """Lower is better. Without a monitor: newest first. A monitored save lacking the metric ranks last."""
+        if not self.monitor:
+            return -float(it)
+        value = trainer.callback_metrics.get(self.monitor)
+        return float(value) if value is not None else float("inf")
+
+    def _prune(self) -> None:
         if self.save_top_k < 0:
             return
         order = sorted(self.kept, key=lambda n: self.kept[n])

@@ -181,11 +181,29 @@ def test_gp_gradients_reach_critic_params_with_closed_form():
     assert fake.grad is None  # fakes are detached: no gradient into G through the penalty
 
 
+def test_gp_does_not_backpropagate_into_the_generator():
+    a = nn.Parameter(torch.tensor(2.0))
+    critic = lambda x: 0.5 * a * x.flatten(1).pow(2).sum(1)  # noqa: E731  grad_x = a * x_hat
+    real = torch.tensor([[3.0, 4.0]])
+    fake = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    gp = gradient_penalty(critic, real, fake, torch.tensor([0.5]))
+    # x_hat = [2, 2], ||a x_hat|| = 2 * sqrt(8) -> GP = (4 sqrt(2) - 1)^2
+    close(gp, (4 * math.sqrt(2) - 1) ** 2, 1e-4)
+    gp.backward()
+    assert fake.grad is None  # the penalty trains D only
+    # d/da (a sqrt(8) - 1)^2 = 2 (a sqrt(8) - 1) sqrt(8)
+    assert abs(float(a.grad) - 2 * (2 * math.sqrt(8) - 1) * math.sqrt(8)) < 1e-4
+
+
 def test_gp_stays_fp32_under_bf16_autocast():
     torch.manual_seed(0)
     critic = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1))
     real, fake, eps = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4), torch.rand(4)
-    ref = gradient_penalty(critic, real, fake, eps)
+    # reference: the definition, written out in fp32 with no autocast anywhere
+    x_hat = (eps.view(-1, 1, 1, 1) * real + (1 - eps.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
+    (g,) = torch.autograd.grad(critic(x_hat).sum(), x_hat)
+    ref = ((g.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    assert abs(float(gradient_penalty(critic, real, fake, eps).detach()) - float(ref)) <= 1e-6
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert critic(real).dtype == torch.bfloat16  # autocast is really active for this critic
         amp = gradient_penalty(critic, real, fake, eps)
@@ -233,7 +251,7 @@ def test_clip_weights_leaves_no_autograd_history():
         lin.weight.mul_(100)
     clip_weights(lin, 0.5)
     assert lin.weight.is_leaf and lin.weight.grad_fn is None
-    assert float(lin.weight.abs().max()) <= 0.5
+    assert float(lin.weight.detach().abs().max()) <= 0.5
 
 
 def test_drift_penalty_value():

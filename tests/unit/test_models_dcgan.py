@@ -92,8 +92,8 @@ def test_layer_norm_critic_is_per_sample():
 
 def test_dcgan_init_statistics():
     torch.manual_seed(0)
-    G = DCGANGenerator(z_dim=100, width=64, resolution=32, channels=3)
-    D = DCGANDiscriminator(width=64, resolution=32, channels=3)
+    G = DCGANGenerator(z_dim=100, width=64, resolution=32, channels=3).requires_grad_(False)
+    D = DCGANDiscriminator(width=64, resolution=32, channels=3).requires_grad_(False)
     for net in (G, D):
         ws = torch.cat([m.weight.flatten() for m in net.modules()
                         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))])
