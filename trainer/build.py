@@ -164,6 +164,8 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
 
 def train(experiment: Optional[str] = None, overrides: Optional[List[str]] = None) -> Run:
     run = prepare_run(experiment, overrides)
+    if run.cfg.trainer.cpu_threads > 0:
+        torch.set_num_threads(run.cfg.trainer.cpu_threads)
     if run.cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:

@@ -56,6 +56,8 @@ class TrainerConfig:
     strategy: str = f("auto", "Lightning strategy: auto, ddp, ddp_find_unused_parameters_true.")
     precision: str = f("32", "Numerical precision: 32, bf16-mixed or 16-mixed.")
     seed: int = f(0, "Global seed; each rank seeds itself with seed + rank.")
+    cpu_threads: int = f(0, "torch intra-op CPU threads (0: torch's default). On small shared-core "
+                            "machines 1 can be many times faster than oversubscribed threads.")
     deterministic: bool = f(False, "Ask torch for deterministic algorithms (needed for bit-exact resume).")
     log_every: int = f(10, "Log scalar metrics every N iterations.")
     sample_every: int = f(250, "Write a fixed-latent sample grid every N iterations (0: only at the end).")
