@@ -173,19 +173,14 @@ def generate_uint8(G: torch.nn.Module, z_dim: int, num: int, seed: int, device: 
     return torch.cat([to_uint8(G(zb.to(device)).float().cpu()) for zb in z.split(GEN_BATCH)])
 
 
-def _load_gan(checkpoint, use_ema: bool) -> Tuple[dict, dict, ArrayDataset, torch.nn.Module, bool]:
-    ckpt = load_checkpoint(checkpoint)
-    cfg = ckpt["genscale"]["config"]
-    val = _run_data(cfg, "val")  # also gives the channel and class counts build_module used
-    G, ema = _build_generator(cfg, ckpt["state_dict"], val, use_ema)
-    return ckpt, cfg, val, G, ema
-
-
 def sample_grid(checkpoint, num: int = 64, out="samples.png", seed: int = 0, use_ema: bool = True) -> Path:
     """Writes a PNG grid of `num` samples from latents seeded by `seed`."""
     if num <= 0:
         raise ConfigError(f"--num must be positive, got {num}.")
-    _, cfg, _, G, _ = _load_gan(checkpoint, use_ema)
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt["genscale"]["config"]
+    # The run's data gives the channel and class counts build_module used (nothing extra is stored).
+    G, _ = _build_generator(cfg, ckpt["state_dict"], _run_data(cfg, "val"), use_ema)
     return save_grid(generate_uint8(G, cfg["model"]["z_dim"], num, seed, _device()), out)
 
 
@@ -194,6 +189,8 @@ def sample_grid(checkpoint, num: int = 64, out="samples.png", seed: int = 0, use
 
 
 def _feature_kind(requested: str, dataset: str, val: ArrayDataset) -> str:
+    if requested not in ("auto", "domain", "inception"):
+        raise ConfigError(f"Unknown feature network '{requested}'. Valid: auto, domain, inception.")
     if requested != "auto":
         return requested
     domain = dataset in DOMAIN_DATASETS or (dataset == "npz" and val.channels == 1 and val.num_classes >= 2)
@@ -246,7 +243,8 @@ def evaluate_checkpoint(checkpoint, num_samples: Optional[int] = None, seed: int
                         features_dir=None, features: Optional[str] = None) -> dict:
     """FID/KID of a checkpoint's samples against the held-out split; appended to <run>/eval.jsonl.
 
-    `features` overrides the run's eval.features ('auto', 'domain', 'inception').
+    `features` overrides the run's eval.features ('auto', 'domain', 'inception'). G_ema is used when
+    both `use_ema` and the run's eval.use_ema allow it and the checkpoint has one.
     """
     ckpt = load_checkpoint(checkpoint)
     cfg, ev = ckpt["genscale"]["config"], ckpt["genscale"]["config"]["eval"]

@@ -23,7 +23,8 @@ def test_default_experiment_loads():
     assert cfg.experiment == DEFAULT_EXPERIMENT
     # wgan_gp_mnist5k extends gan_mnist5k: its own keys and the parent's
     assert cfg.loss.name == "wgan_gp" and cfg.model.d_norm == "layer" and cfg.optim.n_critic == 5
-    assert cfg.data.name == "mnist5k" and cfg.model.g_width == 32
+    assert cfg.data.name == "mnist5k" and cfg.data.batch_size == 64  # from the parent
+    assert cfg.model.g_width == 16  # its own CPU-sized width overrides the parent's 32
 
 
 def test_experiment_list():

@@ -1,0 +1,131 @@
+"""`genscale eval` and `genscale sample` on a tiny trained run (digits, 16 px, 20 iterations)."""
+import json
+import shutil
+import socket
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from launch.cli import main
+from trainer.build import train
+from trainer.evaluate import evaluate_checkpoint, load_feature_net, train_feature_net
+from trainer.metrics import InceptionUnavailableError
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    r = train("gan_digits", ["trainer.max_iters=20", f"logging.root={root}", "logging.wandb=false",
+                             "trainer.progress_bar=false", "trainer.checkpoint.every_n_iters=10",
+                             "eval.num_samples=200", f"eval.features_dir={root}/features"])
+    return r.run_dir, root
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def _eval_json(capsys, argv):
+    capsys.readouterr()
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_cli_reports_protocol_and_appends_log(run, capsys, no_network):
+    run_dir, root = run
+    log = run_dir / "eval.jsonl"
+    before = log.read_text().splitlines() if log.exists() else []
+    res = _eval_json(capsys, ["eval", str(run_dir)])
+    for key in ("fid", "kid_mean", "kid_std", "iteration", "kimg", "checkpoint", "protocol", "class_accuracy"):
+        assert key in res
+    assert res["fid"] > 0 and res["kid_std"] >= 0 and res["class_accuracy"] is None
+    assert res["iteration"] == 20 and res["kimg"] == pytest.approx(20 * 32 / 1000)
+    assert res["checkpoint"].endswith("last.ckpt")
+    p = res["protocol"]
+    assert p["features"] == "domain-classifier:digits-16px.pt" and p["feature_dim"] == 128
+    assert (p["num_generated"], p["num_real"], p["real_split"]) == (200, 180, "val")
+    assert p["ema"] is True and p["truncation"] is None and p["bn_mode"] == "eval"
+    # A 20-iteration generator is far from the data; real train images against val are close.
+    assert 0 <= res["fid_train_vs_val"] < res["fid"]
+    lines = log.read_text().splitlines()
+    assert len(lines) == len(before) + 1 and json.loads(lines[-1]) == res
+
+    net_file = root / "features" / "digits-16px.pt"
+    _, meta = load_feature_net(net_file)
+    assert meta["val_accuracy"] > 0.9 and meta["dataset"] == "digits" and meta["resolution"] == 16
+
+
+def test_eval_is_seeded_and_feature_net_reused(run):
+    run_dir, root = run
+    net_file = train_feature_net("digits", 16, features_dir=root / "features")
+    mtime = net_file.stat().st_mtime_ns
+    a = evaluate_checkpoint(run_dir, num_samples=100, seed=3, use_ema=False)
+    b = evaluate_checkpoint(run_dir, num_samples=100, seed=3, use_ema=False)
+    assert a["fid"] == b["fid"] and a["kid_mean"] == b["kid_mean"] and a["protocol"]["ema"] is False
+    assert net_file.stat().st_mtime_ns == mtime  # not retrained
+
+
+def test_sample_cli_writes_png(run, tmp_path, capsys):
+    run_dir, _ = run
+    outs = [tmp_path / n for n in ("a.png", "b.png", "c.png")]
+    for out, seed in zip(outs, (0, 0, 1)):
+        res = _eval_json(capsys, ["sample", str(run_dir), "--num", "16", "--out", str(out), "--seed", str(seed)])
+        assert res["out"] == str(out) and out.exists()
+    img = Image.open(outs[0])
+    side = 4 * (16 + 2) + 2  # 4x4 tiles of 16 px with 2 px padding, then upscaled by an integer
+    assert img.mode == "L" and img.width == img.height and img.width % side == 0
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    assert outs[0].read_bytes() != outs[2].read_bytes()
+
+
+def test_eval_truncated_checkpoint(run, tmp_path, capsys):
+    run_dir, _ = run
+    bad = tmp_path / "cut.ckpt"
+    data = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert main(["eval", str(bad)]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_eval_foreign_checkpoint(tmp_path, capsys):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"a": 1}, foreign)
+    capsys.readouterr()
+    assert main(["eval", str(foreign)]) == 2
+    assert "not a genscale checkpoint" in capsys.readouterr().err
+
+
+def test_inception_without_local_weights_fails_fast(run, tmp_path, monkeypatch, capsys, no_network):
+    run_dir, _ = run
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    t0 = time.perf_counter()
+    with pytest.raises(InceptionUnavailableError) as e:
+        evaluate_checkpoint(run_dir, num_samples=50, features="inception")
+    assert time.perf_counter() - t0 < 20
+    msg = str(e.value)
+    assert "genscale[inception]" in msg and "hub/checkpoints" in msg and "eval.features=domain" in msg
+
+    # The same through the CLI, with eval.features=inception saved in the checkpoint's config.
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt["genscale"]["config"]["eval"]["features"] = "inception"
+    edited = tmp_path / "inception.ckpt"
+    torch.save(ckpt, edited)
+    capsys.readouterr()
+    assert main(["eval", str(edited)]) == 2
+    assert "Inception-v3 features are not available" in capsys.readouterr().err
+    assert not (tmp_path / "eval.jsonl").exists()
+
+
+def test_copied_run_dir_without_config_gets_no_log(run, tmp_path):
+    run_dir, _ = run
+    shutil.copytree(run_dir / "checkpoints", tmp_path / "x" / "checkpoints")
+    res = evaluate_checkpoint(tmp_path / "x" / "checkpoints" / "last.ckpt", num_samples=20)
+    assert res["protocol"]["num_generated"] == 20 and not (tmp_path / "x" / "eval.jsonl").exists()
