@@ -16,6 +16,7 @@ from data_pipelines.builtin import load_split
 from data_pipelines.datamodule import ArrayDataModule
 from models.registry import build_gan
 from trainer.callbacks.ema import EMACallback
+from trainer.callbacks.evaluation import PeriodicEvalCallback
 from trainer.callbacks.samples import SampleGridCallback
 from trainer.csv_log import AppendingCSVLogger
 from trainer.checkpointing import AtomicCheckpointIO, IterationCheckpoint, load_checkpoint
@@ -115,6 +116,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int
                                t.checkpoint.save_top_k, t.checkpoint.monitor)
     samples = SampleGridCallback(run_dir / "samples", t.sample_every)
     callbacks = [ckpt, samples]
+    if cfg.eval.every_n_iters > 0 or cfg.eval.at_start:
+        # Before the checkpoint callback, so a checkpoint at the same iteration is ranked by this value.
+        callbacks.insert(0, PeriodicEvalCallback(to_dict(cfg), run_dir, cfg.eval.every_n_iters, cfg.eval.at_start))
     if cfg.ema.enabled:
         # EMA must run before samples/checkpoints read G_ema at the same step.
         callbacks.insert(0, EMACallback(cfg.ema.decay, cfg.ema.start_iter, cfg.ema.rampup_iters))

@@ -136,6 +136,9 @@ class LoggingConfig:
 @dataclass
 class EvalConfig:
     num_samples: int = f(2000, "Generated samples compared against the held-out split.")
+    every_n_iters: int = f(0, "Also evaluate FID/KID during training every N iterations (0: off); "
+                              "logged as eval/fid, eval/kid and appended to eval.jsonl.")
+    at_start: bool = f(False, "With every_n_iters: also evaluate before the first step (the untrained value).")
     features: str = f("auto", "Feature network: 'auto' (domain classifier for digit data, Inception "
                               "otherwise), 'domain', or 'inception'.")
     features_dir: str = f("runs/features", "Where trained domain-classifier feature networks are kept.")

@@ -239,6 +239,47 @@ def _append_log(ckpt_path: Path, result: dict) -> Optional[Path]:
     return log
 
 
+class GeneratorEvaluator:
+    """FID/KID of a generator against the run's held-out split. Built once (feature network, real
+    features); `__call__` then costs one generation and one feature pass, so training can call it
+    periodically."""
+
+    def __init__(self, cfg: dict, features_dir=None, features: Optional[str] = None,
+                 device: Optional[torch.device] = None):
+        ev = cfg["eval"]
+        self.cfg, self.ev, self.device = cfg, ev, device or _device()
+        self.val = _run_data(cfg, "val")
+        self.kind = _feature_kind(features or ev["features"], cfg["data"]["name"], self.val)
+        # Features first: a missing Inception or unlabelled data fails before any generation.
+        self.fn, self.proto = _extractor(self.kind, cfg, self.val, features_dir or ev["features_dir"], self.device)
+        self.f_real = _features(self.fn, self.val.images)
+        self._floor: dict = {}
+
+    def __call__(self, G: torch.nn.Module, num: int, seed: int = 0, ema: bool = True) -> dict:
+        if num < 2:
+            raise ConfigError(f"FID/KID need at least 2 generated samples, got {num}.")
+        ev = self.ev
+        was_training = G.training
+        G.eval()
+        f_fake = _features(self.fn, generate_uint8(G, self.cfg["model"]["z_dim"], num, seed, self.device))
+        G.train(was_training)
+        kid_mean, kid_std = kid_from_features(f_fake, self.f_real, ev["kid_subsets"], ev["kid_subset_size"], seed)
+        if self.kind == "domain" and (num, seed) not in self._floor:
+            # Cheap only with the small domain network; Inception would double the evaluation time.
+            self._floor[(num, seed)] = _train_vs_val_fid(self.cfg, self.fn, self.f_real, num, seed)
+        return {
+            "fid": fid_from_features(f_fake, self.f_real),
+            "kid_mean": kid_mean,
+            "kid_std": kid_std,
+            "fid_train_vs_val": self._floor.get((num, seed)),
+            "class_accuracy": None,  # unconditional models; conditional ones report it later
+            "protocol": {**self.proto, "num_generated": num, "num_real": len(self.val), "real_split": "val",
+                         "ema": ema, "truncation": None, "bn_mode": "eval", "seed": seed,
+                         "kid_subsets": ev["kid_subsets"],
+                         "kid_subset_size": min(ev["kid_subset_size"], num, len(self.val))},
+        }
+
+
 def evaluate_checkpoint(checkpoint, num_samples: Optional[int] = None, seed: int = 0, use_ema: bool = True,
                         features_dir=None, features: Optional[str] = None) -> dict:
     """FID/KID of a checkpoint's samples against the held-out split; appended to <run>/eval.jsonl.
@@ -247,33 +288,16 @@ def evaluate_checkpoint(checkpoint, num_samples: Optional[int] = None, seed: int
     both `use_ema` and the run's eval.use_ema allow it and the checkpoint has one.
     """
     ckpt = load_checkpoint(checkpoint)
-    cfg, ev = ckpt["genscale"]["config"], ckpt["genscale"]["config"]["eval"]
-    num = num_samples or ev["num_samples"]
+    cfg = ckpt["genscale"]["config"]
+    num = num_samples or cfg["eval"]["num_samples"]
     if num < 2:
         raise ConfigError(f"FID/KID need at least 2 generated samples, got {num}.")
-    device = _device()
-    val = _run_data(cfg, "val")
-    kind = _feature_kind(features or ev["features"], cfg["data"]["name"], val)
-    # Features first: a missing Inception or unlabelled data fails before any generation.
-    fn, proto = _extractor(kind, cfg, val, features_dir or ev["features_dir"], device)
-    G, ema = _build_generator(cfg, ckpt["state_dict"], val, use_ema and ev["use_ema"])
-    f_fake = _features(fn, generate_uint8(G, cfg["model"]["z_dim"], num, seed, device))
-    f_real = _features(fn, val.images)
-    kid_mean, kid_std = kid_from_features(f_fake, f_real, ev["kid_subsets"], ev["kid_subset_size"], seed)
-    result = {
-        "fid": fid_from_features(f_fake, f_real),
-        "kid_mean": kid_mean,
-        "kid_std": kid_std,
-        # Cheap only with the small domain network; Inception would double the evaluation time.
-        "fid_train_vs_val": _train_vs_val_fid(cfg, fn, f_real, num, seed) if kind == "domain" else None,
-        "class_accuracy": None,  # unconditional models; conditional ones report it later
-        "iteration": int(ckpt["genscale"]["iteration"]),
-        "kimg": int(ckpt["genscale"]["images_seen"]) / 1000.0,
-        "checkpoint": str(ckpt["_path"]),
-        "time": _dt.datetime.now().isoformat(timespec="seconds"),
-        "protocol": {**proto, "num_generated": num, "num_real": len(val), "real_split": "val", "ema": ema,
-                     "truncation": None, "bn_mode": "eval", "seed": seed, "kid_subsets": ev["kid_subsets"],
-                     "kid_subset_size": min(ev["kid_subset_size"], num, len(val))},
-    }
+    evaluator = GeneratorEvaluator(cfg, features_dir, features)
+    G, ema = _build_generator(cfg, ckpt["state_dict"], evaluator.val, use_ema and cfg["eval"]["use_ema"])
+    result = evaluator(G, num, seed, ema)
+    result.update({"iteration": int(ckpt["genscale"]["iteration"]),
+                   "kimg": int(ckpt["genscale"]["images_seen"]) / 1000.0,
+                   "checkpoint": str(ckpt["_path"]),
+                   "time": _dt.datetime.now().isoformat(timespec="seconds")})
     _append_log(Path(ckpt["_path"]), result)
     return result

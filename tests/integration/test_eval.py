@@ -129,3 +129,25 @@ def test_copied_run_dir_without_config_gets_no_log(run, tmp_path):
     shutil.copytree(run_dir / "checkpoints", tmp_path / "x" / "checkpoints")
     res = evaluate_checkpoint(tmp_path / "x" / "checkpoints" / "last.ckpt", num_samples=20)
     assert res["protocol"]["num_generated"] == 20 and not (tmp_path / "x" / "eval.jsonl").exists()
+
+
+def test_periodic_eval_logs_a_curve_and_ranks_checkpoints(tmp_path):
+    import csv as _csv
+    import json as _json
+
+    from trainer.build import train
+
+    run = train("gan_digits", [f"logging.root={tmp_path}", "logging.wandb=false", "trainer.progress_bar=false",
+                               "trainer.max_iters=12", "eval.every_n_iters=4", "eval.at_start=true",
+                               "eval.num_samples=200", f"eval.features_dir={tmp_path}/features",
+                               "trainer.checkpoint.every_n_iters=4", "trainer.checkpoint.monitor=eval/fid",
+                               "trainer.checkpoint.save_top_k=1", "trainer.sample_every=0"])
+    lines = [_json.loads(x) for x in (run.run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [0, 4, 8, 12]
+    assert all(r["protocol"]["ema"] and r["protocol"]["num_generated"] == 200 for r in lines)
+    with open(run.run_dir / "metrics.csv") as fh:
+        logged = {int(float(r["iteration"])): float(r["eval/fid"]) for r in _csv.DictReader(fh) if r["eval/fid"]}
+    assert logged == {r["iteration"]: r["fid"] for r in lines}
+    best = min((4, 8, 12), key=lambda it: logged[it])
+    kept = sorted(p.name for p in (run.run_dir / "checkpoints").glob("iter-*.ckpt"))
+    assert kept == [f"iter-{best:07d}.ckpt"]
