@@ -46,3 +46,19 @@ class AppendingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(self.log_dir, self._keep_through)
         return self._experiment
+
+
+def append_row(path: str | os.PathLike, row: dict) -> None:
+    """Appends one row to a CSV log, widening its header when the row brings new columns (atomic)."""
+    rows, keys = [], []
+    if os.path.isfile(path):
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            keys, rows = list(reader.fieldnames or []), list(reader)
+    keys = sorted(set(keys) | set(row))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows + [row])
+    os.replace(tmp, path)

@@ -27,6 +27,7 @@ from models.classifier import DomainClassifier
 from models.registry import build_gan
 from trainer.checkpointing import CheckpointError, load_checkpoint
 from trainer.config import ConfigError, EvalConfig
+from trainer.csv_log import append_row
 from trainer.images import save_grid, to_uint8
 from trainer.metrics import fid_from_features, inception_feature_extractor, kid_from_features
 
@@ -55,6 +56,9 @@ def feature_net_path(dataset: str, resolution: int, features_dir: str | os.PathL
     """<features_dir>/<dataset>-<res>px.pt; npz files and non-default splits get their own file, so a
     net is never reused for other images or for a split in which it saw the held-out ones."""
     name = dataset if dataset != "npz" else f"npz-{Path(data_path).stem}"
+    if dataset == "shards":  # a shard directory: its name plus a hash of where it is
+        where = hashlib.sha256(str(Path(data_path).resolve()).encode()).hexdigest()[:8]
+        name = f"shards-{Path(data_path).name}-{where}"
     split = "" if val_fraction == 0.1 else f"-val{val_fraction:g}"
     return Path(features_dir) / f"{name}-{resolution}px{split}.pt"
 
@@ -193,7 +197,7 @@ def _feature_kind(requested: str, dataset: str, val: ArrayDataset) -> str:
         raise ConfigError(f"Unknown feature network '{requested}'. Valid: auto, domain, inception.")
     if requested != "auto":
         return requested
-    domain = dataset in DOMAIN_DATASETS or (dataset == "npz" and val.channels == 1 and val.num_classes >= 2)
+    domain = dataset in DOMAIN_DATASETS or (dataset in ("npz", "shards") and val.channels == 1 and val.num_classes >= 2)
     return "domain" if domain else "inception"
 
 
@@ -236,6 +240,11 @@ def _append_log(ckpt_path: Path, result: dict) -> Optional[Path]:
     log = run_dir / "eval.jsonl"
     with open(log, "a") as fh:  # one write of one line: concurrent evaluations do not interleave
         fh.write(json.dumps(result) + "\n")
+    # The run's metrics.csv gets the numbers too, keyed by iteration like the training rows.
+    tag = "eval" if result["protocol"]["ema"] else "eval_raw"
+    append_row(run_dir / "metrics.csv", {"step": result["iteration"], "iteration": result["iteration"],
+                                         f"{tag}/fid": result["fid"], f"{tag}/kid": result["kid_mean"],
+                                         f"{tag}/kid_std": result["kid_std"]})
     return log
 
 

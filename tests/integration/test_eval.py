@@ -56,6 +56,13 @@ def test_eval_cli_reports_protocol_and_appends_log(run, capsys, no_network):
     assert 0 <= res["fid_train_vs_val"] < res["fid"]
     lines = log.read_text().splitlines()
     assert len(lines) == len(before) + 1 and json.loads(lines[-1]) == res
+    # ... and metrics.csv gains a row keyed by the iteration, training rows intact
+    import csv
+
+    with open(run_dir / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert float(rows[-1]["eval/fid"]) == pytest.approx(res["fid"]) and rows[-1]["iteration"] == "20"
+    assert sum(1 for r in rows if r["g/loss"]) == 3  # iterations 1, 10, 20 from training
 
     net_file = root / "features" / "digits-16px.pt"
     _, meta = load_feature_net(net_file)
