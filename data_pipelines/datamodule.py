@@ -7,13 +7,15 @@ checkpoint, so a resumed run reads exactly the images the uninterrupted run woul
 """
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data_pipelines.builtin import ArrayDataset, DataError, load_split
+from data_pipelines.builtin import ArrayDataset, DataError, load_split, resize_uint8
 
 
 class _Images(Dataset):
@@ -89,3 +91,173 @@ class ArrayDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_consumed = int(state.get("batches_consumed", 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards
+
+
+@dataclass
+class ShardInfo:
+    """What the model needs to know before training: channels and classes (from index.json)."""
+    channels: int
+    num_classes: int
+    resolution: int
+    count: Optional[int]
+    urls: List[str]
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader over a ShardStream that starts each epoch where the data module says.
+
+    Workers are not persistent, so the epoch number set here reaches the fresh workers of every
+    epoch. Batches prefetched before a resolution change are resized here, in the main process.
+    """
+
+    def __init__(self, stream, dm: "ShardDataModule", num_workers: int, timeout: float = 0.0):
+        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                         timeout=timeout if num_workers > 0 else 0.0)
+        self._dm = dm
+
+    def __iter__(self):
+        epoch, skip = self._dm._begin_epoch()
+        self.dataset.epoch = epoch
+        it = super().__iter__()
+        return self._run(it, skip)
+
+    def _run(self, it, skip: int):
+        for b, (images, labels) in enumerate(it):
+            if b < skip:  # exact mode resumed mid-epoch: drop what the run already trained on
+                continue
+            r = self.dataset.resolution
+            if images.shape[-1] != r:
+                images = resize_uint8(images, r)
+            self._dm._yielded += 1
+            yield images, labels
+
+
+class ShardDataModule(L.LightningDataModule):
+    """LightningDataModule over webdataset shards (data.name=shards, data.path=DIR or URL pattern).
+
+    The per-rank batch is data.batch_size // world size. Rank and world size come from the trainer
+    (or the constructor) and are handed to the stream explicitly. The checkpoint keeps the seed and
+    the epoch with the batches consumed in it: a resumed resampled stream starts the next epoch (new
+    shard draws, no replay); a resumed exact stream skips the batches of the epoch already trained on.
+    """
+
+    def __init__(self, path: str, resolution: int, batch_size: int, mode: str = "resampled",
+                 shuffle_buffer: int = 1000, epoch_batches: int = 0, num_workers: int = 0, seed: int = 0,
+                 allow_pipe: bool = False, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 worker_timeout: float = 600.0):
+        super().__init__()
+        self.path, self.batch_size, self.mode = path, batch_size, mode
+        self.shuffle_buffer, self.epoch_batches, self.num_workers = shuffle_buffer, epoch_batches, num_workers
+        self.seed, self.allow_pipe, self.worker_timeout = seed, allow_pipe, worker_timeout
+        self._rank, self._world = rank, world_size
+        self._requested_resolution = resolution
+        self.source = None
+        self.stream = None
+        self.epoch = -1  # the epoch being read (-1: none started)
+        self._epoch_start_dsteps: Optional[int] = None
+        self._yielded = 0  # batches handed out in the current epoch (incl. skipped-on-resume ones)
+        self._resume: Optional[dict] = None
+
+    def prepare(self) -> ShardInfo:
+        """Resolves the shards now (so bad paths fail before any work) and returns what the model needs."""
+        from data_pipelines.reader import resolve_shards
+
+        if self.source is None:
+            self.source = resolve_shards(self.path, "train", self.allow_pipe)
+            if self._requested_resolution > self.source.resolution:
+                raise DataError(f"data.resolution={self._requested_resolution} is above the {self.source.resolution} "
+                                f"px the shards in '{self.path}' hold; they can only be downsampled. Rewrite them "
+                                f"with `genscale data write --resolution {self._requested_resolution}`.")
+        s = self.source
+        return ShardInfo(s.channels, s.num_classes, s.resolution, s.total, s.urls)
+
+    def setup(self, stage: str = "fit") -> None:
+        self.prepare()
+
+    def _rank_world(self):
+        if self._rank is not None:
+            return self._rank, self._world or 1
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return 0, 1
+
+    def build_stream(self):
+        from data_pipelines.reader import ShardStream
+
+        self.prepare()
+        rank, world = self._rank_world()
+        if self.batch_size % world:
+            raise DataError(f"data.batch_size={self.batch_size} is not divisible by the world size {world}.")
+        self.stream = ShardStream(self.source, rank=rank, world_size=world, batch_size=self.batch_size // world,
+                                  mode=self.mode, num_workers=self.num_workers, seed=self.seed,
+                                  shuffle_buffer=self.shuffle_buffer, epoch_batches=self.epoch_batches,
+                                  resolution=self._requested_resolution)
+        return self.stream
+
+    def train_dataloader(self) -> DataLoader:
+        return ShardLoader(self.build_stream(), self, self.num_workers, self.worker_timeout)
+
+    # ---- resolution (Progressive GAN) ------------------------------------------------------
+    @property
+    def resolution(self) -> int:
+        return self.stream.resolution if self.stream is not None else self._requested_resolution
+
+    @resolution.setter
+    def resolution(self, value: int) -> None:
+        """Batches from now on come at this resolution (downsampled from the stored one)."""
+        if self.source is not None and value > self.source.resolution:
+            raise DataError(f"Resolution {value} is above the stored {self.source.resolution} px of the shards.")
+        self._requested_resolution = int(value)
+        if self.stream is not None:
+            self.stream.set_resolution(int(value))
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable samples skipped so far (all workers)."""
+        return self.stream.skipped if self.stream is not None else 0
+
+    # ---- position --------------------------------------------------------------------------
+    def _module_dsteps(self) -> Optional[int]:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return int(module.d_steps) if module is not None and hasattr(module, "d_steps") else None
+
+    def _begin_epoch(self):
+        """(epoch to read, batches of it to skip) for the loader that is about to start."""
+        skip = 0
+        if self._resume is not None:
+            state, self._resume = self._resume, None
+            epoch, done = int(state.get("epoch", -1)), int(state.get("batches_in_epoch", 0))
+            if epoch < 0:
+                epoch = 0
+            elif self.mode == "exact" and 0 < done < self.stream.epoch_length(epoch):
+                skip = done  # continue the same epoch
+            else:
+                epoch += 1  # resampled: fresh draws (seeded by the new epoch), never a replay
+        else:
+            epoch = self.epoch + 1
+        self.epoch = epoch
+        d = self._module_dsteps()
+        self._epoch_start_dsteps = None if d is None else d - skip
+        self._yielded = 0
+        return epoch, skip
+
+    def state_dict(self) -> dict:
+        if self._resume is not None:  # restored but not started yet: keep what was restored
+            return dict(self._resume)
+        d = self._module_dsteps()
+        # Lightning fetches a batch ahead, so the loader's count runs ahead of training; d_steps does not.
+        done = d - self._epoch_start_dsteps if d is not None and self._epoch_start_dsteps is not None else self._yielded
+        return {"kind": "shards", "mode": self.mode, "seed": self.seed, "epoch": self.epoch,
+                "batches_in_epoch": int(done), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("mode", self.mode) != self.mode or int(state.get("seed", self.seed)) != self.seed:
+            warnings.warn(f"genscale data: the checkpoint's data position was for mode={state.get('mode')} "
+                          f"seed={state.get('seed')}; now mode={self.mode} seed={self.seed}: starting a new epoch.")
+            state = {"epoch": state.get("epoch", -1), "batches_in_epoch": 0}
+        self._resume = dict(state)
+        self.epoch = int(state.get("epoch", -1))
