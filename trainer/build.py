@@ -13,9 +13,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
 
 from data_pipelines.builtin import load_split
-from data_pipelines.datamodule import ArrayDataModule, ShardDataModule
+from data_pipelines.datamodule import ArrayDataModule
 from models.registry import build_gan
-from trainer.callbacks.data_stats import DataSkippedCallback
 from trainer.callbacks.ema import EMACallback
 from trainer.callbacks.evaluation import PeriodicEvalCallback
 from trainer.callbacks.samples import SampleGridCallback
@@ -23,6 +22,7 @@ from trainer.csv_log import AppendingCSVLogger
 from trainer.checkpointing import AtomicCheckpointIO, IterationCheckpoint, load_checkpoint
 from trainer.config import ConfigError, load_config, to_dict, to_yaml
 from trainer.gan_module import GANModule, NonFiniteLossError
+from trainer.strategies.gan_ddp import STRATEGY_NAME as GAN_DDP, GANDDPStrategy
 
 
 class RunDirError(ValueError):
@@ -48,9 +48,28 @@ def default_run_id() -> str:
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def launched_follower() -> bool:
+    """True in a process that a launcher started as a rank other than 0 (torchrun, srun, or
+    Lightning re-running the script for devices > 1): it joins rank 0's run directory."""
+    env = os.environ
+    if env.get("RANK"):
+        return int(env["RANK"]) != 0
+    if env.get("SLURM_PROCID") and int(env.get("SLURM_NTASKS") or 1) > 1:
+        return int(env["SLURM_PROCID"]) != 0
+    return int(env.get("LOCAL_RANK") or 0) != 0 or int(env.get("NODE_RANK") or env.get("GROUP_RANK") or 0) != 0
+
+
 def make_run_dir(cfg: DictConfig) -> Path:
     """runs/<experiment>/<run_id>/, refusing to reuse a directory that already holds a run."""
     explicit = bool(cfg.logging.run_id)
+    if launched_follower():  # rank 0 made (or makes) the directory; all ranks must name the same one
+        run_id = cfg.logging.run_id or os.environ.get("GENSCALE_RUN_ID") or os.environ.get("SLURM_JOB_ID")
+        if not run_id:
+            raise ConfigError("This process is one of several launched together (rank > 0) but has no run id "
+                              "shared with the others: pass the same logging.run_id=ID to every process "
+                              "(`genscale launch torchrun` does this).")
+        cfg.logging.run_id = run_id
+        return Path(cfg.logging.root) / (cfg.experiment or "default") / run_id
     run_id = cfg.logging.run_id or default_run_id()
     base = Path(cfg.logging.root) / (cfg.experiment or "default")
     run_dir = base / run_id
@@ -74,12 +93,8 @@ def build_module(cfg: DictConfig, channels: int, num_classes: int) -> GANModule:
     return GANModule(G, D, to_dict(cfg), z_dim=m.z_dim)
 
 
-def build_datamodule(cfg: DictConfig):
+def build_datamodule(cfg: DictConfig) -> ArrayDataModule:
     d = cfg.data
-    if d.name == "shards":
-        return ShardDataModule(d.path, d.resolution, d.batch_size, mode=d.mode, shuffle_buffer=d.shuffle_buffer,
-                               epoch_batches=d.epoch_batches, num_workers=d.num_workers, seed=cfg.trainer.seed,
-                               allow_pipe=d.allow_pipe)
     return ArrayDataModule(d.name, d.resolution, d.batch_size, d.val_fraction, d.path, d.num_workers,
                            seed=cfg.trainer.seed)
 
@@ -106,6 +121,34 @@ def _devices(value: str):
         raise ConfigError(f"trainer.devices='{value}' is not 'auto', a count or a list like [0,1].") from None
 
 
+def _num_processes(t) -> int:
+    devices = _devices(t.devices)
+    if isinstance(devices, list):
+        n = len(devices)
+    elif devices == "auto" or devices == -1:
+        gpu = str(t.accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        n = torch.cuda.device_count() if gpu else (os.cpu_count() or 1) if devices == -1 else 1
+    else:
+        n = devices
+    return n * t.num_nodes
+
+
+def _strategy(t):
+    """'auto' with more than one process picks gan_ddp (plain DDP cannot wrap G and D together)."""
+    name = str(t.strategy)
+    if name == "auto" and _num_processes(t) > 1:
+        name = GAN_DDP
+    if name == GAN_DDP:
+        if t.dist_timeout_s <= 0:
+            raise ConfigError(f"trainer.dist_timeout_s must be positive, got {t.dist_timeout_s}.")
+        return GANDDPStrategy(timeout=_dt.timedelta(seconds=float(t.dist_timeout_s)))
+    if name in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook") or name.endswith("find_unused_parameters_false"):
+        raise ConfigError(f"trainer.strategy={name} wraps G and D in one DistributedDataParallel, which fails on "
+                          f"the first D step (G's parameters get no gradient). Use trainer.strategy={GAN_DDP} "
+                          "(the default for more than one process with strategy=auto).")
+    return name
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int] = None):
     t = cfg.trainer
     loggers: List = [AppendingCSVLogger(str(run_dir), keep_through_step=resume_iteration, flush_logs_every_n_steps=10)]
@@ -121,8 +164,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int
                                t.checkpoint.save_top_k, t.checkpoint.monitor)
     samples = SampleGridCallback(run_dir / "samples", t.sample_every)
     callbacks = [ckpt, samples]
-    if cfg.data.name == "shards":
-        callbacks.append(DataSkippedCallback(t.log_every))
     if cfg.eval.every_n_iters > 0 or cfg.eval.at_start:
         # Before the checkpoint callback, so a checkpoint at the same iteration is ranked by this value.
         callbacks.insert(0, PeriodicEvalCallback(to_dict(cfg), run_dir, cfg.eval.every_n_iters, cfg.eval.at_start))
@@ -132,7 +173,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int
     if t.progress_bar:
         callbacks.append(ThroughputBar(refresh_rate=10))
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=_devices(t.devices), num_nodes=t.num_nodes, strategy=t.strategy,
+        accelerator=t.accelerator, devices=_devices(t.devices), num_nodes=t.num_nodes, strategy=_strategy(t),
         precision=t.precision, max_epochs=-1, max_steps=-1, logger=loggers, callbacks=callbacks,
         plugins=[AtomicCheckpointIO()], enable_checkpointing=False, enable_progress_bar=t.progress_bar,
         enable_model_summary=False, log_every_n_steps=1, deterministic=t.deterministic,
@@ -179,6 +220,10 @@ def train(experiment: Optional[str] = None, overrides: Optional[List[str]] = Non
         torch.set_num_threads(run.cfg.trainer.cpu_threads)
     if run.cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    # Lightning re-runs this script for ranks > 0 on this node (devices > 1): they join this run directory.
+    share_id = run.trainer.world_size > 1 and not launched_follower() and "GENSCALE_RUN_ID" not in os.environ
+    if share_id:
+        os.environ["GENSCALE_RUN_ID"] = run.run_dir.name
     try:
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
     except NonFiniteLossError as e:
@@ -186,6 +231,8 @@ def train(experiment: Optional[str] = None, overrides: Optional[List[str]] = Non
         raise NonFiniteLossError(f"{e} Last good checkpoint: {last or 'none was written yet'} "
                                  f"(run directory {run.run_dir}).") from None
     finally:
+        if share_id:
+            os.environ.pop("GENSCALE_RUN_ID", None)
         close_loggers(run.trainer)
     return run
 

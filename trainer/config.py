@@ -53,7 +53,11 @@ class TrainerConfig:
     accelerator: str = f("auto", "Lightning accelerator: auto, cpu, gpu.")
     devices: str = f("auto", "Lightning devices: 'auto', a count such as '2', or a list such as '[0,1]'.")
     num_nodes: int = f(1, "Number of nodes.")
-    strategy: str = f("auto", "Lightning strategy: auto, ddp, ddp_find_unused_parameters_true.")
+    strategy: str = f("auto", "Lightning strategy: auto (gan_ddp when more than one process), gan_ddp "
+                              "(DDP without a DDP wrapper: G and D gradients averaged per phase), or "
+                              "another Lightning strategy name such as ddp_find_unused_parameters_true.")
+    dist_timeout_s: float = f(1800.0, "Multi-process runs: seconds to wait for the other processes (joining "
+                                      "the process group, each collective) before failing with an error.")
     precision: str = f("32", "Numerical precision: 32, bf16-mixed or 16-mixed.")
     seed: int = f(0, "Global seed; each rank seeds itself with seed + rank.")
     cpu_threads: int = f(0, "torch intra-op CPU threads (0: torch's default). On small shared-core "
@@ -69,24 +73,13 @@ class TrainerConfig:
 
 @dataclass
 class DataConfig:
-    name: str = f("mnist5k", "Dataset: mnist5k, digits (built in), npz (arrays at `path`) or shards "
-                             "(webdataset shards at `path`, written by `genscale data write`).")
-    path: str = f("", "Data location for file-backed datasets (npz: a .npz with 'images' and optional 'labels'; "
-                      "shards: a shard directory with index.json, or a URL pattern such as "
-                      "/data/train-{000000..000099}.tar or https://host/train-{0..9}.tar).")
+    name: str = f("mnist5k", "Dataset: mnist5k, digits (built in) or npz (arrays at `path`).")
+    path: str = f("", "Data location for file-backed datasets (npz: a .npz with 'images' and optional 'labels').")
     resolution: int = f(32, "Images are resized to resolution x resolution.")
     batch_size: int = f(64, "Global batch size per D step, divided evenly across ranks.")
     val_fraction: float = f(0.1, "Fraction held out (fixed split, seed 1234) for evaluation.")
     num_workers: int = f(0, "DataLoader worker processes (in-memory data needs none).")
     hflip: bool = f(False, "Random horizontal flips of real images (off for digits).")
-    mode: str = f("resampled", "Shards: 'resampled' (shards drawn with replacement, a fixed number of batches "
-                               "per rank and epoch: safe with uneven shards) or 'exact' (each epoch deals the shards "
-                               "to ranks and workers: disjoint samples, needs >= ranks x workers shards).")
-    shuffle_buffer: int = f(1000, "Shards: samples held (as undecoded bytes) in each worker's shuffle buffer.")
-    epoch_batches: int = f(0, "Shards, resampled mode: batches per rank per epoch (0: about one pass over the "
-                              "train split, from index.json).")
-    allow_pipe: bool = f(False, "Shards: allow `pipe:` URLs in data.path. They run shell commands, so enable "
-                                "only for configs you trust.")
 
 
 @dataclass
@@ -190,7 +183,6 @@ CHOICES = {
     "optim.d.name": ["adam", "rmsprop"],
     "logging.wandb_mode": ["offline", "online"],
     "eval.features": ["auto", "domain", "inception"],
-    "data.mode": ["resampled", "exact"],
 }
 
 

@@ -2,8 +2,9 @@
 
 One Lightning training_step = one D step on one batch. After ``n_critic`` D steps (a schedule of the
 G iteration, so WGAN's 100-step phases are expressible) comes one G step. Each batch may be split
-into micro-batches whose gradients are summed (accumulation) with DDP's all-reduce skipped on all
-but the last. The module keeps its own counters as buffers (checkpointed with the weights), because
+into micro-batches whose gradients are summed (accumulation); under the gan_ddp strategy the
+gradients of the network being stepped are averaged over ranks once per phase, after the last
+micro-batch (``_sync_grads``), and buffers are copied from rank 0 after each step (``_sync_buffers``). The module keeps its own counters as buffers (checkpointed with the weights), because
 Lightning's global_step counts optimizer steps of both networks.
 
 Randomness (latents, penalty mixing weights, flips) comes from a generator seeded by
@@ -106,9 +107,27 @@ class GANModule(L.LightningModule):
             return strategy.block_backward_sync()
         return contextlib.nullcontext()
 
-    def _finite_or_skip(self, loss: torch.Tensor, opt, net: str) -> bool:
-        """Skips the optimiser step on a non-finite loss; too many in a row (per network) stop the run."""
-        if bool(torch.isfinite(loss)):
+    def _strategy_hook(self, name: str):
+        trainer = getattr(self, "_trainer", None)
+        return getattr(trainer.strategy, name, None) if trainer is not None else None
+
+    def _sync_grads(self, net: nn.Module, loss: torch.Tensor) -> bool:
+        """Averages ``net``'s gradients over ranks (gan_ddp; a no-op in one process). Returns whether
+        the loss was finite on every rank, so that all ranks step or all skip together."""
+        finite = bool(torch.isfinite(loss))
+        reduce = self._strategy_hook("all_reduce_grads")
+        return reduce(net, finite) if reduce is not None else finite
+
+    def _sync_buffers(self) -> None:
+        """Copies G's and D's buffers (BatchNorm statistics, spectral-norm vectors) from rank 0."""
+        broadcast = self._strategy_hook("broadcast_buffers")
+        if broadcast is not None:
+            broadcast(self.G, self.D)
+
+    def _finite_or_skip(self, finite: bool, opt, net: str) -> bool:
+        """Skips the optimiser step on a non-finite loss (on any rank); too many in a row (per network)
+        stop the run."""
+        if finite:
             self._nonfinite_streak[net] = 0
             return True
         opt.zero_grad(set_to_none=True)
@@ -126,6 +145,10 @@ class GANModule(L.LightningModule):
 
     def sample_latents(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return torch.randn(n, self.z_dim, device=self.device, generator=gen)
+
+    def sample_mix(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """Per-sample interpolation weights of the gradient penalty."""
+        return torch.rand(n, device=self.device, generator=gen)
 
     # ---- phases ----------------------------------------------------------------------------
     def d_step(self, real: torch.Tensor, gen: torch.Generator, opt) -> dict:
@@ -145,7 +168,7 @@ class GANModule(L.LightningModule):
                 s_real, s_fake = scores[: r.shape[0]], scores[r.shape[0]:]
                 loss = self.loss.d(s_real, s_fake)
                 if self.loss.uses_gp:
-                    eps = torch.rand(r.shape[0], device=self.device, generator=gen)
+                    eps = self.sample_mix(r.shape[0], gen)
                     gp = gradient_penalty(self.D, r, fake, eps)
                     loss = loss + c["gp_weight"] * gp
                     stats["d/gp"] += gp.detach() / accum
@@ -155,7 +178,7 @@ class GANModule(L.LightningModule):
             total = total + loss.detach() / accum
             stats["d/real"] += s_real.detach().mean() / accum
             stats["d/fake"] += s_fake.detach().mean() / accum
-        if self._finite_or_skip(total, opt, "D"):
+        if self._finite_or_skip(self._sync_grads(self.D, total), opt, "D"):
             opt.step()
             if self.loss.clips_weights:
                 clip_weights(self.D, c["clip"])
@@ -175,7 +198,7 @@ class GANModule(L.LightningModule):
                 loss = self.loss.g(self.D(fake).float())
                 self.manual_backward(loss / accum)
             total = total + loss.detach() / accum
-        if self._finite_or_skip(total, opt, "G"):
+        if self._finite_or_skip(self._sync_grads(self.G, total), opt, "G"):
             opt.step()
         set_requires_grad(self.D, True)
         return {"g/loss": total}
@@ -200,6 +223,8 @@ class GANModule(L.LightningModule):
             self.iteration += 1
             self.d_phase.zero_()
             self.g_stepped = True
+        self._sync_buffers()
+        if self.g_stepped:
             self._log_progress(stats)
         if int(self.iteration) >= self.cfg["trainer"]["max_iters"]:
             self.trainer.should_stop = True

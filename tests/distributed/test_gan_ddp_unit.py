@@ -1,0 +1,69 @@
+"""Fast checks of the gan_ddp wiring (no processes started)."""
+import pytest
+import torch
+
+from tests.conftest import tiny
+from trainer.build import _strategy, launched_follower, make_run_dir
+from trainer.config import ConfigError, load_config
+from trainer.strategies.gan_ddp import GANDDPStrategy, _buckets
+
+RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "SLURM_NTASKS", "GENSCALE_RUN_ID",
+             "SLURM_JOB_ID")
+
+
+@pytest.fixture
+def no_launcher_env(monkeypatch):
+    for v in RANK_VARS:
+        monkeypatch.delenv(v, raising=False)
+    return monkeypatch
+
+
+def _t(*overrides):
+    return load_config("gan_digits", list(overrides)).trainer
+
+
+def test_auto_picks_gan_ddp_for_several_processes_only():
+    assert _strategy(_t("trainer.accelerator=cpu", "trainer.devices=1")) == "auto"
+    s = _strategy(_t("trainer.accelerator=cpu", "trainer.devices=2", "trainer.dist_timeout_s=7"))
+    assert isinstance(s, GANDDPStrategy) and s._timeout.total_seconds() == 7
+    assert isinstance(_strategy(_t("trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2")), GANDDPStrategy)
+    assert isinstance(_strategy(_t("trainer.strategy=gan_ddp")), GANDDPStrategy)
+    assert _strategy(_t("trainer.strategy=ddp_find_unused_parameters_true")) == "ddp_find_unused_parameters_true"
+
+
+def test_plain_ddp_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="trainer.strategy=gan_ddp"):
+        _strategy(_t("trainer.strategy=ddp"))
+    with pytest.raises(ConfigError, match="dist_timeout_s"):
+        _strategy(_t("trainer.strategy=gan_ddp", "trainer.dist_timeout_s=0"))
+
+
+def test_gan_ddp_is_a_registered_lightning_strategy_name():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert StrategyRegistry.get("gan_ddp").__class__ is GANDDPStrategy
+
+
+def test_buckets_group_by_dtype_and_respect_the_cap():
+    ts = [torch.zeros(10), torch.zeros(10), torch.zeros(3, dtype=torch.float64), torch.zeros(10)]
+    assert sorted(map(sorted, _buckets(ts, cap_bytes=80))) == [[0, 1], [2], [3]]
+    assert sorted(map(sorted, _buckets(ts, cap_bytes=10))) == [[0], [1], [2], [3]]  # oversize tensors alone
+
+
+def test_followers_join_rank0s_run_directory(tmp_path, no_launcher_env):
+    mp = no_launcher_env
+    assert not launched_follower()
+    cfg = load_config("gan_digits", tiny(tmp_path, "logging.run_id=shared"))
+    lead = make_run_dir(cfg)
+    lead.mkdir(parents=True)
+    (lead / "config.yaml").write_text("x")
+    mp.setenv("RANK", "1")
+    assert launched_follower()
+    # an existing run directory is not an error for rank 1: rank 0 wrote it
+    assert make_run_dir(load_config("gan_digits", tiny(tmp_path, "logging.run_id=shared"))) == lead
+    with pytest.raises(ConfigError, match="logging.run_id"):
+        make_run_dir(load_config("gan_digits", tiny(tmp_path)))
+    mp.delenv("RANK")
+    mp.setenv("LOCAL_RANK", "1")
+    mp.setenv("GENSCALE_RUN_ID", "shared")  # what rank 0 exports before Lightning starts the other ranks
+    assert make_run_dir(load_config("gan_digits", tiny(tmp_path))) == lead

@@ -1,0 +1,1 @@
+"""Lightning strategies for multi-network modules (registered with Lightning on import)."""
