@@ -13,8 +13,9 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
 
 from data_pipelines.builtin import load_split
-from data_pipelines.datamodule import ArrayDataModule
+from data_pipelines.datamodule import ArrayDataModule, ShardDataModule
 from models.registry import build_gan
+from trainer.callbacks.data_stats import DataSkippedCallback
 from trainer.callbacks.ema import EMACallback
 from trainer.callbacks.evaluation import PeriodicEvalCallback
 from trainer.callbacks.samples import SampleGridCallback
@@ -93,8 +94,12 @@ def build_module(cfg: DictConfig, channels: int, num_classes: int) -> GANModule:
     return GANModule(G, D, to_dict(cfg), z_dim=m.z_dim)
 
 
-def build_datamodule(cfg: DictConfig) -> ArrayDataModule:
+def build_datamodule(cfg: DictConfig):
     d = cfg.data
+    if d.name == "shards":
+        return ShardDataModule(d.path, d.resolution, d.batch_size, mode=d.mode, shuffle_buffer=d.shuffle_buffer,
+                               epoch_batches=d.epoch_batches, num_workers=d.num_workers, seed=cfg.trainer.seed,
+                               allow_pipe=d.allow_pipe)
     return ArrayDataModule(d.name, d.resolution, d.batch_size, d.val_fraction, d.path, d.num_workers,
                            seed=cfg.trainer.seed)
 
@@ -164,6 +169,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int
                                t.checkpoint.save_top_k, t.checkpoint.monitor)
     samples = SampleGridCallback(run_dir / "samples", t.sample_every)
     callbacks = [ckpt, samples]
+    if cfg.data.name == "shards":
+        callbacks.append(DataSkippedCallback(t.log_every))
     if cfg.eval.every_n_iters > 0 or cfg.eval.at_start:
         # Before the checkpoint callback, so a checkpoint at the same iteration is ranked by this value.
         callbacks.insert(0, PeriodicEvalCallback(to_dict(cfg), run_dir, cfg.eval.every_n_iters, cfg.eval.at_start))

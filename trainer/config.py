@@ -73,13 +73,24 @@ class TrainerConfig:
 
 @dataclass
 class DataConfig:
-    name: str = f("mnist5k", "Dataset: mnist5k, digits (built in) or npz (arrays at `path`).")
-    path: str = f("", "Data location for file-backed datasets (npz: a .npz with 'images' and optional 'labels').")
+    name: str = f("mnist5k", "Dataset: mnist5k, digits (built in), npz (arrays at `path`) or shards "
+                             "(webdataset shards at `path`, written by `genscale data write`).")
+    path: str = f("", "Data location for file-backed datasets (npz: a .npz with 'images' and optional 'labels'; "
+                      "shards: a shard directory with index.json, or a URL pattern such as "
+                      "/data/train-{000000..000099}.tar or https://host/train-{0..9}.tar).")
     resolution: int = f(32, "Images are resized to resolution x resolution.")
     batch_size: int = f(64, "Global batch size per D step, divided evenly across ranks.")
     val_fraction: float = f(0.1, "Fraction held out (fixed split, seed 1234) for evaluation.")
     num_workers: int = f(0, "DataLoader worker processes (in-memory data needs none).")
     hflip: bool = f(False, "Random horizontal flips of real images (off for digits).")
+    mode: str = f("resampled", "Shards: 'resampled' (shards drawn with replacement, a fixed number of batches "
+                               "per rank and epoch: safe with uneven shards) or 'exact' (each epoch deals the shards "
+                               "to ranks and workers: disjoint samples, needs >= ranks x workers shards).")
+    shuffle_buffer: int = f(1000, "Shards: samples held (as undecoded bytes) in each worker's shuffle buffer.")
+    epoch_batches: int = f(0, "Shards, resampled mode: batches per rank per epoch (0: about one pass over the "
+                              "train split, from index.json).")
+    allow_pipe: bool = f(False, "Shards: allow `pipe:` URLs in data.path. They run shell commands, so enable "
+                                "only for configs you trust.")
 
 
 @dataclass
@@ -183,6 +194,7 @@ CHOICES = {
     "optim.d.name": ["adam", "rmsprop"],
     "logging.wandb_mode": ["offline", "online"],
     "eval.features": ["auto", "domain", "inception"],
+    "data.mode": ["resampled", "exact"],
 }
 
 
