@@ -1,9 +1,12 @@
-"""LightningDataModule over in-memory arrays, with a sampler whose position is checkpointed.
+"""LightningDataModules: in-memory arrays (ArrayDataModule) and webdataset shards (ShardDataModule).
 
-The train loader never ends: global batch b of the run takes positions [b*B, (b+1)*B) of an endless
+ArrayDataModule's train loader never ends: global batch b of the run takes positions [b*B, (b+1)*B) of an endless
 stream made of one seeded permutation per epoch, and rank r takes its contiguous slice of that
 batch. The position is a pure function of the number of batches consumed, which is saved in every
 checkpoint, so a resumed run reads exactly the images the uninterrupted run would have read.
+
+ShardDataModule streams shards through data_pipelines.reader; its checkpointed position is the seed,
+the epoch and the batches consumed in it (see the class).
 """
 from __future__ import annotations
 
@@ -242,7 +245,7 @@ class ShardDataModule(L.LightningDataModule):
         self.epoch = epoch
         d = self._module_dsteps()
         self._epoch_start_dsteps = None if d is None else d - skip
-        self._yielded = 0
+        self._yielded = skip
         return epoch, skip
 
     def state_dict(self) -> dict:

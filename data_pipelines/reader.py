@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import random
+import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -100,12 +101,20 @@ def _fetch_text(url: str, timeout: float = 15.0) -> Optional[str]:
 
 
 def _check_remote(url: str, timeout: float = 15.0) -> None:
-    try:
-        req = urllib.request.Request(url, method="HEAD")
-        with urllib.request.urlopen(req, timeout=timeout):
-            return
-    except Exception as e:
-        raise DataError(f"Shard URL '{url}' cannot be reached: {e}. Check data.path.") from None
+    """The first shard answers (HEAD, or a one-byte GET where servers refuse HEAD)."""
+    err: Exception = RuntimeError("no answer")
+    for req in (urllib.request.Request(url, method="HEAD"), urllib.request.Request(url, headers={"Range": "bytes=0-0"})):
+        try:
+            with urllib.request.urlopen(req, timeout=timeout):
+                return
+        except urllib.error.HTTPError as e:
+            err = e
+            if e.code not in (403, 405, 501):  # only these may mean "HEAD not allowed"
+                break
+        except Exception as e:
+            err = e
+            break
+    raise DataError(f"Shard URL '{url}' cannot be reached: {err}. Check data.path.") from None
 
 
 def resolve_shards(path: str, split: str = "train", allow_pipe: bool = False) -> ShardSource:

@@ -62,6 +62,18 @@ def test_train_on_shards_checkpoint_and_resume(digit_shards, tmp_path):
     assert after["epoch"] == 2 and after["batches_in_epoch"] == 3  # a new epoch: the stream continued
 
 
+def test_exact_mode_training_resumes_mid_epoch(digit_shards, tmp_path):
+    base = ["data.name=shards", f"data.path={digit_shards}", "data.mode=exact", "logging.wandb=false",
+            "trainer.progress_bar=false", f"logging.root={tmp_path}"]
+    run = train("gan_digits", base + ["trainer.max_iters=4"])
+    state = load_checkpoint(str(run.run_dir))["ShardDataModule"]
+    # Counted from the module's D steps, not from the loader (Lightning fetches one batch ahead).
+    assert (state["mode"], state["epoch"], state["batches_in_epoch"]) == ("exact", 0, 4)
+    resumed = train(None, [f"resume={run.run_dir}", "trainer.max_iters=7"])
+    after = resumed.datamodule.state_dict()
+    assert (after["epoch"], after["batches_in_epoch"]) == (0, 7)  # the same epoch, continued
+
+
 def _exact_rank(rank: int, world: int, path: str, out: str, init: str) -> None:
     import torch.distributed as dist
 

@@ -315,7 +315,7 @@ def test_exact_resume_skips_what_was_trained_on(tmp_path):
     dm2.load_state_dict(dm.state_dict())
     tail = [ids(x) for x, _ in dm2.train_dataloader()]
     assert head + tail == whole  # the epoch continues exactly where it stopped
-    assert dm2.state_dict()["epoch"] == 0
+    assert dm2.state_dict()["epoch"] == 0 and dm2.state_dict()["batches_in_epoch"] == len(whole)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
