@@ -16,7 +16,6 @@ from data_pipelines.builtin import load_split
 from data_pipelines.datamodule import ArrayDataModule, ShardDataModule
 from models.registry import build_gan
 from trainer.callbacks.data_stats import DataSkippedCallback
-from trainer.callbacks.data_stats import DataSkippedCallback
 from trainer.callbacks.ema import EMACallback
 from trainer.callbacks.evaluation import PeriodicEvalCallback
 from trainer.callbacks.samples import SampleGridCallback
@@ -170,8 +169,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int
                                t.checkpoint.save_top_k, t.checkpoint.monitor)
     samples = SampleGridCallback(run_dir / "samples", t.sample_every)
     callbacks = [ckpt, samples]
-    if cfg.data.name == "shards":
-        callbacks.append(DataSkippedCallback(t.log_every))
     if cfg.data.name == "shards":
         callbacks.append(DataSkippedCallback(t.log_every))
     if cfg.eval.every_n_iters > 0 or cfg.eval.at_start:

@@ -91,14 +91,6 @@ class DataConfig:
                               "train split, from index.json).")
     allow_pipe: bool = f(False, "Shards: allow `pipe:` URLs in data.path. They run shell commands, so enable "
                                 "only for configs you trust.")
-    mode: str = f("resampled", "Shards: 'resampled' (shards drawn with replacement, a fixed number of batches "
-                               "per rank and epoch: safe with uneven shards) or 'exact' (each epoch deals the shards "
-                               "to ranks and workers: disjoint samples, needs >= ranks x workers shards).")
-    shuffle_buffer: int = f(1000, "Shards: samples held (as undecoded bytes) in each worker's shuffle buffer.")
-    epoch_batches: int = f(0, "Shards, resampled mode: batches per rank per epoch (0: about one pass over the "
-                              "train split, from index.json).")
-    allow_pipe: bool = f(False, "Shards: allow `pipe:` URLs in data.path. They run shell commands, so enable "
-                                "only for configs you trust.")
 
 
 @dataclass
@@ -202,7 +194,6 @@ CHOICES = {
     "optim.d.name": ["adam", "rmsprop"],
     "logging.wandb_mode": ["offline", "online"],
     "eval.features": ["auto", "domain", "inception"],
-    "data.mode": ["resampled", "exact"],
     "data.mode": ["resampled", "exact"],
 }
 
