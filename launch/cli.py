@@ -132,6 +132,16 @@ def _later(issue: str) -> Callable:
     return run
 
 
+def _launch_parser(sp) -> None:
+    from launch import torchrun
+
+    la = sp.add_parser("launch", help="launch multi-process / multi-node runs (torchrun)",
+                       description="Launch a run on several processes or nodes. SLURM comes later.")
+    lsp = la.add_subparsers(dest="launcher", metavar="LAUNCHER")
+    lsp.required = True
+    torchrun.add_parser(lsp)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genscale", description="Train, sample and evaluate deep generative models.")
     sp = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -174,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(fn=cmd_list)
 
     _data_parser(sp)
+    _launch_parser(sp)
     for name, text, issue in (
-        ("launch", "launch multi-node runs with torchrun or SLURM", "multi-node training"),
         ("sweep", "run or submit sweeps over config values", "sweeps"),
         ("bench", "benchmark training throughput", "benchmarks"),
     ):
@@ -195,7 +205,14 @@ def _quiet_library_noise() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may follow options (`launch torchrun EXP --nodes 2 k=v`), which argparse
+    # cannot split into a positional list by itself.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "takes_overrides", False) or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     _quiet_library_noise()
     try:
         return args.fn(args)

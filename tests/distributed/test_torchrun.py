@@ -1,0 +1,97 @@
+"""`genscale launch torchrun`: the command it builds, a real two-node job on localhost, and a master
+that does not answer."""
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch.cli import main
+from launch.torchrun import LaunchError, build_command
+from tests.conftest import tiny
+from tests.distributed.helpers import REPO, clean_env, free_port
+from trainer.checkpointing import load_checkpoint
+
+
+def _launch(*args):
+    return [sys.executable, "-m", "launch.cli", "launch", "torchrun", *args]
+
+
+def test_dry_run_prints_the_torchrun_command(capsys):
+    rc = main(["launch", "torchrun", "gan_digits", "--nodes", "2", "--gpus-per-node", "4", "--node-rank", "1",
+               "--master", "10.1.2.3:29555", "--timeout", "60", "--dry-run", "trainer.max_iters=7", "data.batch_size=64"])
+    assert rc == 0
+    out = capsys.readouterr().out.strip().split()
+    assert out[0].endswith("torchrun") or out[1:3] == ["-m", "torch.distributed.run"]
+    joined = " ".join(out)
+    for flag in ("--nnodes 2", "--nproc-per-node 4", "--node-rank 1", "--master-addr 10.1.2.3",
+                 "--master-port 29555", "--rdzv-conf timeout=60", "--max-restarts 0",
+                 "-m launch.cli train gan_digits trainer.max_iters=7 data.batch_size=64",
+                 "trainer.num_nodes=2", "trainer.devices=4", "trainer.dist_timeout_s=60",
+                 "logging.run_id=torchrun-10.1.2.3-29555"):
+        assert flag in joined, flag
+    # every node derives the same run id; an explicit one wins
+    other = build_command("gan_digits", 2, 4, 0, "10.1.2.3:29555")
+    assert "logging.run_id=torchrun-10.1.2.3-29555" in other
+    mine = build_command("gan_digits", 2, 4, 0, "10.1.2.3:29555", ["logging.run_id=abc"])
+    assert [a for a in mine if a.startswith("logging.run_id=")] == ["logging.run_id=abc"]
+    assert "--standalone" in build_command("gan_digits", 1, 2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(nodes=2, gpus_per_node=1), "needs --master"),
+    (dict(nodes=2, gpus_per_node=1, master="10.0.0.1"), "not ADDR:PORT"),
+    (dict(nodes=2, gpus_per_node=1, master="10.0.0.1:29500"), "needs --node-rank"),
+    (dict(nodes=2, gpus_per_node=1, master="10.0.0.1:29500", node_rank=2), "out of range"),
+    (dict(nodes=1, gpus_per_node=2, overrides=["trainer.devices=4"]), "contradicts"),
+    (dict(nodes=1, gpus_per_node=0), "at least 1"),
+])
+def test_bad_launch_requests_are_refused(kwargs, message):
+    with pytest.raises(LaunchError, match=message):
+        build_command("gan_digits", **kwargs)
+
+
+def test_bad_launch_request_exits_2_with_a_message(capsys):
+    assert main(["launch", "torchrun", "gan_digits", "--nodes", "2", "--dry-run"]) == 2
+    assert "--master" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_train_and_checkpoint_together(tmp_path):
+    port = free_port()
+    overrides = tiny(tmp_path, "trainer.accelerator=cpu", "trainer.max_iters=4", "trainer.sample_every=0",
+                     "trainer.checkpoint.every_n_iters=0", "data.batch_size=16", "trainer.log_every=1")
+    nodes = [subprocess.Popen(_launch("gan_digits", "--nodes", "2", "--gpus-per-node", "1", "--node-rank", str(r),
+                                      "--master", f"127.0.0.1:{port}", "--timeout", "120", *overrides),
+                              cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outs = []
+    try:
+        for p in nodes:
+            outs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, out) in enumerate(zip(nodes, outs)):
+        assert p.returncode == 0, f"node {r} failed:\n{out[-4000:]}"
+    assert "GLOBAL_RANK: 1" in outs[1] and "MEMBER: 2/2" in outs[1]  # node 1 ran global rank 1 of 2
+    runs = list((tmp_path / "runs" / "gan_digits").iterdir())
+    assert [r.name for r in runs] == [f"torchrun-127.0.0.1-{port}"]
+    ckpts = sorted(p.name for p in (runs[0] / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["iter-0000004.ckpt", "last.ckpt"]  # one checkpoint, written once
+    meta = load_checkpoint(runs[0] / "checkpoints" / "last.ckpt")["genscale"]
+    assert meta["iteration"] == 4 and meta["config"]["trainer"]["num_nodes"] == 2
+
+
+def test_a_master_that_does_not_answer_fails_in_bounded_time(tmp_path):
+    port = free_port()  # nobody listens there
+    t0 = time.monotonic()
+    p = subprocess.run(_launch("gan_digits", "--nodes", "2", "--gpus-per-node", "1", "--node-rank", "1",
+                               "--master", f"127.0.0.1:{port}", "--timeout", "5", *tiny(tmp_path)),
+                       cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert p.returncode != 0
+    assert f"could not meet the other nodes at 127.0.0.1:{port} within 5 s" in p.stderr, p.stderr[-2000:]
+    assert elapsed < 60
+    assert not (tmp_path / "runs").exists()  # nothing was started
