@@ -410,6 +410,21 @@ def test_everything_bad_raises_instead_of_hanging(tmp_path):
         p.write_bytes(b"\0" * 100)
     with deadline(30), pytest.raises(DataError, match="No readable sample"):
         list(stream_of(out, batch=4, mode="exact"))
+    # raised inside a DataLoader worker process, it reaches the trainer as the same error
+    dm = ShardDataModule(str(out), 8, 4, num_workers=1, epoch_batches=3)
+    with deadline(60), pytest.raises(DataError, match="No readable sample"):
+        list(dm.train_dataloader())
+
+
+def test_data_pipelines_import_no_other_layer():
+    import ast
+
+    for py in (Path(shards.__file__).parent).glob("*.py"):
+        for node in ast.walk(ast.parse(py.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] not in ("trainer", "models", "launch"), f"{py.name} imports {name}"
 
 
 def test_empty_missing_and_unreachable_sources(tmp_path):
