@@ -20,7 +20,7 @@ from trainer.callbacks.ema import EMACallback
 from trainer.callbacks.evaluation import PeriodicEvalCallback
 from trainer.callbacks.samples import SampleGridCallback
 from trainer.csv_log import AppendingCSVLogger
-from trainer.checkpointing import AtomicCheckpointIO, IterationCheckpoint, load_checkpoint
+from trainer.checkpointing import AtomicCheckpointIO, CheckpointError, IterationCheckpoint, load_checkpoint
 from trainer.config import ConfigError, load_config, to_dict, to_yaml
 from trainer.gan_module import GANModule, NonFiniteLossError
 from trainer.strategies.gan_ddp import STRATEGY_NAME as GAN_DDP, GANDDPStrategy
@@ -202,6 +202,7 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
         ckpt_path = ckpt["_path"]
         run_dir = Path(ckpt_path).resolve().parent.parent
         resume_iteration = ckpt["genscale"]["iteration"]
+        saved_world = ckpt["genscale"].get("world_size")
         del ckpt
     else:
         cfg = load_config(experiment, overrides)
@@ -215,6 +216,12 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
         module.cfg = to_dict(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer, ckpt_cb, samples = build_trainer(cfg, run_dir, resume_iteration)
+    if resume and saved_world is not None and saved_world != trainer.world_size:
+        raise CheckpointError(
+            f"Checkpoint '{ckpt_path}' was written by {saved_world} process(es) and this resume would run "
+            f"{trainer.world_size} (trainer.num_nodes x trainer.devices). Each rank's slice of the data stream "
+            "and its random stream depend on the number of processes, so the run would not continue where it "
+            f"stopped. Resume with {saved_world} process(es), or start a new run.")
     if trainer.is_global_zero:
         name = "config.yaml" if not resume else f"config.resume-{_dt.datetime.now():%Y%m%d-%H%M%S}.yaml"
         (run_dir / name).write_text(to_yaml(cfg))

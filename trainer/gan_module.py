@@ -260,6 +260,8 @@ class GANModule(L.LightningModule):
             "config": self.cfg,
             "iteration": int(self.iteration),
             "images_seen": int(self.images_seen),
+            # the data position and per-rank random streams depend on it: a resume must match it
+            "world_size": int(self.trainer.world_size) if getattr(self, "_trainer", None) is not None else 1,
         }
 
     @torch.no_grad()

@@ -107,6 +107,7 @@ def test_ddp_rank0_alone_writes_and_resume_continues_the_run(ddp_run):
     assert "iter-0000008.ckpt" in resumed and "iter-0000006.ckpt" not in resumed
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert ckpt["genscale"]["iteration"] == 8
+    assert ckpt["genscale"]["world_size"] == 2
     assert ckpt["genscale"]["images_seen"] == 8 * 16  # global batch 16 per D step, n_critic 1
     with open(run_dir / "metrics.csv") as fh:
         its = [int(float(r["iteration"])) for r in csv.DictReader(fh)]

@@ -67,3 +67,15 @@ def test_followers_join_rank0s_run_directory(tmp_path, no_launcher_env):
     mp.setenv("LOCAL_RANK", "1")
     mp.setenv("GENSCALE_RUN_ID", "shared")  # what rank 0 exports before Lightning starts the other ranks
     assert make_run_dir(load_config("gan_digits", tiny(tmp_path))) == lead
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path, no_launcher_env):
+    from trainer.build import prepare_run, train
+    from trainer.checkpointing import CheckpointError, load_checkpoint
+
+    run = train("gan_digits", tiny(tmp_path, "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_iters=2",
+                                   "trainer.sample_every=0", "data.batch_size=16"))
+    assert load_checkpoint(run.run_dir)["genscale"]["world_size"] == 1
+    with pytest.raises(CheckpointError, match=r"written by 1 process\(es\) and this resume would run 2"):
+        prepare_run(None, [f"resume={run.run_dir}", "trainer.accelerator=cpu", "trainer.devices=2"])
+    prepare_run(None, [f"resume={run.run_dir}", "trainer.max_iters=4"])  # same world size: accepted
