@@ -1,0 +1,512 @@
+"""Multi-scale Glow (Kingma & Dhariwal 2018): an invertible x <-> z with an exact log-density.
+
+Every flow layer maps ``forward(x) -> (y, logdet)`` (logdet per example, in nats) and
+``inverse(y) -> x``. The model squeezes, runs L levels of K steps (ActNorm -> 1x1 conv -> coupling)
+and after each level but the last factors out half the channels with a learned conditional Gaussian
+prior; the top latent has a learned prior, optionally shifted by the class.
+
+Precision: the flow runs with autocast disabled (log-dets, priors, slogdet/inverse and ActNorm stay
+in the input dtype, fp32 or fp64); only the coupling networks run under the caller's autocast dtype
+(bf16/fp16), and their output is cast back before it scales or shifts anything.
+
+ActNorm's data-dependent init is explicit (``Glow.initialize_actnorm``), never a lazy side effect of
+a forward pass: a lazy init inside DDP leaves ranks different, and an uninitialised ActNorm is the
+identity (so a fresh model is a well-defined density). Its "initialised" flag is a persistent buffer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+LOG_2PI = math.log(2 * math.pi)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def squeeze2d(x: torch.Tensor) -> torch.Tensor:
+    """Space-to-depth: (N, C, H, W) -> (N, 4C, H/2, W/2); each 2x2 patch becomes 4 channels."""
+    n, c, h, w = x.shape
+    x = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(n, c * 4, h // 2, w // 2)
+
+
+def unsqueeze2d(x: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = x.shape
+    x = x.view(n, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(n, c // 4, h * 2, w * 2)
+
+
+def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, logs: torch.Tensor) -> torch.Tensor:
+    """log N(z; mean, exp(logs)^2) summed over all but the batch dimension."""
+    lp = -0.5 * (LOG_2PI + 2.0 * logs + (z - mean) ** 2 * torch.exp(-2.0 * logs))
+    return lp.flatten(1).sum(1)
+
+
+def _amp_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype the caller is running under on this device, or None."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _spatial(x: torch.Tensor) -> int:
+    return x.shape[2] * x.shape[3]
+
+
+# ---- ActNorm ------------------------------------------------------------------------------------
+
+
+class ActNorm(nn.Module):
+    """y = (x + bias) * exp(logs) per channel; logdet = H*W*sum(logs).
+
+    Identity until initialised. ``_init_reduce`` is set only during ``Glow.initialize_actnorm``; then
+    the next forward computes the batch moments (averaged across ranks by the reduce function) and
+    sets bias/logs so that the batch has zero mean and unit variance per channel. The forward hot
+    path only tests that Python attribute: no device-to-host sync.
+    """
+
+    def __init__(self, channels: int, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        # Persistent so that a loaded checkpoint is never re-initialised.
+        self.register_buffer("initialized", torch.tensor(False))
+        self._init_reduce: Optional[ReduceFn] = None
+
+    @torch.no_grad()
+    def _data_init(self, x: torch.Tensor, reduce_fn: ReduceFn) -> None:
+        xd = x.double()
+        # First and second moments (not the variance) are averaged across ranks: their mean over
+        # equal-sized rank batches is the moment of the union batch.
+        moments = torch.stack([xd.mean(dim=(0, 2, 3)), (xd ** 2).mean(dim=(0, 2, 3))])
+        mean, sq = reduce_fn(moments)
+        std = (sq - mean ** 2).clamp_min(0).sqrt()
+        self.bias.copy_((-mean).view_as(self.bias))
+        self.logs.copy_(torch.log(self.scale / (std + 1e-6)).view_as(self.logs))
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._init_reduce is not None:
+            self._data_init(x, self._init_reduce)
+            self._init_reduce = None
+        logs = self.logs.to(x.dtype)
+        y = (x + self.bias.to(x.dtype)) * torch.exp(logs)
+        logdet = (_spatial(x) * logs.sum()).expand(x.shape[0])
+        return y, logdet
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y * torch.exp(-self.logs.to(y.dtype)) - self.bias.to(y.dtype)
+
+
+# ---- invertible 1x1 convolutions ----------------------------------------------------------------
+
+
+def _random_rotation(c: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))
+    return q.float()
+
+
+class InvConv1x1(nn.Module):
+    """Plain invertible 1x1 conv: slogdet and the inverse are computed in float64 (the float32
+    inverse visibly degrades reconstructions)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(_random_rotation(channels))
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        logabsdet = torch.linalg.slogdet(self.weight.double())[1]
+        y = F.conv2d(x, self.weight.to(x.dtype)[:, :, None, None])
+        return y, (_spatial(x) * logabsdet).to(x.dtype).expand(x.shape[0])
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        w_inv = torch.linalg.inv(self.weight.double())
+        return F.conv2d(y, w_inv.to(y.dtype)[:, :, None, None])
+
+
+class InvConv1x1LU(nn.Module):
+    """W = P L (U + diag(sign_s * exp(log_s))): P fixed, L unit lower, U strictly upper;
+    logdet = H*W*sum(log_s) costs O(C) instead of O(C^3)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        p, lower, upper = torch.linalg.lu(_random_rotation(channels).double())
+        s = torch.diagonal(upper)
+        self.register_buffer("p", p.float())
+        self.register_buffer("sign_s", torch.sign(s).float())
+        self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), -1))
+        self.register_buffer("eye", torch.eye(channels))
+        self.lower = nn.Parameter(lower.float())
+        self.upper = nn.Parameter(torch.triu(upper, 1).float())
+        self.log_s = nn.Parameter(torch.log(s.abs()).float())
+
+    def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        mask, eye = self.lower_mask.to(dtype), self.eye.to(dtype)
+        lower = self.lower.to(dtype) * mask + eye
+        upper = self.upper.to(dtype) * mask.T + torch.diag(self.sign_s.to(dtype) * torch.exp(self.log_s.to(dtype)))
+        return self.p.to(dtype) @ lower @ upper
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        y = F.conv2d(x, self.weight(x.dtype)[:, :, None, None])
+        return y, (_spatial(x) * self.log_s.to(x.dtype).sum()).expand(x.shape[0])
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        w_inv = torch.linalg.inv(self.weight(torch.float64))
+        return F.conv2d(y, w_inv.to(y.dtype)[:, :, None, None])
+
+
+# ---- couplings ----------------------------------------------------------------------------------
+
+
+class ZeroConv2d(nn.Module):
+    """Zero-initialised 3x3 conv whose output is scaled by exp(3 * logs): the step starts as the
+    identity and the log-scale factor 3 lets the output scale grow fast (the paper's Zero-conv)."""
+
+    def __init__(self, in_ch: int, out_ch: int, logscale_factor: float = 3.0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.logs = nn.Parameter(torch.zeros(1, out_ch, 1, 1))
+        self.logscale_factor = logscale_factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * torch.exp(self.logs * self.logscale_factor).to(x.dtype)
+
+
+class ZeroLinear(nn.Module):
+    """Zero-initialised linear with the same exp(3 * logs) output scale (class embeddings, classifier)."""
+
+    def __init__(self, in_f: int, out_f: int, logscale_factor: float = 3.0):
+        super().__init__()
+        self.linear = nn.Linear(in_f, out_f)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.logs = nn.Parameter(torch.zeros(out_f))
+        self.logscale_factor = logscale_factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * torch.exp(self.logs * self.logscale_factor).to(x.dtype)
+
+
+class _ConvActNorm(nn.Module):
+    """Bias-free conv followed by ActNorm (the coupling network's hidden layers; logdet unused)."""
+
+    def __init__(self, in_ch: int, out_ch: int, k: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, k, padding=k // 2, bias=False)
+        nn.init.normal_(self.conv.weight, 0.0, 0.05)
+        self.norm = ActNorm(out_ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        # ActNorm in fp32 even under autocast: its data-dependent init needs accurate moments.
+        return self.norm(h.float() if h.dtype in (torch.float16, torch.bfloat16) else h)[0]
+
+
+def coupling_net(in_ch: int, out_ch: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(_ConvActNorm(in_ch, hidden, 3), nn.ReLU(),
+                         _ConvActNorm(hidden, hidden, 1), nn.ReLU(),
+                         ZeroConv2d(hidden, out_ch))
+
+
+class _Coupling(nn.Module):
+    """Base: z1 (first half of the channels) conditions the transform of z2 (second half)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        if channels % 2:
+            raise ValueError(f"Coupling layers need an even channel count, got {channels}.")
+
+    def _nn(self, z1: torch.Tensor, amp: Optional[torch.dtype]) -> torch.Tensor:
+        """The only part of the flow that runs in low precision; output back in z1's dtype."""
+        with torch.autocast(z1.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            h = self.net(z1)
+        return h.to(z1.dtype)
+
+
+class AffineCoupling(_Coupling):
+    """z2 -> (z2 + shift) * sigmoid(raw + 2) with (shift, raw) = NN(z1) interleaved; sigmoid bounds
+    the scale in (0, 1) (exp diverged for users), +2 starts it near 0.88."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__(channels)
+        self.net = coupling_net(channels // 2, channels, hidden)
+
+    def _shift_scale(self, z1: torch.Tensor, amp):
+        h = self._nn(z1, amp)
+        return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)
+
+    def forward(self, x: torch.Tensor, amp: Optional[torch.dtype] = None):
+        z1, z2 = x.chunk(2, dim=1)
+        shift, scale = self._shift_scale(z1, amp)
+        y2 = (z2 + shift) * scale
+        return torch.cat([z1, y2], dim=1), torch.log(scale).flatten(1).sum(1)
+
+    def inverse(self, y: torch.Tensor, amp: Optional[torch.dtype] = None) -> torch.Tensor:
+        z1, y2 = y.chunk(2, dim=1)
+        shift, scale = self._shift_scale(z1, amp)
+        return torch.cat([z1, y2 / scale - shift], dim=1)
+
+
+class AdditiveCoupling(_Coupling):
+    """z2 -> z2 + NN(z1): volume preserving (logdet 0)."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__(channels)
+        self.net = coupling_net(channels // 2, channels // 2, hidden)
+
+    def forward(self, x: torch.Tensor, amp: Optional[torch.dtype] = None):
+        z1, z2 = x.chunk(2, dim=1)
+        return torch.cat([z1, z2 + self._nn(z1, amp)], dim=1), x.new_zeros(x.shape[0])
+
+    def inverse(self, y: torch.Tensor, amp: Optional[torch.dtype] = None) -> torch.Tensor:
+        z1, y2 = y.chunk(2, dim=1)
+        return torch.cat([z1, y2 - self._nn(z1, amp)], dim=1)
+
+
+COUPLINGS = {"affine": AffineCoupling, "additive": AdditiveCoupling}
+
+
+class FlowStep(nn.Module):
+    """ActNorm -> invertible 1x1 conv -> coupling."""
+
+    def __init__(self, channels: int, hidden: int, coupling: str = "affine", lu: bool = True):
+        super().__init__()
+        if coupling not in COUPLINGS:
+            raise ValueError(f"Unknown coupling '{coupling}'. Valid: {', '.join(COUPLINGS)}.")
+        self.actnorm = ActNorm(channels)
+        self.invconv = InvConv1x1LU(channels) if lu else InvConv1x1(channels)
+        self.coupling = COUPLINGS[coupling](channels, hidden)
+
+    def forward(self, x: torch.Tensor, amp: Optional[torch.dtype] = None):
+        x, ld1 = self.actnorm(x)
+        x, ld2 = self.invconv(x)
+        x, ld3 = self.coupling(x, amp)
+        return x, ld1 + ld2 + ld3
+
+    def inverse(self, y: torch.Tensor, amp: Optional[torch.dtype] = None) -> torch.Tensor:
+        y = self.coupling.inverse(y, amp)
+        y = self.invconv.inverse(y)
+        return self.actnorm.inverse(y)
+
+
+# ---- the multi-scale model ----------------------------------------------------------------------
+
+
+class GlowLevel(nn.Module):
+    """squeeze -> K steps -> (split with a learned conditional prior, unless last)."""
+
+    def __init__(self, channels: int, steps: int, hidden: int, coupling: str, lu: bool, split: bool):
+        super().__init__()
+        self.steps = nn.ModuleList(FlowStep(channels, hidden, coupling, lu) for _ in range(steps))
+        # Zero conv on the kept half -> (mean, logs) of the factored-out half, interleaved.
+        self.prior = ZeroConv2d(channels // 2, channels) if split else None
+
+    def split_params(self, z1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h = self.prior(z1)
+        return h[:, 0::2], h[:, 1::2]
+
+
+class Glow(nn.Module):
+    def __init__(self, in_channels: int = 1, image_size: int = 32, levels: int = 3, steps: int = 32,
+                 hidden: int = 512, coupling: str = "affine", lu: bool = True, learn_top: bool = True,
+                 num_classes: int = 0):
+        super().__init__()
+        if levels < 1 or steps < 1:
+            raise ValueError(f"Glow needs levels >= 1 and steps >= 1, got levels={levels}, steps={steps}.")
+        if image_size % (2 ** levels):
+            raise ValueError(f"Glow with L={levels} levels needs the image size divisible by 2^L = "
+                             f"{2 ** levels}; got {image_size}. Change data.resolution or the level count.")
+        self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.checkpointing = False  # gradient checkpointing per flow step (set by the trainer)
+        self.levels = nn.ModuleList()
+        c, s = in_channels, image_size
+        self.latent_shapes: List[Tuple[int, int, int]] = []
+        for i in range(levels):
+            c, s = c * 4, s // 2
+            last = i == levels - 1
+            self.levels.append(GlowLevel(c, steps, hidden, coupling, lu, split=not last))
+            if not last:
+                self.latent_shapes.append((c - c // 2, s, s))
+                c = c // 2
+        self.latent_shapes.append((c, s, s))
+        self.top_shape = (c, s, s)
+        self.learn_top = learn_top
+        # openai/glow learntop: a zero conv applied to zeros, i.e. learned per-channel (mean, logs).
+        self.top_prior = ZeroConv2d(2 * c, 2 * c) if learn_top else None
+        self.class_prior = ZeroLinear(num_classes, 2 * c) if num_classes else None
+        self.classifier = ZeroLinear(c, num_classes) if num_classes else None
+
+    # ---- priors ---------------------------------------------------------------------------------
+    def _check_y(self, y: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+        if self.num_classes and y is None:
+            raise ValueError("This Glow is class-conditional: pass y (int64 labels).")
+        if not self.num_classes:
+            return None
+        return y.to(torch.long).expand(n) if y.dim() == 0 else y.to(torch.long)
+
+    def top_params(self, n: int, y: Optional[torch.Tensor], dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        c, s, _ = self.top_shape
+        h = torch.zeros(n, 2 * c, s, s, dtype=dtype, device=device)
+        if self.top_prior is not None:
+            h = self.top_prior(h)
+        if self.class_prior is not None:
+            onehot = F.one_hot(y, self.num_classes).to(dtype)
+            h = h + self.class_prior(onehot)[:, :, None, None]
+        return h[:, :c], h[:, c:]
+
+    def class_logits(self, z_top: torch.Tensor) -> Optional[torch.Tensor]:
+        """Classifier head on the spatial mean of the top latent (openai/glow's ycond classifier)."""
+        return self.classifier(z_top.mean(dim=(2, 3))) if self.classifier is not None else None
+
+    # ---- forward / inverse ----------------------------------------------------------------------
+    def _run_step(self, step: FlowStep, h: torch.Tensor, amp) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.checkpointing and torch.is_grad_enabled() and h.requires_grad:
+            return checkpoint(step, h, amp, use_reentrant=False)
+        return step(h, amp)
+
+    def _check_x(self, x: torch.Tensor) -> None:
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f"Glow was built for inputs of shape (N, {expected[0]}, {expected[1]}, "
+                             f"{expected[2]}), got {tuple(x.shape)}.")
+
+    def _encode(self, x: torch.Tensor, y: Optional[torch.Tensor]):
+        """-> latents, priors [(mean, logs)] per latent, log p(x) per example."""
+        self._check_x(x)
+        amp = _amp_dtype(x.device)
+        y = self._check_y(y, x.shape[0])
+        with torch.autocast(x.device.type, enabled=False):
+            logp = x.new_zeros(x.shape[0])
+            latents, priors = [], []
+            h = x
+            for level in self.levels:
+                h = squeeze2d(h)
+                for step in level.steps:
+                    h, ld = self._run_step(step, h, amp)
+                    logp = logp + ld
+                if level.prior is not None:
+                    h, z2 = h.chunk(2, dim=1)
+                    mean, logs = level.split_params(h)
+                    logp = logp + gaussian_log_prob(z2, mean, logs)
+                    latents.append(z2)
+                    priors.append((mean, logs))
+            mean, logs = self.top_params(x.shape[0], y, h.dtype, h.device)
+            logp = logp + gaussian_log_prob(h, mean, logs)
+            latents.append(h)
+            priors.append((mean, logs))
+        return latents, priors, logp
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
+        """-> (log p(x) in nats per example, class logits or None)."""
+        latents, _, logp = self._encode(x, y)
+        return logp, self.class_logits(latents[-1])
+
+    def log_prob(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """log p(x | y) in nats per example, for continuous x (all log-dets and prior terms)."""
+        return self._encode(x, y)[2]
+
+    def encode(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, return_priors: bool = False):
+        """Latents: the factored-out half of every level (finest first), then the top latent.
+        With return_priors, also the (mean, logs) of each latent's prior."""
+        latents, priors, _ = self._encode(x, y)
+        return (latents, priors) if return_priors else latents
+
+    def _reverse(self, latents: Optional[List[torch.Tensor]], y, n: int, temperature: float,
+                 generator: Optional[torch.Generator], dtype, device) -> torch.Tensor:
+        """Top-down inverse. A given latent is used as is; a missing one (sampling) is drawn from its
+        prior with the std scaled by the temperature."""
+        amp = _amp_dtype(torch.device(device))
+        y = self._check_y(y, n)
+
+        def draw(mean, logs):
+            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            return mean + temperature * torch.exp(logs) * eps
+
+        with torch.autocast(torch.device(device).type, enabled=False):
+            if latents is not None:
+                h = latents[-1]
+            else:
+                h = draw(*self.top_params(n, y, dtype, device))
+            for i in reversed(range(len(self.levels))):
+                level = self.levels[i]
+                if level.prior is not None:
+                    z2 = latents[i] if latents is not None else draw(*level.split_params(h))
+                    h = torch.cat([h, z2], dim=1)
+                for step in reversed(level.steps):
+                    h = step.inverse(h, amp)
+                h = unsqueeze2d(h)
+        return h
+
+    def decode(self, latents: List[torch.Tensor], y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if len(latents) != len(self.latent_shapes):
+            raise ValueError(f"decode needs {len(self.latent_shapes)} latents, got {len(latents)}.")
+        z = latents[-1]
+        return self._reverse(latents, y, z.shape[0], 1.0, None, z.dtype, z.device)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, y: Optional[torch.Tensor] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """x = f(z) with every prior's std scaled by ``temperature`` (0: the prior means)."""
+        p = next(self.parameters())
+        if y is not None:
+            y = torch.as_tensor(y, device=p.device)
+        return self._reverse(None, y, n, temperature, generator, p.dtype, p.device)
+
+    # ---- ActNorm init ---------------------------------------------------------------------------
+    def actnorms(self) -> List[ActNorm]:
+        return [m for m in self.modules() if isinstance(m, ActNorm)]
+
+    def actnorm_initialized(self) -> bool:
+        return all(bool(m.initialized) for m in self.actnorms())
+
+    @torch.no_grad()
+    def initialize_actnorm(self, x: torch.Tensor, y: Optional[torch.Tensor] = None,
+                           reduce_fn: Optional[ReduceFn] = None) -> None:
+        """Data-dependent init of every not-yet-initialised ActNorm, in flow order, on batch x.
+
+        ``reduce_fn(t)`` must return the mean of t over ranks (e.g. all_reduce(SUM) / world size);
+        every rank then computes identical parameters. Call it on every rank before DDP wraps the
+        model (DDP broadcasts parameters only at construction)."""
+        reduce_fn = reduce_fn or (lambda t: t)
+        pending = [m for m in self.actnorms() if not bool(m.initialized)]
+        for m in pending:
+            m._init_reduce = reduce_fn
+        try:
+            self._encode(x, y if self.num_classes else None)
+        finally:
+            for m in pending:
+                m._init_reduce = None
+
+
+FLOWS: Dict[str, Callable[..., nn.Module]] = {}
+FLOW_DESCRIPTIONS: Dict[str, str] = {}
+
+
+def register_flow(name: str, description: str):
+    def deco(fn):
+        FLOWS[name] = fn
+        FLOW_DESCRIPTIONS[name] = description
+        return fn
+    return deco
+
+
+def build_flow(name: str, **kwargs) -> nn.Module:
+    if name not in FLOWS:
+        raise KeyError(f"Unknown flow model '{name}'. Valid flow models: {', '.join(sorted(FLOWS))}.")
+    return FLOWS[name](**kwargs)
+
+
+@register_flow("glow", "Multi-scale Glow (affine or additive coupling, LU or plain 1x1 conv).")
+def build_glow(channels: int, resolution: int, levels: int = 3, steps: int = 32, hidden: int = 512,
+               coupling: str = "affine", lu: bool = True, learn_top: bool = True, num_classes: int = 0) -> Glow:
+    return Glow(channels, resolution, levels, steps, hidden, coupling, lu, learn_top, num_classes)
