@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -10,6 +11,7 @@ from typing import List, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
 from data_pipelines.builtin import load_split
@@ -17,6 +19,7 @@ from data_pipelines.datamodule import ArrayDataModule, ShardDataModule
 from models.registry import build_gan
 from trainer.callbacks.data_stats import DataSkippedCallback
 from trainer.callbacks.ema import EMACallback
+from trainer.callbacks.preemption import PreemptionCallback
 from trainer.callbacks.evaluation import PeriodicEvalCallback
 from trainer.callbacks.samples import SampleGridCallback
 from trainer.csv_log import AppendingCSVLogger
@@ -60,7 +63,29 @@ def launched_follower() -> bool:
     return int(env.get("LOCAL_RANK") or 0) != 0 or int(env.get("NODE_RANK") or env.get("GROUP_RANK") or 0) != 0
 
 
-def make_run_dir(cfg: DictConfig) -> Path:
+def auto_run_dir(experiment: Optional[str], overrides: List[str]) -> Path:
+    """The run directory `resume=auto` looks in: it needs a fixed run id."""
+    cfg = load_config(experiment, overrides)
+    run_id = cfg.logging.run_id or os.environ.get("GENSCALE_RUN_ID") or os.environ.get("SLURM_JOB_ID")
+    if not run_id:
+        raise ConfigError("resume=auto needs a fixed run directory: set logging.run_id=ID "
+                          "(`genscale launch slurm` does).")
+    return Path(cfg.logging.root) / (cfg.experiment or "default") / run_id
+
+
+def newest_checkpoint(run_dir: Path) -> Optional[str]:
+    """The newest checkpoint of a run that loads completely (a torn or half-written one is passed over)."""
+    cands = sorted((run_dir / "checkpoints").glob("iter-*.ckpt"), reverse=True)
+    for path in cands:
+        try:
+            load_checkpoint(path)
+            return str(path)
+        except CheckpointError as e:
+            print(f"genscale: skipping unusable checkpoint: {e}", file=sys.stderr)
+    return None
+
+
+def make_run_dir(cfg: DictConfig, reuse: bool = False) -> Path:
     """runs/<experiment>/<run_id>/, refusing to reuse a directory that already holds a run."""
     explicit = bool(cfg.logging.run_id)
     if launched_follower():  # rank 0 made (or makes) the directory; all ranks must name the same one
@@ -74,7 +99,7 @@ def make_run_dir(cfg: DictConfig) -> Path:
     run_id = cfg.logging.run_id or default_run_id()
     base = Path(cfg.logging.root) / (cfg.experiment or "default")
     run_dir = base / run_id
-    if (run_dir / "config.yaml").exists():
+    if (run_dir / "config.yaml").exists() and not reuse:
         if explicit or os.environ.get("SLURM_JOB_ID"):
             raise RunDirError(f"Run directory '{run_dir}' already holds a run. Resume it with "
                               f"resume={run_dir}, or choose a new logging.run_id.")
@@ -162,7 +187,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int
 
         os.environ.setdefault("WANDB_SILENT", "true")
         loggers.append(WandbLogger(project=cfg.logging.wandb_project, name=f"{cfg.experiment}/{run_dir.name}",
-                                   id=f"{cfg.experiment}-{run_dir.name}".replace("/", "-"),
+                                   id=(cfg.logging.wandb_id or f"{cfg.experiment}-{run_dir.name}").replace("/", "-"),
                                    save_dir=str(run_dir), offline=cfg.logging.wandb_mode == "offline",
                                    config=to_dict(cfg), resume="allow"))
     ckpt = IterationCheckpoint(run_dir / "checkpoints", t.checkpoint.every_n_iters, t.checkpoint.every_n_minutes,
@@ -177,12 +202,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int
     if cfg.ema.enabled:
         # EMA must run before samples/checkpoints read G_ema at the same step.
         callbacks.insert(0, EMACallback(cfg.ema.decay, cfg.ema.start_iter, cfg.ema.rampup_iters))
+    if t.preemption:
+        callbacks.append(PreemptionCallback(ckpt))
     if t.progress_bar:
         callbacks.append(ThroughputBar(refresh_rate=10))
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # Our PreemptionCallback checkpoints at a step boundary and requeues; Lightning's own SLURM
+        # handler would save from inside the signal handler, possibly mid-step.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=_devices(t.devices), num_nodes=t.num_nodes, strategy=_strategy(t),
         precision=t.precision, max_epochs=-1, max_steps=-1, logger=loggers, callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()], enable_checkpointing=False, enable_progress_bar=t.progress_bar,
+        plugins=plugins, enable_checkpointing=False, enable_progress_bar=t.progress_bar,
         enable_model_summary=False, log_every_n_steps=1, deterministic=t.deterministic,
         num_sanity_val_steps=0, default_root_dir=str(run_dir), use_distributed_sampler=False,
     )
@@ -194,6 +226,13 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
     overrides = list(overrides or [])
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), "")
     ckpt_path = None
+    reuse_dir = False
+    if resume == "auto":
+        overrides = [o for o in overrides if not o.startswith("resume=")]
+        resume = newest_checkpoint(auto_run_dir(experiment, overrides)) or ""
+        if resume:
+            overrides.append(f"resume={resume}")
+        reuse_dir = True  # a job that died before its first checkpoint starts again in its directory
     if resume:
         ckpt = load_checkpoint(resume)
         rest = [o for o in overrides if not o.startswith("resume=")]
@@ -212,7 +251,7 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = build_module(cfg, channels=train.channels, num_classes=train.num_classes)
     if run_dir is None:
-        run_dir = make_run_dir(cfg)
+        run_dir = make_run_dir(cfg, reuse=reuse_dir)
         module.cfg = to_dict(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer, ckpt_cb, samples = build_trainer(cfg, run_dir, resume_iteration)

@@ -66,6 +66,8 @@ class TrainerConfig:
     log_every: int = f(10, "Log scalar metrics every N iterations.")
     sample_every: int = f(250, "Write a fixed-latent sample grid every N iterations (0: only at the end).")
     sample_grid: int = f(64, "Number of images in the sample grid (a square number looks best).")
+    preemption: bool = f(True, "On SIGUSR1/SIGTERM: checkpoint at the end of the current step, requeue the "
+                               "SLURM job (if any) and stop; a requeued job resumes with resume=auto.")
     max_nonfinite: int = f(20, "Stop the run after this many consecutive steps with a non-finite loss.")
     progress_bar: bool = f(True, "Show a progress bar with images/s and kimg.")
     checkpoint: CheckpointConfig = sub(CheckpointConfig, "When and how many checkpoints are written.")
@@ -146,6 +148,8 @@ class LoggingConfig:
     wandb: bool = f(True, "Log to Weights & Biases.")
     wandb_mode: str = f("offline", "offline (sync later with `wandb sync`) or online.")
     wandb_project: str = f("genscale", "W&B project name.")
+    wandb_id: str = f("", "W&B run id; empty: <experiment>-<run_id>. `genscale launch slurm` derives it "
+                          "from the job id, so a requeued job continues the same W&B run.")
 
 
 @dataclass
@@ -174,7 +178,9 @@ class LaunchConfig:
 @dataclass
 class GenscaleConfig:
     experiment: str = f("", "Experiment name (set from the experiment file).")
-    resume: str = f("", "Run directory or checkpoint to resume from.")
+    resume: str = f("", "Run directory or checkpoint to resume from; 'auto': the newest complete checkpoint "
+                        "of this run's directory (logging.root/experiment/logging.run_id) if there is one, "
+                        "else a fresh start there.")
     trainer: TrainerConfig = sub(TrainerConfig, "Training loop and Lightning Trainer.")
     data: DataConfig = sub(DataConfig, "Data.")
     model: ModelConfig = sub(ModelConfig, "Networks.")
