@@ -43,7 +43,7 @@ def test_gan_digits_chain():
     cfg = load_config("gan_digits")
     assert cfg.data.name == "digits" and cfg.data.resolution == 16 and cfg.data.batch_size == 32
     assert cfg.loss.name == "nonsaturating"            # from gan_mnist5k
-    assert cfg.ema.rampup_iters == 200                  # from gan_mnist5k
+    assert cfg.ema.rampup_iters == 100                  # from gan_mnist5k
     assert cfg.trainer.checkpoint.every_n_iters == 100  # nested override in gan_digits
     assert cfg.trainer.checkpoint.save_top_k == 3       # dataclass default survives the nested override
     assert list(cfg.optim.g.betas) == [0.5, 0.999]
