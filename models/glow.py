@@ -319,7 +319,7 @@ class GlowLevel(nn.Module):
 class Glow(nn.Module):
     def __init__(self, in_channels: int = 1, image_size: int = 32, levels: int = 3, steps: int = 32,
                  hidden: int = 512, coupling: str = "affine", lu: bool = True, learn_top: bool = True,
-                 num_classes: int = 0):
+                 num_classes: int = 0, classifier: bool = True):
         super().__init__()
         if levels < 1 or steps < 1:
             raise ValueError(f"Glow needs levels >= 1 and steps >= 1, got levels={levels}, steps={steps}.")
@@ -344,7 +344,8 @@ class Glow(nn.Module):
         # openai/glow learntop: a zero conv applied to zeros, i.e. learned per-channel (mean, logs).
         self.top_prior = ZeroConv2d(2 * c, 2 * c) if learn_top else None
         self.class_prior = ZeroLinear(num_classes, 2 * c) if num_classes else None
-        self.classifier = ZeroLinear(c, num_classes) if num_classes else None
+        # Optional so that a run with weight_y = 0 has no parameters without gradients (DDP rejects those).
+        self.classifier = ZeroLinear(c, num_classes) if num_classes and classifier else None
 
     # ---- priors ---------------------------------------------------------------------------------
     def _check_y(self, y: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
@@ -409,7 +410,8 @@ class Glow(nn.Module):
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
         """-> (log p(x) in nats per example, class logits or None)."""
         latents, _, logp = self._encode(x, y)
-        return logp, self.class_logits(latents[-1])
+        with torch.autocast(x.device.type, enabled=False):
+            return logp, self.class_logits(latents[-1])
 
     def log_prob(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """log p(x | y) in nats per example, for continuous x (all log-dets and prior terms)."""
@@ -508,5 +510,6 @@ def build_flow(name: str, **kwargs) -> nn.Module:
 
 @register_flow("glow", "Multi-scale Glow (affine or additive coupling, LU or plain 1x1 conv).")
 def build_glow(channels: int, resolution: int, levels: int = 3, steps: int = 32, hidden: int = 512,
-               coupling: str = "affine", lu: bool = True, learn_top: bool = True, num_classes: int = 0) -> Glow:
-    return Glow(channels, resolution, levels, steps, hidden, coupling, lu, learn_top, num_classes)
+               coupling: str = "affine", lu: bool = True, learn_top: bool = True, num_classes: int = 0,
+               classifier: bool = True) -> Glow:
+    return Glow(channels, resolution, levels, steps, hidden, coupling, lu, learn_top, num_classes, classifier)

@@ -1,0 +1,211 @@
+"""FlowModule: dequantisation and bits/dim by hand, warmup, and tiny Lightning runs on digits (CPU):
+bits/dim decreases, EMA, class conditioning, non-finite skipping, checkpoint round trip."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from data_pipelines.builtin import load_split
+from models.glow import Glow
+from trainer.flow_module import (FLOW_DEFAULTS, FlowModule, bits_per_dim, check_n_bits, classifier_bits,
+                                 dequantize, glow_from_config, merge_config, warmup_lr)
+from trainer.gan_module import NonFiniteLossError
+
+# ---- pure functions by hand ----------------------------------------------------------------------
+
+
+def test_bits_per_dim_by_hand():
+    lp = torch.tensor([-100.0, 50.0], dtype=torch.float64)
+    d, n_bits = 12, 5
+    # -(lp - D ln 32) / (D ln 2) = -lp / (D ln 2) + 5
+    expected = [100.0 / (12 * math.log(2)) + 5.0, -50.0 / (12 * math.log(2)) + 5.0]
+    assert torch.allclose(bits_per_dim(lp, d, n_bits), torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+    # 8 bits, a uniform density on [-0.5, 0.5)^D (log p = 0): exactly 8 bits/dim
+    assert float(bits_per_dim(torch.zeros(1), 784, 8)) == pytest.approx(8.0)
+
+
+def test_dequantize_by_hand():
+    images = torch.tensor([0, 7, 8, 255, 128], dtype=torch.uint8)
+    noise = torch.tensor([0.5, 0.5, 0.0, 0.999, 0.25])
+    # 5 bits: floor(v / 8) -> 0, 0, 1, 31, 16
+    expected = torch.tensor([0.5 / 32, 0.5 / 32, 1 / 32, 31.999 / 32, 16.25 / 32]) - 0.5
+    assert torch.allclose(dequantize(images, 5, noise), expected)
+    assert torch.allclose(dequantize(images, 8, noise), (images.float() + noise) / 256 - 0.5)
+    x = dequantize(torch.full((1000,), 255, dtype=torch.uint8), 3, torch.rand(1000))
+    assert x.min() >= 7 / 8 - 0.5 and x.max() < 0.5
+    for bad in (0, 9, 2.0):
+        with pytest.raises(ValueError, match="1..8"):
+            check_n_bits(bad)
+
+
+def test_classifier_bits_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    p = math.exp(0.0) / (math.exp(2.0) + 1.0 + math.exp(-1.0))
+    assert float(classifier_bits(logits, torch.tensor([1]))) == pytest.approx(-math.log2(p), rel=1e-6)
+
+
+def test_warmup_lr_values():
+    assert warmup_lr(1e-3, 0, 1000) == 0.0
+    assert warmup_lr(1e-3, 250, 1000) == pytest.approx(2.5e-4)
+    assert warmup_lr(1e-3, 1000, 1000) == pytest.approx(1e-3)
+    assert warmup_lr(1e-3, 5000, 1000) == pytest.approx(1e-3)
+    assert warmup_lr(1e-3, 7, 0) == 1e-3
+
+
+# ---- Lightning runs on digits --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_split("digits", "train", 8)
+    return d.images[:256], d.labels[:256].long()
+
+
+def make(cfg_over=None, num_classes=0, seed=0):
+    cfg = merge_config({"flow": {"levels": 2, "steps": 2, "hidden": 16, "n_bits": 5, "optimizer": "adam",
+                                 "lr": 3e-3, "warmup_images": 128},
+                        "trainer": {"max_iters": 10_000}})
+    cfg = merge_config(cfg_over or {}, cfg)
+    torch.manual_seed(seed)
+    return FlowModule(glow_from_config(cfg, 1, 8, num_classes), cfg)
+
+
+def loader(digits, batch=32):
+    images, labels = digits
+    return DataLoader(TensorDataset(images, labels), batch_size=batch, shuffle=True,
+                      generator=torch.Generator().manual_seed(0), drop_last=True)
+
+
+def fit(module, digits, steps, ckpt_path=None, **kw):
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, **kw)
+    trainer.fit(module, loader(digits), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_flow_module_trains_and_bits_per_dim_decreases(digits):
+    m = make()
+    images, labels = digits
+    m.init_actnorm(m.prep(images[:64]))
+    before = m.evaluate_bpd(images[:128], labels[:128], seed=1)
+    assert 4.0 < before < 8.0  # 5-bit data: a uniform model would score 5
+    trainer = fit(m, digits, 40)
+    after = m.evaluate_bpd(images[:128], labels[:128], seed=1)
+    assert after < before - 0.8, (before, after)
+    assert int(m.steps) == 40 and int(m.images_seen) == 40 * 32
+    # the last step's lr: images seen including that batch (1280) >= warmup (128): the full lr
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(3e-3)
+    s = m.sample_images(4, temperature=0.7, use_ema=False, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (4, 1, 8, 8) and torch.isfinite(s).all() and s.abs().max() <= 1
+
+
+def test_warmup_is_applied_per_step_and_lazy_init_runs_once(digits, monkeypatch):
+    m = make({"flow": {"warmup_images": 32 * 8}})
+    calls, lrs = [], []
+    orig = Glow.initialize_actnorm
+    monkeypatch.setattr(Glow, "initialize_actnorm", lambda self, *a, **k: (calls.append(1), orig(self, *a, **k)))
+
+    class LR(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    fit(m, digits, 3, callbacks=[LR()])
+    assert len(calls) == 1 and m.glow.actnorm_initialized()
+    assert lrs == pytest.approx([3e-3 * k / 8 for k in (1, 2, 3)])
+
+
+def test_checkpoint_round_trip_restores_exactly_and_never_reinitialises(digits, tmp_path, monkeypatch):
+    m = make({"ema": {"enabled": True, "decay": 0.9}})
+    trainer = fit(m, digits, 5)
+    path = tmp_path / "flow.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    g = ckpt["genscale"]
+    assert (g["kind"], g["iteration"], g["images_seen"]) == ("flow", 5, 160) and g["config"] == m.cfg
+    fresh = make({"ema": {"enabled": True, "decay": 0.9}}, seed=123)
+    assert not fresh.glow.actnorm_initialized()
+    fresh.load_state_dict(ckpt["state_dict"])
+    for (k, a), b in zip(m.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    x = m.prep(digits[0][:16], torch.Generator().manual_seed(0))
+    assert torch.equal(m.glow.log_prob(x), fresh.glow.log_prob(x))
+    # resume through Lightning: the ActNorm init is not run again
+    monkeypatch.setattr(Glow, "initialize_actnorm", lambda *a, **k: pytest.fail("ActNorm re-initialised"))
+    resumed = make({"ema": {"enabled": True, "decay": 0.9}}, seed=123)
+    fit(resumed, digits, 7, ckpt_path=str(path))
+    assert int(resumed.steps) == 7 and int(resumed.images_seen) == 7 * 32
+
+
+def test_ema_starts_from_the_initialised_flow_and_averages(digits):
+    m = make({"ema": {"enabled": True, "decay": 0.75}})
+    m.init_actnorm(m.prep(digits[0][:64]))  # the explicit path (what build does before DDP wraps)
+    snap = {k: v.clone() for k, v in m.glow.state_dict().items()}
+    assert all(torch.equal(snap[k], v) for k, v in m.glow_ema.state_dict().items())
+    fit(m, digits, 1)
+    for (k, p), e in zip(m.glow.named_parameters(), m.glow_ema.parameters()):
+        assert torch.allclose(e, 0.75 * snap[k] + 0.25 * p.detach(), atol=1e-7), k
+
+
+def test_class_conditional_training_uses_the_classifier(digits):
+    m = make({"flow": {"class_conditional": True, "weight_y": 0.5}}, num_classes=10)
+    assert m.glow.num_classes == 10 and m.glow.classifier is not None
+    images, labels = digits
+    x = m.prep(images[:8], torch.Generator().manual_seed(0))
+    m.init_actnorm(x, labels[:8])
+    t = m.losses(x, labels[:8])
+    # zero-initialised head: uniform over 10 classes, log2(10) bits
+    assert torch.allclose(t["bits_y"], torch.full((8,), math.log2(10)))
+    fit(m, digits, 3)
+    assert m.glow.classifier.linear.weight.abs().sum() > 0
+    assert m.glow.class_prior.linear.weight.abs().sum() > 0
+    lp = m.glow.log_prob(x, labels[:8])
+    assert not torch.allclose(lp, m.glow.log_prob(x, (labels[:8] + 1) % 10))
+    # weight_y = 0: no classifier parameters (none without gradients under DDP)
+    assert make({"flow": {"class_conditional": True, "weight_y": 0.0}}, num_classes=10).glow.classifier is None
+
+
+def test_nonfinite_loss_is_skipped_and_counted_then_stops_the_run(digits, monkeypatch):
+    m = make()
+    orig = FlowModule.losses
+    state = {}
+
+    def losses(self, x, y, glow=None):
+        out = orig(self, x, y, glow)
+        if int(self.steps) == 2:  # the third step's loss is NaN
+            state["before"] = [p.detach().clone() for p in self.glow.parameters()]
+            out["bpd"] = out["bpd"] * float("nan")
+        return out
+
+    class Check(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if int(pl_module.steps) == 3:
+                state["after"] = [p.detach().clone() for p in pl_module.glow.parameters()]
+
+    monkeypatch.setattr(FlowModule, "losses", losses)
+    fit(m, digits, 4, callbacks=[Check()])
+    assert int(m.nonfinite_total) == 1 and int(m.steps) == 4
+    assert all(torch.equal(a, b) for a, b in zip(state["before"], state["after"]))
+    assert all(torch.isfinite(p).all() for p in m.glow.parameters())
+    m2 = make({"trainer": {"max_nonfinite": 1}})
+    with pytest.raises(NonFiniteLossError, match="non-finite"):
+        fit(m2, digits, 4)
+
+
+def test_bf16_mixed_and_checkpointing_train(digits):
+    m = make({"flow": {"checkpointing": True}})
+    assert m.glow.checkpointing
+    fit(m, digits, 2, precision="bf16-mixed")
+    assert int(m.steps) == 2 and int(m.nonfinite_total) == 0
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in m.glow.parameters())
+
+
+def test_defaults_describe_every_key_the_module_reads():
+    m = FlowModule(glow_from_config(FLOW_DEFAULTS, 1, 8), merge_config())
+    assert isinstance(m.glow, Glow) and m.glow.latent_shapes == [(2, 4, 4), (8, 2, 2)]
+    assert isinstance(m.configure_optimizers(), torch.optim.Adamax)
+    with pytest.raises(ValueError, match="1..8"):
+        make({"flow": {"n_bits": 0}})

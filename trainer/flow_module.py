@@ -1,0 +1,277 @@
+"""FlowModule: maximum-likelihood training of a normalising flow (Glow) in bits/dim.
+
+Data: uint8 images are quantised to n_bits and dequantised with uniform noise,
+    x = ((images >> (8 - n_bits)) + U(0, 1)) / 2^n_bits - 0.5,
+so x is continuous in [-0.5, 0.5) and the loss is the discrete bits/dim of the quantised data,
+    bits/dim = -(log p(x) - D log(n_bins)) / (D ln 2),  D = C*H*W.
+Class-conditional models add weight_y * cross-entropy (bits) of the classifier head on the top latent.
+
+The noise comes from a generator seeded by (seed, rank, step): a pure function of checkpointed
+counters, so resume needs no RNG state and ranks draw different noise.
+
+ActNorm's data-dependent init runs once, on the first batch, with its moments averaged over ranks
+(the strategy's mean reduce), so every rank computes identical parameters; callers that can should
+call ``init_actnorm`` themselves before DDP wraps the model. A model restored from a checkpoint has
+its "initialised" buffers set and is never re-initialised.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Optional
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.glow import Glow, build_flow
+from trainer.callbacks.ema import ema_beta, ema_update
+from trainer.gan_module import CHECKPOINT_FORMAT, NonFiniteLossError, mix_seed, set_requires_grad
+
+LN2 = math.log(2.0)
+
+# Every key FlowModule and glow_from_config read, with CPU-friendly defaults. The run config (a plain
+# dict) must have these sections; merge_config() fills the missing keys from here.
+FLOW_DEFAULTS = {
+    "flow": {
+        "model": "glow", "levels": 2, "steps": 8, "hidden": 64, "coupling": "affine", "lu": True,
+        "learn_top": True, "class_conditional": False, "weight_y": 0.01, "n_bits": 5,
+        "optimizer": "adamax", "lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.0,
+        "warmup_images": 50_000, "checkpointing": False,
+    },
+    "ema": {"enabled": False, "decay": 0.999, "start_iter": 0, "rampup_iters": 0},
+    "trainer": {"seed": 0, "max_iters": 1000, "max_nonfinite": 20, "log_every": 10},
+}
+
+
+def merge_config(overrides: Optional[dict] = None, base: Optional[dict] = None) -> dict:
+    """Deep copy of ``base`` (FLOW_DEFAULTS) with ``overrides`` merged in, section by section."""
+    out = copy.deepcopy(base if base is not None else FLOW_DEFAULTS)
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(value, out[key])
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# ---- pure functions ------------------------------------------------------------------------------
+
+
+def check_n_bits(n_bits: int) -> int:
+    if not isinstance(n_bits, int) or not 1 <= n_bits <= 8:
+        raise ValueError(f"flow.n_bits must be an integer in 1..8, got {n_bits!r}.")
+    return n_bits
+
+
+def dequantize(images: torch.Tensor, n_bits: int, noise: torch.Tensor) -> torch.Tensor:
+    """uint8 images and U(0, 1) noise of the same shape -> continuous x in [-0.5, 0.5)."""
+    q = (images.to(torch.int32) >> (8 - n_bits)).float()
+    return (q + noise) / (2 ** n_bits) - 0.5
+
+
+def bits_per_dim(log_prob: torch.Tensor, n_dims: int, n_bits: int) -> torch.Tensor:
+    """Discrete bits/dim from the continuous log-density of dequantised x (in fp32 or fp64).
+    The -D log(n_bins) term is the log of the bin volume (1/n_bins)^D."""
+    lp = log_prob.float() if log_prob.dtype in (torch.float16, torch.bfloat16) else log_prob
+    return -(lp - n_dims * math.log(2 ** n_bits)) / (n_dims * LN2)
+
+
+def classifier_bits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the class head in bits, per example."""
+    return F.cross_entropy(logits.float(), y, reduction="none") / LN2
+
+
+def warmup_lr(base_lr: float, images_seen: int, warmup_images: int) -> float:
+    """Linear warmup over the first ``warmup_images`` images (Adam diverges to NaN without it)."""
+    if warmup_images <= 0:
+        return base_lr
+    return base_lr * min(1.0, images_seen / warmup_images)
+
+
+def glow_from_config(cfg: dict, channels: int, resolution: int, num_classes: int = 0) -> Glow:
+    f = cfg["flow"]
+    conditional = f["class_conditional"] and num_classes > 0
+    return build_flow(f["model"], channels=channels, resolution=resolution, levels=f["levels"],
+                      steps=f["steps"], hidden=f["hidden"], coupling=f["coupling"], lu=f["lu"],
+                      learn_top=f["learn_top"], num_classes=num_classes if conditional else 0,
+                      classifier=conditional and f["weight_y"] > 0)
+
+
+# ---- the module ----------------------------------------------------------------------------------
+
+
+class FlowModule(L.LightningModule):
+    def __init__(self, glow: Glow, cfg: dict):
+        super().__init__()
+        self.glow = glow
+        self.cfg = cfg
+        f = cfg["flow"]
+        self.n_bits = check_n_bits(f["n_bits"])
+        glow.checkpointing = bool(f["checkpointing"])
+        self.glow_ema: Optional[Glow] = None
+        if cfg["ema"]["enabled"]:
+            self.glow_ema = copy.deepcopy(glow).eval()
+            self.glow_ema.checkpointing = False
+            set_requires_grad(self.glow_ema, False)
+        for name in ("steps", "images_seen", "nonfinite_total"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        self._init_checked = False  # once per process: a host read of every ActNorm flag
+        self._nonfinite_streak = 0
+        self._stepped = False
+
+    @property
+    def d_steps(self) -> torch.Tensor:
+        """Batches consumed, under the name the data modules read for exact resume."""
+        return self.steps
+
+    @property
+    def n_dims(self) -> int:
+        return self.glow.in_channels * self.glow.image_size ** 2
+
+    # ---- optimiser ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        f = self.cfg["flow"]
+        kind = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}.get(f["optimizer"])
+        if kind is None:
+            raise ValueError(f"flow.optimizer must be adam or adamax, got '{f['optimizer']}'.")
+        # lr is overwritten every step by the warmup schedule.
+        return kind(self.glow.parameters(), lr=f["lr"], betas=tuple(f["betas"]), eps=f["eps"],
+                    weight_decay=f["weight_decay"])
+
+    def _world(self) -> int:
+        return self.trainer.world_size if getattr(self, "_trainer", None) is not None else 1
+
+    def _rank(self) -> int:
+        return self.global_rank if getattr(self, "_trainer", None) is not None else 0
+
+    # ---- data -----------------------------------------------------------------------------------
+    def noise_generator(self, salt: int = 0) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(mix_seed(self.cfg["trainer"]["seed"], self._rank(), int(self.steps), salt))
+        return g
+
+    def prep(self, images: torch.Tensor, gen: Optional[torch.Generator] = None) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        noise = torch.rand(images.shape, generator=gen, device=self.device)
+        return dequantize(images, self.n_bits, noise)
+
+    def _labels(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        return labels.to(self.device, torch.long) if self.glow.num_classes else None
+
+    # ---- ActNorm init ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_actnorm(self, x: torch.Tensor, y: Optional[torch.Tensor] = None,
+                     reduce_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        """Data-dependent ActNorm init on dequantised x (moments averaged by reduce_fn across ranks);
+        the EMA copy starts from the initialised flow rather than averaging towards the identity."""
+        self.glow.initialize_actnorm(x, y, reduce_fn)
+        if self.glow_ema is not None:
+            self.glow_ema.load_state_dict(self.glow.state_dict())
+
+    def _ensure_init(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
+        if self._init_checked:
+            return
+        self._init_checked = True
+        if self.glow.actnorm_initialized():  # restored from a checkpoint, or initialised by the caller
+            return
+        strategy = self.trainer.strategy
+        self.init_actnorm(x, y, reduce_fn=lambda t: strategy.reduce(t, reduce_op="mean"))
+
+    # ---- training -------------------------------------------------------------------------------
+    def losses(self, x: torch.Tensor, y: Optional[torch.Tensor], glow: Optional[Glow] = None) -> dict:
+        """Per-example bits/dim and classifier bits (fp32; the flow keeps its own precision)."""
+        logp, logits = (glow or self.glow)(x, y)
+        out = {"bpd": bits_per_dim(logp, self.n_dims, self.n_bits)}
+        if logits is not None:
+            out["bits_y"] = classifier_bits(logits, y)
+        return out
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank: all ranks then skip (or step) together."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        return float(bad) == 0.0
+
+    def _skip_nonfinite(self) -> None:
+        self.nonfinite_total += 1
+        self._nonfinite_streak += 1
+        limit = self.cfg["trainer"]["max_nonfinite"]
+        if self._nonfinite_streak >= limit:
+            raise NonFiniteLossError(
+                f"The flow loss was non-finite for {self._nonfinite_streak} consecutive steps (step "
+                f"{int(self.steps)}, {int(self.nonfinite_total)} skipped in all). Those steps were skipped "
+                "and the run stopped; the last checkpoint is intact. Lower flow.lr, lengthen "
+                "flow.warmup_images, use trainer.precision=32, or raise trainer.max_nonfinite.")
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        f = self.cfg["flow"]
+        x = self.prep(images, self.noise_generator())
+        y = self._labels(labels)
+        self._ensure_init(x, y)
+        seen_after = int(self.images_seen) + x.shape[0] * self._world()
+        lr = warmup_lr(f["lr"], seen_after, f["warmup_images"])
+        for group in self.optimizers().optimizer.param_groups:
+            group["lr"] = lr
+        terms = self.losses(x, y)
+        loss = terms["bpd"].mean()
+        if "bits_y" in terms:
+            loss = loss + f["weight_y"] * terms["bits_y"].mean()
+        self.steps += 1
+        self.images_seen += x.shape[0] * self._world()
+        self._stepped = self._all_finite(loss)
+        if not self._stepped:
+            self._skip_nonfinite()
+            return None  # no backward, no optimiser step: the NaN never reaches the weights
+        self._nonfinite_streak = 0
+        logged = {"train/bpd": terms["bpd"].mean().detach(), "train/lr": lr,
+                  "train/nonfinite_skipped": float(self.nonfinite_total)}
+        if "bits_y" in terms:
+            logged["train/bits_y"] = terms["bits_y"].mean().detach()
+        self.log_dict(logged, prog_bar=False, logger=True, on_step=True, on_epoch=False)
+        if int(self.steps) >= self.cfg["trainer"]["max_iters"]:
+            self.trainer.should_stop = True
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.glow_ema is None or not self._stepped:
+            return
+        e = self.cfg["ema"]
+        # `steps` already counts this step; the schedule uses the step's own index.
+        ema_update(self.glow_ema, self.glow, ema_beta(int(self.steps) - 1, e["decay"], e["start_iter"],
+                                                      e["rampup_iters"]))
+
+    # ---- evaluation and sampling ----------------------------------------------------------------
+    def eval_net(self, use_ema: bool = True) -> Glow:
+        return self.glow_ema if (use_ema and self.glow_ema is not None) else self.glow
+
+    @torch.no_grad()
+    def evaluate_bpd(self, images: torch.Tensor, labels: torch.Tensor, use_ema: bool = True,
+                     batch_size: int = 256, seed: int = 0) -> float:
+        """Mean bits/dim over the images, with fresh dequantisation noise per image (seeded)."""
+        net = self.eval_net(use_ema)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        total = 0.0
+        for i in range(0, len(images), batch_size):
+            x = self.prep(images[i:i + batch_size], g)
+            total += float(self.losses(x, self._labels(labels[i:i + batch_size]), net)["bpd"].sum())
+        return total / len(images)
+
+    @torch.no_grad()
+    def sample_images(self, n: int, temperature: float = 1.0, y: Optional[torch.Tensor] = None,
+                      use_ema: bool = True, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Samples as images in [-1, 1] (the convention of GANModule.generate)."""
+        x = self.eval_net(use_ema).sample(n, temperature, y, generator)
+        return (2.0 * (x.float() + 0.5) - 1.0).clamp(-1, 1)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["genscale"] = {
+            "format": CHECKPOINT_FORMAT,
+            "kind": "flow",
+            "config": self.cfg,
+            "iteration": int(self.steps),
+            "images_seen": int(self.images_seen),
+        }
