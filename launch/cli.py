@@ -133,13 +133,14 @@ def _later(issue: str) -> Callable:
 
 
 def _launch_parser(sp) -> None:
-    from launch import torchrun
+    from launch import slurm, torchrun
 
     la = sp.add_parser("launch", help="launch multi-process / multi-node runs (torchrun)",
-                       description="Launch a run on several processes or nodes. SLURM comes later.")
+                       description="Launch a run on several processes or nodes, with torchrun or SLURM.")
     lsp = la.add_subparsers(dest="launcher", metavar="LAUNCHER")
     lsp.required = True
     torchrun.add_parser(lsp)
+    slurm.add_parser(lsp)
 
 
 def build_parser() -> argparse.ArgumentParser:
