@@ -135,7 +135,7 @@ def _later(issue: str) -> Callable:
 def _launch_parser(sp) -> None:
     from launch import slurm, torchrun
 
-    la = sp.add_parser("launch", help="launch multi-process / multi-node runs (torchrun)",
+    la = sp.add_parser("launch", help="launch multi-process / multi-node runs (torchrun, SLURM)",
                        description="Launch a run on several processes or nodes, with torchrun or SLURM.")
     lsp = la.add_subparsers(dest="launcher", metavar="LAUNCHER")
     lsp.required = True
