@@ -464,6 +464,18 @@ class Glow(nn.Module):
             y = torch.as_tensor(y, device=p.device)
         return self._reverse(None, y, n, temperature, generator, p.dtype, p.device)
 
+    @torch.no_grad()
+    def interpolate(self, xa: torch.Tensor, xb: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decodes (1 - w) z(xa) + w z(xb) for each weight w, interpolating every level's latent (a
+        resampled factored-out latent would not reproduce the endpoints). xa, xb: (1, C, H, W)."""
+        # The class only enters the top prior, not the bijection: any label gives the same latents.
+        y = torch.zeros(1, dtype=torch.long, device=xa.device) if self.num_classes else None
+        za, zb = self.encode(xa, y), self.encode(xb, y)
+        w = weights.to(device=xa.device, dtype=xa.dtype).view(-1, 1, 1, 1)
+        latents = [(1 - w) * a + w * b for a, b in zip(za, zb)]
+        return self._reverse(latents, y.expand(len(w)) if y is not None else None, len(w), 1.0, None,
+                             xa.dtype, xa.device)
+
     # ---- ActNorm init ---------------------------------------------------------------------------
     def actnorms(self) -> List[ActNorm]:
         return [m for m in self.modules() if isinstance(m, ActNorm)]

@@ -360,3 +360,16 @@ def test_bad_sizes_and_registry():
     assert isinstance(g, Glow) and g.latent_shapes == [(2, 4, 4), (8, 2, 2)]
     with pytest.raises(KeyError, match="Valid flow models: glow"):
         build_flow("realnvp")
+
+
+def test_interpolation_reuses_every_latent_and_hits_the_endpoints():
+    glow = tiny_glow("affine", True, seed=5, scale=0.03)
+    xa, xb = (torch.rand(1, 3, 4, 4, dtype=torch.float64) - 0.5 for _ in range(2))
+    out = glow.interpolate(xa, xb, torch.tensor([0.0, 0.5, 1.0]))
+    assert out.shape == (3, 3, 4, 4)
+    assert torch.allclose(out[0], xa[0], atol=1e-10) and torch.allclose(out[2], xb[0], atol=1e-10)
+    mid = [(a + b) / 2 for a, b in zip(glow.encode(xa), glow.encode(xb))]
+    assert torch.allclose(out[1], glow.decode(mid)[0], atol=1e-12)
+    cond = tiny_glow("additive", False, num_classes=3, seed=6, scale=0.03)
+    out = cond.interpolate(xa, xb, torch.tensor([0.0, 1.0]))
+    assert torch.allclose(out[0], xa[0], atol=1e-10) and torch.allclose(out[1], xb[0], atol=1e-10)
