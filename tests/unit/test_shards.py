@@ -108,6 +108,13 @@ def test_index_contents_and_sha256(tmp_path):
     (out / "train-000001.tar").write_bytes(bytes(raw))
     problems = shards.inspect_shards(out, verify=True)["verify"]["problems"]
     assert any("train-000001.tar" in p and "sha256" in p for p in problems)
+    val = out / "val-000000.tar"
+    val.write_bytes(val.read_bytes()[:3000])  # truncated inside the second sample
+    problems = shards.inspect_shards(out, verify=True)["verify"]["problems"]
+    assert any("val-000000.tar" in p and "readable samples, index.json lists 7" in p for p in problems), problems
+    from launch.cli import main as genscale
+
+    assert genscale(["data", "inspect", str(out), "--verify"]) == 1  # problems: a failing exit status
 
 
 def test_parallel_writing_is_byte_identical_to_serial(tmp_path):
