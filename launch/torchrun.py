@@ -102,8 +102,8 @@ def build_command(experiment: str, nodes: int, gpus_per_node: int, node_rank: Op
     return cmd
 
 
-_UNREACHABLE = re.compile(r"DistNetworkError|timed out .*connect|Connection refused|RendezvousTimeoutError|"
-                          r"Socket Timeout|wait timeout", re.I)
+_UNREACHABLE = re.compile(r"DistNetworkError|DistStoreError|timed out .*connect|waiting for clients|"
+                          r"Connection refused|RendezvousTimeoutError|Socket Timeout|wait timeout", re.I)
 
 
 def run(cmd: List[str], node_rank: Optional[int], master: Optional[str], timeout_s: float) -> int:
@@ -120,7 +120,11 @@ def run(cmd: List[str], node_rank: Optional[int], master: Optional[str], timeout
         proc.terminate()
         rc = proc.wait()
     if rc != 0:
-        if unreachable and master:
+        if unreachable and master and node_rank == 0:
+            print(f"genscale launch torchrun: error: node rank 0 could not meet the other nodes at {master} within "
+                  f"{timeout_s:g} s: they did not join. Start the same command on every other node with its own "
+                  "--node-rank, check that they can reach this address and port, or raise --timeout.", file=sys.stderr)
+        elif unreachable and master:
             print(f"genscale launch torchrun: error: node rank {node_rank} could not meet the other nodes at "
                   f"{master} within {timeout_s:g} s. Start node rank 0 (the machine at that address) with the same "
                   "--nodes/--master, check the address, port and firewall, or raise --timeout.", file=sys.stderr)

@@ -84,14 +84,26 @@ def test_two_nodes_on_localhost_train_and_checkpoint_together(tmp_path):
     assert meta["iteration"] == 4 and meta["config"]["trainer"]["num_nodes"] == 2
 
 
-def test_a_master_that_does_not_answer_fails_in_bounded_time(tmp_path):
-    port = free_port()  # nobody listens there
+@pytest.mark.slow
+def test_a_rendezvous_that_nobody_answers_fails_in_bounded_time(tmp_path):
+    """Node rank 1 pointed at a master nobody listens on, and node rank 0 whose peer never comes:
+    both fail after about --timeout seconds with a message, never hang."""
+    ports = free_port(), free_port()
     t0 = time.monotonic()
-    p = subprocess.run(_launch("gan_digits", "--nodes", "2", "--gpus-per-node", "1", "--node-rank", "1",
-                               "--master", f"127.0.0.1:{port}", "--timeout", "5", *tiny(tmp_path)),
-                       cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    procs = [subprocess.Popen(_launch("gan_digits", "--nodes", "2", "--gpus-per-node", "1", "--node-rank", str(r),
+                                      "--master", f"127.0.0.1:{port}", "--timeout", "5", "trainer.accelerator=cpu",
+                                      *tiny(tmp_path)),
+                              cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r, port in zip((1, 0), ports)]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     elapsed = time.monotonic() - t0
-    assert p.returncode != 0
-    assert f"could not meet the other nodes at 127.0.0.1:{port} within 5 s" in p.stderr, p.stderr[-2000:]
+    assert all(p.returncode != 0 for p in procs)
+    assert f"node rank 1 could not meet the other nodes at 127.0.0.1:{ports[0]} within 5 s" in errs[0], errs[0][-2000:]
+    assert f"node rank 0 could not meet the other nodes at 127.0.0.1:{ports[1]} within 5 s" in errs[1], errs[1][-2000:]
     assert elapsed < 60
-    assert not (tmp_path / "runs").exists()  # nothing was started
+    assert not list((tmp_path / "runs").glob("*/*/checkpoints"))  # no training happened
