@@ -186,8 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _data_parser(sp)
     _launch_parser(sp)
+    from launch import sweep
+
+    sweep.add_parser(sp)
     for name, text, issue in (
-        ("sweep", "run or submit sweeps over config values", "sweeps"),
         ("bench", "benchmark training throughput", "benchmarks"),
     ):
         q = sp.add_parser(name, help=f"{text} (coming with the {issue} work)",

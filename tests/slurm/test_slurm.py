@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from trainer.checkpointing import load_checkpoint
 
@@ -91,3 +92,40 @@ def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert list(run_dir.glob("config.resume-*.yaml"))
     its = _iterations(run_dir)
     assert its == sorted(set(its)) and its[-1] == total
+
+
+SWEEP = """
+method: grid
+parameters:
+  model.g_width: {values: [8, 16]}
+  optim.d.lr: {values: [0.0001, 0.0002]}
+  trainer.max_iters: {value: 2}
+command:
+  - ${interpreter}
+  - -m
+  - launch.cli
+  - train
+  - gan_digits
+  - ${args_no_hyphens}
+  - LOGROOT
+  - logging.wandb=false
+  - trainer.progress_bar=false
+  - trainer.sample_every=0
+  - trainer.cpu_threads=1
+"""
+
+
+def test_slurm_sweep_is_a_job_array(cluster, tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(SWEEP.replace("LOGROOT", f"logging.root={tmp_path}/runs"))
+    res = subprocess.run([sys.executable, "-m", "launch.cli", "sweep", str(spec), "--backend", "slurm", "--id", "a1",
+                          "--root", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    job = json.loads(res.stdout.strip().splitlines()[-1])["array_job_id"]
+    assert "#SBATCH --array=0-3" in (tmp_path / "sweeps" / "a1" / "array.sbatch").read_text()
+    _wait(lambda: _state(job) == "", 600, f"array job {job} to finish")
+    runs = sorted((tmp_path / "runs" / "gan_digits").iterdir())
+    assert len(runs) == 4, [p.name for p in runs]
+    widths = sorted(yaml.safe_load((r / "config.yaml").read_text())["model"]["g_width"] for r in runs)
+    assert widths == [8, 8, 16, 16]
+    assert all(load_checkpoint(r)["genscale"]["iteration"] == 2 for r in runs)

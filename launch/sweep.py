@@ -1,0 +1,206 @@
+"""`genscale sweep SWEEP.yaml --backend {local,slurm,wandb}`: runs a W&B-format sweep.
+
+The YAML is W&B's sweep format, so one file serves all three backends:
+
+    program: launch/cli.py                 # informational here
+    method: grid                           # grid or random
+    run_cap: 8                             # random: number of trials (or --count)
+    parameters:
+      optim.d.lr: {values: [1.0e-4, 2.0e-4]}
+      model.g_width: {values: [8, 16]}
+      trainer.seed: {distribution: int_uniform, min: 0, max: 100}
+      trainer.max_iters: {value: 500}
+    command: [${env}, ${interpreter}, -m, launch.cli, train, gan_mnist5k, ${args_no_hyphens}]
+
+Every trial is the command with ${args_no_hyphens} replaced by its `key=value` overrides (the same
+form as `genscale train` takes). `local` runs the trials one after another, `slurm` submits them as
+one job array, `wandb` creates the sweep on the W&B server and runs an agent (online only).
+Each sweep writes runs/sweeps/<id>/ with the sweep file and one line per trial in trials.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import itertools
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import yaml
+
+from launch.torchrun import LaunchError
+
+DEFAULT_COMMAND = ["${env}", "${interpreter}", "-m", "launch.cli", "train", "${args_no_hyphens}"]
+
+
+def load_sweep(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise LaunchError(f"Sweep file '{path}' does not exist.")
+    try:
+        spec = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LaunchError(f"Cannot parse sweep file '{path}': {e}") from None
+    if spec.get("method", "grid") not in ("grid", "random"):
+        raise LaunchError(f"Sweep method '{spec.get('method')}' is not supported here: use grid or random.")
+    if not isinstance(spec.get("parameters"), dict) or not spec["parameters"]:
+        raise LaunchError(f"Sweep file '{path}' has no 'parameters' mapping (dotted config keys -> values).")
+    return spec
+
+
+def _draw(name: str, p: dict, rng: random.Random):
+    if "value" in p:
+        return p["value"]
+    if "values" in p:
+        return rng.choice(p["values"])
+    dist = p.get("distribution", "uniform")
+    if dist == "int_uniform":
+        return rng.randint(int(p["min"]), int(p["max"]))
+    if dist == "uniform":
+        return rng.uniform(float(p["min"]), float(p["max"]))
+    if dist == "log_uniform_values":
+        import math
+
+        return math.exp(rng.uniform(math.log(float(p["min"])), math.log(float(p["max"]))))
+    raise LaunchError(f"Parameter '{name}': distribution '{dist}' is not supported (values, value, uniform, "
+                      "int_uniform, log_uniform_values).")
+
+
+def expand(spec: dict, count: Optional[int] = None, seed: int = 0) -> List[Dict[str, object]]:
+    """The trials' parameter assignments: the grid's cartesian product, or `count` random draws."""
+    params = spec["parameters"]
+    names = sorted(params)
+    if spec.get("method", "grid") == "grid":
+        for n in names:
+            if not ({"value", "values"} & set(params[n])):
+                raise LaunchError(f"Grid sweeps need 'values' or 'value' for every parameter; '{n}' has neither.")
+        axes = [params[n]["values"] if "values" in params[n] else [params[n]["value"]] for n in names]
+        return [dict(zip(names, combo)) for combo in itertools.product(*axes)]
+    count = count or spec.get("run_cap")
+    if not count:
+        raise LaunchError("A random sweep needs run_cap in the file or --count N.")
+    rng = random.Random(seed)
+    return [{n: _draw(n, params[n], rng) for n in names} for _ in range(int(count))]
+
+
+def _fmt(v) -> str:
+    return json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
+
+
+def command_for(spec: dict, assignment: Dict[str, object]) -> List[str]:
+    args = [f"{k}={_fmt(v)}" for k, v in assignment.items()]
+    out: List[str] = []
+    for tok in spec.get("command") or DEFAULT_COMMAND:
+        if tok == "${env}":
+            continue
+        elif tok == "${interpreter}":
+            out.append(sys.executable)
+        elif tok == "${program}":
+            out.append(str(spec.get("program", "")))
+        elif tok == "${args_no_hyphens}":
+            out += args
+        elif tok == "${args}":
+            out += [f"--{a}" for a in args]
+        else:
+            out.append(str(tok))
+    return out
+
+
+def _sweep_dir(root: str, sweep_id: str, spec_path: str) -> Path:
+    d = Path(root) / "sweeps" / sweep_id
+    d.mkdir(parents=True, exist_ok=False)
+    shutil.copyfile(spec_path, d / "sweep.yaml")
+    return d
+
+
+def run_local(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str) -> int:
+    failed = 0
+    for i, assignment in enumerate(trials):
+        cmd = command_for(spec, assignment)
+        env = dict(os.environ, GENSCALE_RUN_ID=f"{sweep_id}-{i:03d}")
+        print(f"genscale sweep: trial {i + 1}/{len(trials)}: {shlex.join(cmd)}", flush=True)
+        rc = subprocess.run(cmd, env=env).returncode
+        failed += rc != 0
+        with open(sweep_dir / "trials.jsonl", "a") as fh:
+            fh.write(json.dumps({"trial": i, "overrides": assignment, "command": cmd, "returncode": rc,
+                                 "run_id": env["GENSCALE_RUN_ID"]}) + "\n")
+    print(json.dumps({"sweep_dir": str(sweep_dir), "trials": len(trials), "failed": failed}))
+    return 1 if failed else 0
+
+
+def run_slurm(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, partition: str = "",
+              time: str = "") -> int:
+    if shutil.which("sbatch") is None:
+        raise LaunchError("sbatch was not found on PATH: the slurm backend must run on a SLURM login node.")
+    tdir = sweep_dir / "trials"
+    tdir.mkdir()
+    for i, assignment in enumerate(trials):
+        (tdir / f"{i}.cmd").write_text(shlex.join(command_for(spec, assignment)) + "\n")
+        with open(sweep_dir / "trials.jsonl", "a") as fh:
+            fh.write(json.dumps({"trial": i, "overrides": assignment, "run_id": f"{sweep_id}-{i:03d}"}) + "\n")
+    head = [f"#SBATCH --job-name=genscale-sweep-{sweep_id}", f"#SBATCH --array=0-{len(trials) - 1}",
+            "#SBATCH --ntasks=1", f"#SBATCH --output={sweep_dir}/slurm-%A_%a.out"]
+    head += [f"#SBATCH --partition={partition}"] * bool(partition) + [f"#SBATCH --time={time}"] * bool(time)
+    script = "\n".join(["#!/bin/bash", *head, "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}",
+                        f"export GENSCALE_RUN_ID={sweep_id}-$(printf %03d $SLURM_ARRAY_TASK_ID)",
+                        f'eval "$(cat {tdir}/${{SLURM_ARRAY_TASK_ID}}.cmd)"']) + "\n"
+    (sweep_dir / "array.sbatch").write_text(script)
+    res = subprocess.run(["sbatch", "--parsable", str(sweep_dir / "array.sbatch")], capture_output=True,
+                         text=True, timeout=60)
+    if res.returncode != 0:
+        raise LaunchError(f"sbatch refused the sweep array: {res.stderr.strip()}")
+    job = res.stdout.strip().split(";")[0]
+    print(json.dumps({"sweep_dir": str(sweep_dir), "trials": len(trials), "array_job_id": job}))
+    return 0
+
+
+def run_wandb(spec: dict, project: str) -> int:
+    import wandb
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or not (
+            os.environ.get("WANDB_API_KEY") or Path.home().joinpath(".netrc").exists()):
+        raise LaunchError("The wandb backend needs W&B online (a sweep lives on the W&B server): log in with "
+                          "`wandb login` and unset WANDB_MODE=offline, or use --backend local or slurm.")
+    sweep_id = wandb.sweep(sweep=spec, project=project)
+    return subprocess.run([sys.executable, "-m", "wandb", "agent", f"{project}/{sweep_id}"]).returncode
+
+
+def cmd_sweep(args) -> int:
+    try:
+        spec = load_sweep(args.sweep)
+        if args.backend == "wandb":
+            return run_wandb(spec, args.project)
+        trials = expand(spec, args.count, args.seed)
+        sweep_id = args.id or f"sweep-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+        sweep_dir = _sweep_dir(args.root, sweep_id, args.sweep)
+        if args.backend == "local":
+            return run_local(spec, trials, sweep_dir, sweep_id)
+        return run_slurm(spec, trials, sweep_dir, sweep_id, args.partition, args.time)
+    except FileExistsError as e:
+        print(f"genscale sweep: error: sweep directory {e.filename} exists: choose another --id.", file=sys.stderr)
+        return 2
+    except LaunchError as e:
+        print(f"genscale sweep: error: {e}", file=sys.stderr)
+        return 2
+
+
+def add_parser(sp) -> argparse.ArgumentParser:
+    s = sp.add_parser("sweep", help="run a W&B-format sweep locally, as a SLURM job array, or on W&B",
+                      description=__doc__.split("\n\n")[0] + " See launch/sweep.py for the file format.")
+    s.add_argument("sweep", help="sweep YAML (W&B format)")
+    s.add_argument("--backend", choices=["local", "slurm", "wandb"], default="local")
+    s.add_argument("--count", type=int, default=None, help="random sweeps: number of trials")
+    s.add_argument("--seed", type=int, default=0, help="random sweeps: seed of the draws")
+    s.add_argument("--id", default=None, help="sweep id (default: sweep-<time>)")
+    s.add_argument("--root", default="runs", help="sweep records go to ROOT/sweeps/<id>/")
+    s.add_argument("--partition", default="", help="slurm backend: partition")
+    s.add_argument("--time", default="", help="slurm backend: time limit per trial")
+    s.add_argument("--project", default="genscale", help="wandb backend: project")
+    s.set_defaults(fn=cmd_sweep)
+    return s
