@@ -327,6 +327,7 @@ class Glow(nn.Module):
             raise ValueError(f"Glow with L={levels} levels needs the image size divisible by 2^L = "
                              f"{2 ** levels}; got {image_size}. Change data.resolution or the level count.")
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.n_dims = in_channels * image_size * image_size
         self.checkpointing = False  # gradient checkpointing per flow step (set by the trainer)
         self.levels = nn.ModuleList()
         c, s = in_channels, image_size
@@ -423,26 +424,36 @@ class Glow(nn.Module):
         latents, priors, _ = self._encode(x, y)
         return (latents, priors) if return_priors else latents
 
+    def split_eps(self, eps: torch.Tensor) -> List[torch.Tensor]:
+        """(N, D) standard-normal noise -> one tensor per latent, shaped like ``latent_shapes``."""
+        sizes = [math.prod(s) for s in self.latent_shapes]
+        return [e.reshape(-1, *s) for e, s in zip(eps.split(sizes, dim=1), self.latent_shapes)]
+
     def _reverse(self, latents: Optional[List[torch.Tensor]], y, n: int, temperature: float,
-                 generator: Optional[torch.Generator], dtype, device) -> torch.Tensor:
+                 generator: Optional[torch.Generator], dtype, device,
+                 eps: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Top-down inverse. A given latent is used as is; a missing one (sampling) is drawn from its
-        prior with the std scaled by the temperature."""
+        prior with the std scaled by the temperature, from ``eps`` (N, D) when given."""
         amp = _amp_dtype(torch.device(device))
         y = self._check_y(y, n)
+        noise = self.split_eps(eps.to(device=device, dtype=dtype)) if eps is not None else None
 
-        def draw(mean, logs):
-            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-            return mean + temperature * torch.exp(logs) * eps
+        def draw(mean, logs, index):
+            if noise is not None:
+                e = noise[index]
+            else:
+                e = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            return mean + temperature * torch.exp(logs) * e
 
         with torch.autocast(torch.device(device).type, enabled=False):
             if latents is not None:
                 h = latents[-1]
             else:
-                h = draw(*self.top_params(n, y, dtype, device))
+                h = draw(*self.top_params(n, y, dtype, device), len(self.levels) - 1)
             for i in reversed(range(len(self.levels))):
                 level = self.levels[i]
                 if level.prior is not None:
-                    z2 = latents[i] if latents is not None else draw(*level.split_params(h))
+                    z2 = latents[i] if latents is not None else draw(*level.split_params(h), i)
                     h = torch.cat([h, z2], dim=1)
                 for step in reversed(level.steps):
                     h = step.inverse(h, amp)
@@ -457,12 +468,13 @@ class Glow(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, y: Optional[torch.Tensor] = None,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """x = f(z) with every prior's std scaled by ``temperature`` (0: the prior means)."""
+               generator: Optional[torch.Generator] = None, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x = f(z) with every prior's std scaled by ``temperature`` (0: the prior means). ``eps``:
+        optional fixed (n, D) standard-normal noise (fixed sample grids across training)."""
         p = next(self.parameters())
         if y is not None:
             y = torch.as_tensor(y, device=p.device)
-        return self._reverse(None, y, n, temperature, generator, p.dtype, p.device)
+        return self._reverse(None, y, n, temperature, generator, p.dtype, p.device, eps)
 
     @torch.no_grad()
     def interpolate(self, xa: torch.Tensor, xb: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -38,10 +38,10 @@ FLOW_DEFAULTS = {
         "model": "glow", "levels": 2, "steps": 8, "hidden": 64, "coupling": "affine", "lu": True,
         "learn_top": True, "class_conditional": False, "weight_y": 0.01, "n_bits": 5,
         "optimizer": "adamax", "lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.0,
-        "warmup_images": 50_000, "checkpointing": False,
+        "warmup_images": 50_000, "checkpointing": False, "sample_temperature": 0.7,
     },
     "ema": {"enabled": False, "decay": 0.999, "start_iter": 0, "rampup_iters": 0},
-    "trainer": {"seed": 0, "max_iters": 1000, "max_nonfinite": 20, "log_every": 10},
+    "trainer": {"seed": 0, "max_iters": 1000, "max_nonfinite": 20, "sample_grid": 64},
 }
 
 
@@ -115,20 +115,30 @@ class FlowModule(L.LightningModule):
             self.glow_ema = copy.deepcopy(glow).eval()
             self.glow_ema.checkpointing = False
             set_requires_grad(self.glow_ema, False)
-        for name in ("steps", "images_seen", "nonfinite_total"):
+        # iteration = training steps (batches) taken, skipped non-finite ones included.
+        for name in ("iteration", "images_seen", "nonfinite_total"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        # Fixed standard-normal noise for sample grids that are comparable across training.
+        g = torch.Generator().manual_seed(mix_seed(cfg["trainer"]["seed"], 0xF1CED))
+        self.register_buffer("fixed_z", torch.randn(cfg["trainer"]["sample_grid"], glow.n_dims, generator=g))
         self._init_checked = False  # once per process: a host read of every ActNorm flag
         self._nonfinite_streak = 0
         self._stepped = False
 
+    # The names GAN-era callbacks and data modules read (checkpoint cadence, sample grids, resume).
     @property
     def d_steps(self) -> torch.Tensor:
-        """Batches consumed, under the name the data modules read for exact resume."""
-        return self.steps
+        """Batches consumed (ArrayDataModule/ShardDataModule resume from it)."""
+        return self.iteration
+
+    @property
+    def g_stepped(self) -> bool:
+        """Every flow training step ends an iteration (IterationCheckpoint, SampleGridCallback)."""
+        return True
 
     @property
     def n_dims(self) -> int:
-        return self.glow.in_channels * self.glow.image_size ** 2
+        return self.glow.n_dims
 
     # ---- optimiser ------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -149,7 +159,7 @@ class FlowModule(L.LightningModule):
     # ---- data -----------------------------------------------------------------------------------
     def noise_generator(self, salt: int = 0) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed(mix_seed(self.cfg["trainer"]["seed"], self._rank(), int(self.steps), salt))
+        g.manual_seed(mix_seed(self.cfg["trainer"]["seed"], self._rank(), int(self.iteration), salt))
         return g
 
     def prep(self, images: torch.Tensor, gen: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -201,7 +211,7 @@ class FlowModule(L.LightningModule):
         if self._nonfinite_streak >= limit:
             raise NonFiniteLossError(
                 f"The flow loss was non-finite for {self._nonfinite_streak} consecutive steps (step "
-                f"{int(self.steps)}, {int(self.nonfinite_total)} skipped in all). Those steps were skipped "
+                f"{int(self.iteration)}, {int(self.nonfinite_total)} skipped in all). Those steps were skipped "
                 "and the run stopped; the last checkpoint is intact. Lower flow.lr, lengthen "
                 "flow.warmup_images, use trainer.precision=32, or raise trainer.max_nonfinite.")
 
@@ -219,7 +229,7 @@ class FlowModule(L.LightningModule):
         loss = terms["bpd"].mean()
         if "bits_y" in terms:
             loss = loss + f["weight_y"] * terms["bits_y"].mean()
-        self.steps += 1
+        self.iteration += 1
         self.images_seen += x.shape[0] * self._world()
         self._stepped = self._all_finite(loss)
         if not self._stepped:
@@ -231,7 +241,7 @@ class FlowModule(L.LightningModule):
         if "bits_y" in terms:
             logged["train/bits_y"] = terms["bits_y"].mean().detach()
         self.log_dict(logged, prog_bar=False, logger=True, on_step=True, on_epoch=False)
-        if int(self.steps) >= self.cfg["trainer"]["max_iters"]:
+        if int(self.iteration) >= self.cfg["trainer"]["max_iters"]:
             self.trainer.should_stop = True
         return loss
 
@@ -239,8 +249,8 @@ class FlowModule(L.LightningModule):
         if self.glow_ema is None or not self._stepped:
             return
         e = self.cfg["ema"]
-        # `steps` already counts this step; the schedule uses the step's own index.
-        ema_update(self.glow_ema, self.glow, ema_beta(int(self.steps) - 1, e["decay"], e["start_iter"],
+        # `iteration` already counts this step; the schedule uses the step's own index.
+        ema_update(self.glow_ema, self.glow, ema_beta(int(self.iteration) - 1, e["decay"], e["start_iter"],
                                                       e["rampup_iters"]))
 
     # ---- evaluation and sampling ----------------------------------------------------------------
@@ -261,10 +271,21 @@ class FlowModule(L.LightningModule):
 
     @torch.no_grad()
     def sample_images(self, n: int, temperature: float = 1.0, y: Optional[torch.Tensor] = None,
-                      use_ema: bool = True, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Samples as images in [-1, 1] (the convention of GANModule.generate)."""
-        x = self.eval_net(use_ema).sample(n, temperature, y, generator)
-        return (2.0 * (x.float() + 0.5) - 1.0).clamp(-1, 1)
+                      use_ema: bool = True, generator: Optional[torch.Generator] = None,
+                      eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Samples as images in [-1, 1] (the convention of GANModule.generate). A class-conditional
+        model without y cycles through the classes."""
+        if y is None and self.glow.num_classes:
+            y = torch.arange(n, device=self.device) % self.glow.num_classes
+        x = self.eval_net(use_ema).sample(n, temperature, y, generator, eps)
+        return (2.0 * x.float()).clamp(-1, 1)  # x in [-0.5, 0.5) -> [-1, 1)
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, use_ema: bool = True) -> torch.Tensor:
+        """GANModule's interface for sample grids: images from (N, D) standard-normal noise ``z``
+        (e.g. ``fixed_z``) at flow.sample_temperature."""
+        return self.sample_images(len(z), self.cfg["flow"]["sample_temperature"], use_ema=use_ema,
+                                  eps=z.to(self.device))
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -272,6 +293,6 @@ class FlowModule(L.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "kind": "flow",
             "config": self.cfg,
-            "iteration": int(self.steps),
+            "iteration": int(self.iteration),
             "images_seen": int(self.images_seen),
         }

@@ -13,6 +13,8 @@ from data_pipelines.builtin import load_split
 from models.glow import Glow
 from trainer.flow_module import (FLOW_DEFAULTS, FlowModule, bits_per_dim, check_n_bits, classifier_bits,
                                  dequantize, glow_from_config, merge_config, warmup_lr)
+from trainer.callbacks.samples import SampleGridCallback
+from trainer.checkpointing import IterationCheckpoint
 from trainer.gan_module import NonFiniteLossError
 
 # ---- pure functions by hand ----------------------------------------------------------------------
@@ -96,7 +98,7 @@ def test_flow_module_trains_and_bits_per_dim_decreases(digits):
     trainer = fit(m, digits, 40)
     after = m.evaluate_bpd(images[:128], labels[:128], seed=1)
     assert after < before - 0.8, (before, after)
-    assert int(m.steps) == 40 and int(m.images_seen) == 40 * 32
+    assert int(m.iteration) == 40 and int(m.images_seen) == 40 * 32
     # the last step's lr: images seen including that batch (1280) >= warmup (128): the full lr
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(3e-3)
     s = m.sample_images(4, temperature=0.7, use_ema=False, generator=torch.Generator().manual_seed(0))
@@ -137,7 +139,7 @@ def test_checkpoint_round_trip_restores_exactly_and_never_reinitialises(digits, 
     monkeypatch.setattr(Glow, "initialize_actnorm", lambda *a, **k: pytest.fail("ActNorm re-initialised"))
     resumed = make({"ema": {"enabled": True, "decay": 0.9}}, seed=123)
     fit(resumed, digits, 7, ckpt_path=str(path))
-    assert int(resumed.steps) == 7 and int(resumed.images_seen) == 7 * 32
+    assert int(resumed.iteration) == 7 and int(resumed.images_seen) == 7 * 32
 
 
 def test_ema_starts_from_the_initialised_flow_and_averages(digits):
@@ -175,19 +177,19 @@ def test_nonfinite_loss_is_skipped_and_counted_then_stops_the_run(digits, monkey
 
     def losses(self, x, y, glow=None):
         out = orig(self, x, y, glow)
-        if int(self.steps) == 2:  # the third step's loss is NaN
+        if int(self.iteration) == 2:  # the third step's loss is NaN
             state["before"] = [p.detach().clone() for p in self.glow.parameters()]
             out["bpd"] = out["bpd"] * float("nan")
         return out
 
     class Check(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
-            if int(pl_module.steps) == 3:
+            if int(pl_module.iteration) == 3:
                 state["after"] = [p.detach().clone() for p in pl_module.glow.parameters()]
 
     monkeypatch.setattr(FlowModule, "losses", losses)
     fit(m, digits, 4, callbacks=[Check()])
-    assert int(m.nonfinite_total) == 1 and int(m.steps) == 4
+    assert int(m.nonfinite_total) == 1 and int(m.iteration) == 4
     assert all(torch.equal(a, b) for a, b in zip(state["before"], state["after"]))
     assert all(torch.isfinite(p).all() for p in m.glow.parameters())
     m2 = make({"trainer": {"max_nonfinite": 1}})
@@ -199,7 +201,7 @@ def test_bf16_mixed_and_checkpointing_train(digits):
     m = make({"flow": {"checkpointing": True}})
     assert m.glow.checkpointing
     fit(m, digits, 2, precision="bf16-mixed")
-    assert int(m.steps) == 2 and int(m.nonfinite_total) == 0
+    assert int(m.iteration) == 2 and int(m.nonfinite_total) == 0
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in m.glow.parameters())
 
 
@@ -209,3 +211,16 @@ def test_defaults_describe_every_key_the_module_reads():
     assert isinstance(m.configure_optimizers(), torch.optim.Adamax)
     with pytest.raises(ValueError, match="1..8"):
         make({"flow": {"n_bits": 0}})
+
+
+def test_fixed_noise_grids_and_the_existing_checkpoint_and_sample_callbacks(digits, tmp_path):
+    m = make({"trainer": {"sample_grid": 9}})
+    samples, ckpts = SampleGridCallback(tmp_path / "samples", every=2), IterationCheckpoint(tmp_path / "ckpt", 2)
+    fit(m, digits, 4, callbacks=[samples, ckpts])
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["iter_0000002.png", "iter_0000004.png"]
+    assert (tmp_path / "ckpt" / "iter-0000004.ckpt").exists() and (tmp_path / "ckpt" / "last.ckpt").exists()
+    a, b = m.generate(m.fixed_z), m.generate(m.fixed_z)
+    assert a.shape == (9, 1, 8, 8) and torch.equal(a, b) and a.abs().max() <= 1
+    # generate(z) is sample() at flow.sample_temperature from the noise z, mapped to [-1, 1]
+    x = m.glow.sample(9, 0.7, eps=m.fixed_z)
+    assert torch.allclose(a, (2 * x).clamp(-1, 1))

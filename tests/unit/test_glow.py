@@ -373,3 +373,13 @@ def test_interpolation_reuses_every_latent_and_hits_the_endpoints():
     cond = tiny_glow("additive", False, num_classes=3, seed=6, scale=0.03)
     out = cond.interpolate(xa, xb, torch.tensor([0.0, 1.0]))
     assert torch.allclose(out[0], xa[0], atol=1e-10) and torch.allclose(out[1], xb[0], atol=1e-10)
+
+
+def test_sampling_from_given_noise_uses_it_scaled_by_temperature():
+    glow = tiny_glow("affine", True, seed=7, scale=0.03)
+    eps = torch.randn(2, glow.n_dims, dtype=torch.float64)
+    assert sum(math.prod(s) for s in glow.latent_shapes) == glow.n_dims == 48
+    x = glow.sample(2, temperature=0.6, eps=eps)
+    zs, ps = glow.encode(x, return_priors=True)
+    got = torch.cat([((z - m) / logs.exp()).flatten(1) for z, (m, logs) in zip(zs, ps)], 1)
+    assert torch.allclose(got, 0.6 * eps, atol=1e-9)
