@@ -435,7 +435,7 @@ class Glow(nn.Module):
         """Top-down inverse. A given latent is used as is; a missing one (sampling) is drawn from its
         prior with the std scaled by the temperature, from ``eps`` (N, D) when given."""
         amp = _amp_dtype(torch.device(device))
-        y = self._check_y(y, n)
+        y = self._check_y(y, n) if latents is None else None  # given latents: the class plays no part
         noise = self.split_eps(eps.to(device=device, dtype=dtype)) if eps is not None else None
 
         def draw(mean, logs, index):
@@ -461,6 +461,7 @@ class Glow(nn.Module):
         return h
 
     def decode(self, latents: List[torch.Tensor], y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x from the latents of ``encode``. y is accepted for symmetry; the bijection ignores it."""
         if len(latents) != len(self.latent_shapes):
             raise ValueError(f"decode needs {len(self.latent_shapes)} latents, got {len(latents)}.")
         z = latents[-1]
@@ -484,9 +485,7 @@ class Glow(nn.Module):
         y = torch.zeros(1, dtype=torch.long, device=xa.device) if self.num_classes else None
         za, zb = self.encode(xa, y), self.encode(xb, y)
         w = weights.to(device=xa.device, dtype=xa.dtype).view(-1, 1, 1, 1)
-        latents = [(1 - w) * a + w * b for a, b in zip(za, zb)]
-        return self._reverse(latents, y.expand(len(w)) if y is not None else None, len(w), 1.0, None,
-                             xa.dtype, xa.device)
+        return self.decode([(1 - w) * a + w * b for a, b in zip(za, zb)])
 
     # ---- ActNorm init ---------------------------------------------------------------------------
     def actnorms(self) -> List[ActNorm]:

@@ -240,7 +240,9 @@ class FlowModule(L.LightningModule):
                   "train/nonfinite_skipped": float(self.nonfinite_total)}
         if "bits_y" in terms:
             logged["train/bits_y"] = terms["bits_y"].mean().detach()
-        self.log_dict(logged, prog_bar=False, logger=True, on_step=True, on_epoch=False)
+        # Logged through Lightning (every trainer log_every_n_steps) and kept in callback_metrics for
+        # checkpoint ranking; logger=False without loggers avoids a warning per key.
+        self.log_dict(logged, prog_bar=False, logger=bool(self.trainer.loggers), on_step=True, on_epoch=False)
         if int(self.iteration) >= self.cfg["trainer"]["max_iters"]:
             self.trainer.should_stop = True
         return loss

@@ -287,6 +287,7 @@ def test_class_conditional_glow():
     assert (glow.log_prob(x, y0) - glow.log_prob(x, y1)).abs().min() > 1e-4
     # the class only shifts the top prior: the bijection (hence decode(encode)) is unchanged
     assert torch.equal(glow.encode(x, y0)[0], glow.encode(x, y1)[0])
+    assert torch.allclose(glow.decode(glow.encode(x, y1)), x, atol=1e-10)
     assert abs(float(glow.log_prob(x[:1], y1[:1]).detach()) - brute_log_prob(glow, x[:1], y1[:1])) < 1e-7
     logp, logits = glow(x, y0)
     top = glow.encode(x, y0)[-1]
