@@ -36,7 +36,7 @@ LN2 = math.log(2.0)
 FLOW_DEFAULTS = {
     "flow": {
         "model": "glow", "levels": 2, "steps": 8, "hidden": 64, "coupling": "affine", "lu": True,
-        "learn_top": True, "class_conditional": False, "weight_y": 0.01, "n_bits": 5,
+        "learn_top": True, "class_conditional": False, "weight_y": 0.01, "n_bits": 8,
         "optimizer": "adamax", "lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.0,
         "warmup_images": 50_000, "checkpointing": False, "sample_temperature": 0.7,
     },
