@@ -8,7 +8,6 @@ import hashlib
 import itertools
 import json
 import pickle
-import shutil
 import signal
 import warnings
 from pathlib import Path
