@@ -39,8 +39,22 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from trainer.checkpointing import load_checkpoint
     from trainer.evaluate import sample_grid
+    from trainer.flow_eval import flow_sample_grid, is_flow_checkpoint
 
+    ckpt = load_checkpoint(args.checkpoint)
+    if is_flow_checkpoint(ckpt):
+        paths = flow_sample_grid(ckpt, num=args.num, out=args.out, seed=args.seed, use_ema=not args.no_ema,
+                                 temperatures=args.temperature, label=args.label)
+        temps = args.temperature or [ckpt["genscale"]["config"]["flow"]["sample_temperature"]]
+        print(json.dumps({"out": [str(p) for p in paths] if len(paths) > 1 else str(paths[0]), "num": args.num,
+                          "seed": args.seed, "ema": not args.no_ema and bool(ckpt["genscale"]["config"]["ema"]["enabled"]),
+                          "temperature": temps, "class": args.label}))
+        return 0
+    if args.temperature or args.label is not None:
+        raise SystemExit("genscale sample: --temperature and --class apply to flow checkpoints only.")
+    del ckpt
     out = sample_grid(args.checkpoint, num=args.num, out=args.out, seed=args.seed, use_ema=not args.no_ema)
     print(json.dumps({"out": str(out), "num": args.num, "seed": args.seed, "ema": not args.no_ema}))
     return 0
@@ -56,6 +70,15 @@ def cmd_eval(args) -> int:
                                  features_dir=args.features_dir, force=args.force)
         print(json.dumps({"feature_net": str(path)}))
         return 0
+    from trainer.checkpointing import load_checkpoint
+    from trainer.flow_eval import evaluate_flow_checkpoint, is_flow_checkpoint
+
+    ckpt = load_checkpoint(args.target)
+    if is_flow_checkpoint(ckpt):
+        print(json.dumps(evaluate_flow_checkpoint(ckpt, num=args.num, seed=args.seed, use_ema=not args.no_ema),
+                         indent=2))
+        return 0
+    del ckpt
     result = evaluate_checkpoint(args.target, num_samples=args.num, seed=args.seed, use_ema=not args.no_ema,
                                  features_dir=args.features_dir)
     print(json.dumps(result, indent=2))
@@ -163,14 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png", help="output PNG")
     s.add_argument("--seed", type=int, default=0, help="latent seed")
     s.add_argument("--no-ema", action="store_true", help="use the raw generator instead of G_ema")
+    s.add_argument("--temperature", type=float, nargs="+", default=None, metavar="T",
+                   help="flows: prior temperature(s) (default flow.sample_temperature); several write one grid "
+                        "each, OUT_T<t>.png, from the same noise")
+    s.add_argument("--class", dest="label", type=int, default=None,
+                   help="class-conditional flows: sample this class (default: cycle through the classes)")
     s.set_defaults(fn=cmd_sample)
 
-    e = sp.add_parser("eval", help="FID/KID of a checkpoint, or train the domain feature network", description=(
-        "`genscale eval CKPT` computes FID and KID between generated and held-out images and appends them to "
-        "the run's eval.jsonl. `genscale eval train-features --dataset mnist5k` trains the domain classifier "
+    e = sp.add_parser("eval", help="FID/KID (GANs) or bits/dim (flows) of a checkpoint, or train the domain "
+                      "feature network", description=(
+        "`genscale eval CKPT` computes FID and KID between generated and held-out images (GANs), or the "
+        "held-out bits/dim (flows), and appends them to the run's eval.jsonl. `genscale eval train-features --dataset mnist5k` trains the domain classifier "
         "whose features FID/KID use on digit data (done automatically on first use)."))
     e.add_argument("target", help="checkpoint / run directory, or 'train-features'")
-    e.add_argument("--num", type=int, default=None, help="generated samples (default: eval.num_samples)")
+    e.add_argument("--num", type=int, default=None, help="generated samples, or held-out images for flows "
+                                                          "(default: eval.num_samples)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--no-ema", action="store_true", help="evaluate the raw generator")
     e.add_argument("--features-dir", default=None, help="where feature networks are kept")

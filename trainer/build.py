@@ -24,7 +24,7 @@ from trainer.callbacks.evaluation import PeriodicEvalCallback
 from trainer.callbacks.samples import SampleGridCallback
 from trainer.csv_log import AppendingCSVLogger
 from trainer.checkpointing import AtomicCheckpointIO, CheckpointError, IterationCheckpoint, load_checkpoint
-from trainer.config import ConfigError, load_config, to_dict, to_yaml
+from trainer.config import ConfigError, is_flow, load_config, to_dict, to_yaml
 from trainer.gan_module import GANModule, NonFiniteLossError
 from trainer.strategies.gan_ddp import STRATEGY_NAME as GAN_DDP, GANDDPStrategy
 
@@ -111,7 +111,13 @@ def make_run_dir(cfg: DictConfig, reuse: bool = False) -> Path:
     return run_dir
 
 
-def build_module(cfg: DictConfig, channels: int, num_classes: int) -> GANModule:
+def build_module(cfg: DictConfig, channels: int, num_classes: int):
+    """GANModule, or FlowModule when model.name is a flow (models.glow.FLOWS)."""
+    if is_flow(cfg):
+        from trainer.flow_module import FlowModule, glow_from_config
+
+        d = to_dict(cfg)
+        return FlowModule(glow_from_config(d, channels, cfg.data.resolution, num_classes), d)
     m = cfg.model
     G, D = build_gan(m.name, z_dim=m.z_dim, g_width=m.g_width, d_width=m.d_width,
                      resolution=cfg.data.resolution, channels=channels, g_norm=m.g_norm,
@@ -163,9 +169,21 @@ def _num_processes(t) -> int:
     return n * t.num_nodes
 
 
-def _strategy(t):
-    """'auto' with more than one process picks gan_ddp (plain DDP cannot wrap G and D together)."""
+def _strategy(t, flow: bool = False):
+    """'auto' with more than one process picks gan_ddp (plain DDP cannot wrap G and D together), or
+    Lightning's plain DDP for flows (one network, automatic optimisation)."""
     name = str(t.strategy)
+    if flow:
+        if name == GAN_DDP:
+            raise ConfigError(f"trainer.strategy={GAN_DDP} is for GANs; flows use Lightning's ddp "
+                              "(the default for more than one process with strategy=auto).")
+        if name in ("auto", "ddp") and _num_processes(t) > 1:
+            if t.dist_timeout_s <= 0:
+                raise ConfigError(f"trainer.dist_timeout_s must be positive, got {t.dist_timeout_s}.")
+            from lightning.pytorch.strategies import DDPStrategy
+
+            return DDPStrategy(timeout=_dt.timedelta(seconds=float(t.dist_timeout_s)))
+        return name
     if name == "auto" and _num_processes(t) > 1:
         name = GAN_DDP
     if name == GAN_DDP:
@@ -196,10 +214,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int
     callbacks = [ckpt, samples]
     if cfg.data.name == "shards":
         callbacks.append(DataSkippedCallback(t.log_every))
-    if cfg.eval.every_n_iters > 0 or cfg.eval.at_start:
+    flow = is_flow(cfg)
+    if (cfg.eval.every_n_iters > 0 or cfg.eval.at_start) and not flow:
         # Before the checkpoint callback, so a checkpoint at the same iteration is ranked by this value.
         callbacks.insert(0, PeriodicEvalCallback(to_dict(cfg), run_dir, cfg.eval.every_n_iters, cfg.eval.at_start))
-    if cfg.ema.enabled:
+    if (cfg.eval.every_n_iters > 0 or cfg.eval.at_start) and flow:  # held-out bits/dim
+        from trainer.callbacks.flow_eval import FlowEvalCallback
+
+        callbacks.insert(0, FlowEvalCallback(to_dict(cfg), run_dir, cfg.eval.every_n_iters, cfg.eval.at_start))
+    if cfg.ema.enabled and not flow:  # FlowModule keeps its own EMA
         # EMA must run before samples/checkpoints read G_ema at the same step.
         callbacks.insert(0, EMACallback(cfg.ema.decay, cfg.ema.start_iter, cfg.ema.rampup_iters))
     if t.preemption:
@@ -212,7 +235,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int
         # handler would save from inside the signal handler, possibly mid-step.
         plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=_devices(t.devices), num_nodes=t.num_nodes, strategy=_strategy(t),
+        accelerator=t.accelerator, devices=_devices(t.devices), num_nodes=t.num_nodes, strategy=_strategy(t, flow),
         precision=t.precision, max_epochs=-1, max_steps=-1, logger=loggers, callbacks=callbacks,
         plugins=plugins, enable_checkpointing=False, enable_progress_bar=t.progress_bar,
         enable_model_summary=False, log_every_n_steps=1, deterministic=t.deterministic,

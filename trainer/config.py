@@ -142,6 +142,32 @@ class EMAConfig:
 
 
 @dataclass
+class FlowConfig:
+    """Normalising flows (model.name=glow); the names are those trainer.flow_module.FLOW_DEFAULTS reads."""
+    levels: int = f(2, "Glow levels L: each squeezes 2x2 (data.resolution must be divisible by 2^L) and all "
+                       "but the last factor out half the channels.")
+    steps: int = f(8, "Flow steps K per level (ActNorm -> invertible 1x1 conv -> coupling).")
+    hidden: int = f(64, "Hidden channels of each coupling network (512 in the paper).")
+    coupling: str = f("affine", "Coupling layer: affine (sigmoid scale) or additive (volume preserving).")
+    lu: bool = f(True, "LU-decomposed invertible 1x1 convolutions (False: plain weight, slogdet in float64).")
+    learn_top: bool = f(True, "Learn the top prior's mean and log-scale (zero-initialised conv).")
+    class_conditional: bool = f(False, "Condition the top prior on the class label (needs labelled data).")
+    weight_y: float = f(0.01, "Class-conditional: weight of the classifier head's cross-entropy (bits) "
+                              "in the loss (0: no classifier head).")
+    n_bits: int = f(8, "Quantise images to this many bits (1..8) before uniform dequantisation; bits/dim "
+                       "at different n_bits are not comparable.")
+    optimizer: str = f("adamax", "adam or adamax (the authors' code uses Adamax).")
+    lr: float = f(1e-3, "Learning rate after warmup.")
+    betas: List[float] = f([0.9, 0.99], "Adam/Adamax betas.")
+    eps: float = f(1e-8, "Optimiser epsilon.")
+    weight_decay: float = f(0.0, "Weight decay.")
+    warmup_images: int = f(50_000, "Linear lr warmup over this many training images (0: none).")
+    checkpointing: bool = f(False, "Gradient checkpointing per flow step (less memory, about 30% slower).")
+    sample_temperature: float = f(0.7, "Temperature of sample grids and the default of "
+                                       "`genscale sample --temperature` (scales every prior's std).")
+
+
+@dataclass
 class LoggingConfig:
     root: str = f("runs", "Runs go to <root>/<experiment>/<run_id>/.")
     run_id: str = f("", "Run id; empty: $SLURM_JOB_ID if set, else a timestamp.")
@@ -154,9 +180,11 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    num_samples: int = f(2000, "Generated samples compared against the held-out split.")
-    every_n_iters: int = f(0, "Also evaluate FID/KID during training every N iterations (0: off); "
-                              "logged as eval/fid, eval/kid and appended to eval.jsonl.")
+    num_samples: int = f(2000, "Generated samples compared against the held-out split (flows: held-out images "
+                               "whose bits/dim are averaged, capped by the split's size).")
+    every_n_iters: int = f(0, "Also evaluate FID/KID (flows: held-out bits/dim on num_samples val images) during "
+                              "training every N iterations (0: off); logged as eval/fid, eval/kid (flows: "
+                              "eval/bpd) and appended to eval.jsonl.")
     at_start: bool = f(False, "With every_n_iters: also evaluate before the first step (the untrained value).")
     features: str = f("auto", "Feature network: 'auto' (domain classifier for digit data, Inception "
                               "otherwise), 'domain', or 'inception'.")
@@ -186,7 +214,8 @@ class GenscaleConfig:
     model: ModelConfig = sub(ModelConfig, "Networks.")
     loss: LossConfig = sub(LossConfig, "Objective.")
     optim: OptimConfig = sub(OptimConfig, "Optimisers and step schedule.")
-    ema: EMAConfig = sub(EMAConfig, "EMA generator.")
+    ema: EMAConfig = sub(EMAConfig, "EMA of the generator (GANs) or of the flow (flows).")
+    flow: FlowConfig = sub(FlowConfig, "Normalising-flow model and training (model.name=glow).")
     logging: LoggingConfig = sub(LoggingConfig, "Run directory and loggers.")
     eval: EvalConfig = sub(EvalConfig, "Evaluation protocol.")
     launch: LaunchConfig = sub(LaunchConfig, "Launchers.")
@@ -201,6 +230,8 @@ CHOICES = {
     "logging.wandb_mode": ["offline", "online"],
     "eval.features": ["auto", "domain", "inception"],
     "data.mode": ["resampled", "exact"],
+    "flow.coupling": ["affine", "additive"],
+    "flow.optimizer": ["adam", "adamax"],
 }
 
 
@@ -312,11 +343,12 @@ def validate(cfg: DictConfig) -> None:
         val = str(OmegaConf.select(cfg, key))
         if val not in choices:
             raise ConfigError(f"Invalid value '{val}' for '{key}'. Valid values: {', '.join(choices)}.")
+    from models.glow import FLOWS
     from models.registry import MODELS
     from trainer.losses import LOSSES
     from data_pipelines.builtin import DATASETS
 
-    for key, registry in (("model.name", MODELS), ("loss.name", LOSSES), ("data.name", DATASETS)):
+    for key, registry in (("model.name", {**MODELS, **FLOWS}), ("loss.name", LOSSES), ("data.name", DATASETS)):
         val = OmegaConf.select(cfg, key)
         if val not in registry:
             raise ConfigError(f"Unknown {key.split('.')[0]} '{val}' for '{key}'. Valid: {', '.join(sorted(registry))}.")
@@ -332,9 +364,41 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}.")
-    if cfg.loss.name == "wgan_gp" and cfg.model.d_norm == "batch":
+    if is_flow(cfg):
+        _validate_flow(cfg)
+    elif cfg.loss.name == "wgan_gp" and cfg.model.d_norm == "batch":
         raise ConfigError("loss.name=wgan_gp with model.d_norm=batch: the gradient penalty is per sample, "
                           "so the critic must not use BatchNorm. Set model.d_norm=layer or none.")
+
+
+def is_flow(cfg) -> bool:
+    """Whether model.name names a normalising flow (models.glow.FLOWS) rather than a GAN."""
+    from models.glow import FLOWS
+
+    return OmegaConf.select(cfg, "model.name") in FLOWS if isinstance(cfg, DictConfig) else cfg["model"]["name"] in FLOWS
+
+
+def _validate_flow(cfg: DictConfig) -> None:
+    fl, res = cfg.flow, cfg.data.resolution
+    for key in ("levels", "steps", "hidden"):
+        if fl[key] <= 0:
+            raise ConfigError(f"'flow.{key}' must be positive, got {fl[key]}.")
+    if res % (2 ** fl.levels):
+        ok = [lv for lv in range(1, 9) if res % (2 ** lv) == 0]
+        raise ConfigError(f"flow.levels={fl.levels} needs data.resolution divisible by 2^{fl.levels}={2 ** fl.levels} "
+                          f"(each level squeezes 2x2), but data.resolution={res}. Choose flow.levels in "
+                          f"{ok or 'none: use an even resolution'} or a resolution divisible by {2 ** fl.levels}.")
+    if not 1 <= fl.n_bits <= 8:
+        raise ConfigError(f"flow.n_bits must be an integer in 1..8, got {fl.n_bits}.")
+    if fl.lr <= 0 or fl.warmup_images < 0 or fl.weight_y < 0 or fl.sample_temperature < 0:
+        raise ConfigError(f"flow.lr must be positive and flow.warmup_images, flow.weight_y and "
+                          f"flow.sample_temperature non-negative (got {fl.lr}, {fl.warmup_images}, {fl.weight_y}, "
+                          f"{fl.sample_temperature}).")
+    if len(fl.betas) != 2:
+        raise ConfigError(f"flow.betas must have two values, got {list(fl.betas)}.")
+    if cfg.optim.accumulate != 1:
+        raise ConfigError("optim.accumulate applies to GANs only; flows take one optimiser step per batch "
+                          f"(got optim.accumulate={cfg.optim.accumulate}).")
 
 
 def to_yaml(cfg: DictConfig) -> str:

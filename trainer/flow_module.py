@@ -93,7 +93,9 @@ def warmup_lr(base_lr: float, images_seen: int, warmup_images: int) -> float:
 def glow_from_config(cfg: dict, channels: int, resolution: int, num_classes: int = 0) -> Glow:
     f = cfg["flow"]
     conditional = f["class_conditional"] and num_classes > 0
-    return build_flow(f["model"], channels=channels, resolution=resolution, levels=f["levels"],
+    # The run config (trainer.config.FlowConfig) names the flow in model.name; FLOW_DEFAULTS in flow.model.
+    name = f.get("model") or cfg["model"]["name"]
+    return build_flow(name, channels=channels, resolution=resolution, levels=f["levels"],
                       steps=f["steps"], hidden=f["hidden"], coupling=f["coupling"], lu=f["lu"],
                       learn_top=f["learn_top"], num_classes=num_classes if conditional else 0,
                       classifier=conditional and f["weight_y"] > 0)
@@ -240,14 +242,37 @@ class FlowModule(L.LightningModule):
                   "train/nonfinite_skipped": float(self.nonfinite_total)}
         if "bits_y" in terms:
             logged["train/bits_y"] = terms["bits_y"].mean().detach()
-        # Logged through Lightning (every trainer log_every_n_steps) and kept in callback_metrics for
-        # checkpoint ranking; logger=False without loggers avoids a warning per key.
-        self.log_dict(logged, prog_bar=False, logger=bool(self.trainer.loggers), on_step=True, on_epoch=False)
+        # Kept in callback_metrics for checkpoint ranking; the loggers get rows keyed by iteration.
+        self.log_dict(logged, prog_bar=False, logger=False, on_step=True, on_epoch=False)
+        self._log_rows(logged)
         if int(self.iteration) >= self.cfg["trainer"]["max_iters"]:
             self.trainer.should_stop = True
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def _log_rows(self, logged: dict) -> None:
+        """Every trainer.log_every iterations (and the first), rank-averaged, straight to the loggers
+        keyed by iteration like GANModule (Lightning's step would not count skipped steps)."""
+        it = int(self.iteration)
+        every = self.cfg["trainer"].get("log_every", 1)
+        if not self.trainer.loggers or (it % every and it != 1):
+            return
+        keys = list(logged)
+        vals = torch.stack([torch.as_tensor(logged[k], dtype=torch.float32, device=self.device) for k in keys])
+        vals = self.trainer.strategy.reduce(vals, reduce_op="mean")
+        row = {k: float(v) for k, v in zip(keys, vals.tolist())}
+        row.update({"iteration": float(it), "progress/kimg": float(self.images_seen) / 1000.0})
+        if self.trainer.is_global_zero:
+            for lg in self.loggers:
+                lg.log_metrics(row, step=it)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The EMA update right after the optimiser step: callbacks' on_train_batch_end hooks run before
+        the module's, so an update there would come after that step's checkpoint and sample grid (a
+        resume from that checkpoint would then miss one update)."""
+        super().optimizer_step(*args, **kwargs)
+        self._update_ema()
+
+    def _update_ema(self) -> None:
         if self.glow_ema is None or not self._stepped:
             return
         e = self.cfg["ema"]
@@ -297,4 +322,6 @@ class FlowModule(L.LightningModule):
             "config": self.cfg,
             "iteration": int(self.iteration),
             "images_seen": int(self.images_seen),
+            # the data position and per-rank noise depend on it: a resume must match it
+            "world_size": int(self.trainer.world_size) if getattr(self, "_trainer", None) is not None else 1,
         }
