@@ -36,3 +36,30 @@ def test_flow_ddp_ranks_identical_after_init_and_steps(tmp_path):
     local = -squeeze2d(x0).double().mean(dim=(0, 2, 3))
     assert torch.allclose(bias.double(), union, atol=1e-6)
     assert (bias.double() - local).abs().max() > 0.05  # a per-rank init would have given this
+
+
+def test_glow_digits_through_build_on_two_processes(tmp_path):
+    """`train("glow_digits", devices=2)`: strategy auto picks Lightning's DDP for a flow, both ranks
+    end with identical parameters (ActNorm init and EMA included), and one run directory is written."""
+    import json
+
+    from tests.conftest import tiny
+    from tests.distributed.helpers import start_ranks
+
+    common = tiny(tmp_path, "trainer.accelerator=cpu", "trainer.max_iters=4", "trainer.log_every=1",
+                  "trainer.checkpoint.every_n_iters=2", "trainer.sample_every=2", "ema.enabled=true",
+                  "logging.run_id=ddp")
+    out = tmp_path / "out"
+    finish_all(start_ranks(out, "glow_digits", *common))
+    info = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [i["strategy"] for i in info] == ["DDPStrategy"] * 2 and info[0]["world_size"] == 2
+    assert info[0]["iteration"] == info[1]["iteration"] == 4
+    s0, s1 = (torch.load(out / f"rank{r}.pt") for r in range(2))
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
+    run_dir = tmp_path / "runs" / "glow_digits" / "ddp"
+    assert (run_dir / "checkpoints" / "iter-0000004.ckpt").exists()
+    import csv
+    with open(run_dir / "metrics.csv") as fh:
+        its = [int(float(r["iteration"])) for r in csv.DictReader(fh) if r.get("train/bpd")]
+    assert its == [1, 2, 3, 4]
