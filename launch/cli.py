@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 def _user_errors() -> tuple:
     from data_pipelines.builtin import DataError
@@ -147,12 +147,53 @@ def _data_parser(sp) -> None:
     d.set_defaults(fn=cmd_data)
 
 
-def _later(issue: str) -> Callable:
-    def run(args) -> int:
-        print(f"genscale {args.command}: this subcommand is not part of this release yet ({issue}).",
-              file=sys.stderr)
+def cmd_bench(args) -> int:
+    if args.bench_command == "train":
+        print("genscale bench train: training-throughput benchmarks are not part of this release yet "
+              "(they come with the benchmarks issue).", file=sys.stderr)
         return 2
-    return run
+    from data_pipelines.bench import format_table, run_data_bench
+
+    result = run_data_bench(resolutions=args.resolution, encodings=args.encoding, workers=args.workers,
+                            images=args.images, batch=args.batch, seconds=args.seconds, repeats=args.repeats,
+                            warmup=args.warmup, digits=not args.no_digits, presized=not args.no_presized,
+                            log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_table(result))
+    text = json.dumps(result, indent=1)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def _bench_parser(sp) -> None:
+    b = sp.add_parser("bench", help="benchmarks: data loading (`bench data`); training throughput later",
+                      description=(
+        "`genscale bench data` builds a workload in a temporary directory (JPEG crops of scikit-image's "
+        "photographs, genscale shards of them, mnist5k PNGs) and measures images/s delivered to the training "
+        "loop by genscale's shard reader against a one-file-per-sample PIL DataLoader (torchvision ImageFolder "
+        "style), with the same workers and batch size, in one interleaved run. `genscale bench train` comes "
+        "with the benchmarks issue."))
+    bsp = b.add_subparsers(dest="bench_command", metavar="{data,train}")
+    bsp.required = True
+    d = bsp.add_parser("data", help="shards vs per-file loading: images/s, CPU per image")
+    d.add_argument("--resolution", type=int, nargs="+", default=[64, 128], help="target resolutions (px)")
+    d.add_argument("--encoding", nargs="+", default=["jpg", "raw", "png"], choices=["jpg", "raw", "png"],
+                   help="shard encodings to measure")
+    d.add_argument("--workers", type=int, default=2, help="DataLoader workers (both loaders)")
+    d.add_argument("--images", type=int, default=2000, help="photo files in the workload")
+    d.add_argument("--batch", type=int, default=64, help="batch size (both loaders)")
+    d.add_argument("--seconds", type=float, default=4.0, help="timed seconds per case and repeat")
+    d.add_argument("--repeats", type=int, default=3, help="interleaved repeats (the median is reported)")
+    d.add_argument("--warmup", type=int, default=3, help="batches skipped before timing each repeat")
+    d.add_argument("--no-digits", action="store_true", help="skip the mnist5k PNG cases")
+    d.add_argument("--no-presized", action="store_true", help="skip the per-file pre-resized JPEG cases")
+    d.add_argument("--out", default=None, help="write the JSON here (default: print it after the table)")
+    t = bsp.add_parser("train", help="training throughput (not in this release yet)")
+    t.add_argument("args", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=cmd_bench)
 
 
 def _launch_parser(sp) -> None:
@@ -219,13 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     from launch import sweep
 
     sweep.add_parser(sp)
-    for name, text, issue in (
-        ("bench", "benchmark training throughput", "benchmarks"),
-    ):
-        q = sp.add_parser(name, help=f"{text} (coming with the {issue} work)",
-                          description=f"{text}. Not in this release yet: it comes with the {issue} work.")
-        q.add_argument("args", nargs=argparse.REMAINDER)
-        q.set_defaults(fn=_later(issue))
+    _bench_parser(sp)
     return p
 
 
