@@ -21,7 +21,8 @@ machine's load falls on all of them alike:
     the consumer loop, on the CPU, where it is charged to the shards).
 
 Each repeat starts a fresh loader, skips ``warmup`` batches (worker start-up, shuffle-buffer fill),
-then iterates batches for ``seconds`` and touches every byte of each (a sum). Reported: images/s
+then iterates batches for ``seconds`` and touches every byte of each (a sum); the consumer loop runs
+with one torch intra-op thread (``consumer_threads``). Reported: images/s
 (median over repeats, with min and max), CPU seconds per image over the timed window (main process
 and its DataLoader workers, from psutil; without psutil from getrusage, which then includes the
 warm-up), and the cores that would feed a BigGAN-128 run at 900 images/s. The files are read
@@ -292,7 +293,7 @@ def _summary(name: str, runs: List[dict], meta: dict) -> dict:
 def run_data_bench(resolutions: Iterable[int] = (64, 128), encodings: Iterable[str] = ("jpg", "raw", "png"),
                    workers: int = 2, images: int = 2000, batch: int = 64, seconds: float = 4.0,
                    repeats: int = 3, warmup: int = 3, digits: bool = True, presized: bool = True,
-                   workdir: Optional[str] = None, log=print) -> dict:
+                   consumer_threads: int = 1, workdir: Optional[str] = None, log=print) -> dict:
     """Builds the workload, times every case (interleaved repeats) and returns the results dict."""
     from data_pipelines.shards import ENCODINGS, write_shards
 
@@ -346,12 +347,19 @@ def run_data_bench(resolutions: Iterable[int] = (64, 128), encodings: Iterable[s
             if p.is_file():
                 p.read_bytes()
         runs: Dict[tuple, List[dict]] = {(g, n): [] for g, n, *_ in cases}
-        for k in range(repeats):
-            for g, n, make, flip, _ in cases:
-                res = time_loader(make, warmup, seconds, flip=flip)
-                runs[g, n].append(res)
-                log(f"  repeat {k + 1}/{repeats} {g:10s} {n:15s} {res['images_per_s']:9.0f} img/s  "
-                    f"{1000 * res['cpu_s_per_image']:.2f} CPU ms/img")
+        # The consumer loop runs one intra-op thread, as genscale's CPU experiments do (trainer.cpu_threads=1):
+        # with torch's default (one per core) its flip and sum spin against the busy workers on a 2-core machine.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(consumer_threads)
+        try:
+            for k in range(repeats):
+                for g, n, make, flip, _ in cases:
+                    res = time_loader(make, warmup, seconds, flip=flip)
+                    runs[g, n].append(res)
+                    log(f"  repeat {k + 1}/{repeats} {g:10s} {n:15s} {res['images_per_s']:9.0f} img/s  "
+                        f"{1000 * res['cpu_s_per_image']:.2f} CPU ms/img")
+        finally:
+            torch.set_num_threads(threads)
         results = []
         base: Dict[str, float] = {}
         for g, n, _, _, meta in cases:
@@ -365,6 +373,7 @@ def run_data_bench(resolutions: Iterable[int] = (64, 128), encodings: Iterable[s
             "benchmark": "data", "unit": "images/s delivered to the consumer loop (median of repeats)",
             "settings": {"resolutions": resolutions, "encodings": encodings, "workers": workers, "images": images,
                          "batch": batch, "seconds": seconds, "repeats": repeats, "warmup_batches": warmup,
+                         "consumer_threads": consumer_threads,
                          "shard_maxcount": maxcount, "photo_source": origin,
                          "source_files": f"JPEG q{SOURCE_QUALITY}, short side {SOURCE_SHORT_SIDE[0]}-"
                                          f"{SOURCE_SHORT_SIDE[1]} px",

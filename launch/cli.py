@@ -44,6 +44,13 @@ def cmd_sample(args) -> int:
     from trainer.flow_eval import flow_sample_grid, is_flow_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
+    if is_flow_checkpoint(ckpt) and args.interpolate:
+        from trainer.flow_eval import flow_interpolate
+
+        path = flow_interpolate(ckpt, *args.interpolate, num=args.num, out=args.out, seed=args.seed,
+                                use_ema=not args.no_ema)
+        print(json.dumps({"out": str(path), "num": args.num, "interpolate": args.interpolate, "split": "val"}))
+        return 0
     if is_flow_checkpoint(ckpt):
         paths = flow_sample_grid(ckpt, num=args.num, out=args.out, seed=args.seed, use_ema=not args.no_ema,
                                  temperatures=args.temperature, label=args.label)
@@ -52,8 +59,8 @@ def cmd_sample(args) -> int:
                           "seed": args.seed, "ema": not args.no_ema and bool(ckpt["genscale"]["config"]["ema"]["enabled"]),
                           "temperature": temps, "class": args.label}))
         return 0
-    if args.temperature or args.label is not None:
-        raise SystemExit("genscale sample: --temperature and --class apply to flow checkpoints only.")
+    if args.temperature or args.label is not None or args.interpolate:
+        raise SystemExit("genscale sample: --temperature, --class and --interpolate apply to flow checkpoints only.")
     del ckpt
     out = sample_grid(args.checkpoint, num=args.num, out=args.out, seed=args.seed, use_ema=not args.no_ema)
     print(json.dumps({"out": str(out), "num": args.num, "seed": args.seed, "ema": not args.no_ema}))
@@ -156,7 +163,8 @@ def cmd_bench(args) -> int:
 
     result = run_data_bench(resolutions=args.resolution, encodings=args.encoding, workers=args.workers,
                             images=args.images, batch=args.batch, seconds=args.seconds, repeats=args.repeats,
-                            warmup=args.warmup, digits=not args.no_digits, presized=not args.no_presized,
+                            warmup=args.warmup, consumer_threads=args.threads, digits=not args.no_digits,
+                            presized=not args.no_presized,
                             log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(result))
     text = json.dumps(result, indent=1)
@@ -188,6 +196,7 @@ def _bench_parser(sp) -> None:
     d.add_argument("--seconds", type=float, default=4.0, help="timed seconds per case and repeat")
     d.add_argument("--repeats", type=int, default=3, help="interleaved repeats (the median is reported)")
     d.add_argument("--warmup", type=int, default=3, help="batches skipped before timing each repeat")
+    d.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the consumer loop")
     d.add_argument("--no-digits", action="store_true", help="skip the mnist5k PNG cases")
     d.add_argument("--no-presized", action="store_true", help="skip the per-file pre-resized JPEG cases")
     d.add_argument("--out", default=None, help="write the JSON here (default: print it after the table)")
@@ -232,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "each, OUT_T<t>.png, from the same noise")
     s.add_argument("--class", dest="label", type=int, default=None,
                    help="class-conditional flows: sample this class (default: cycle through the classes)")
+    s.add_argument("--interpolate", type=int, nargs=2, default=None, metavar=("A", "B"),
+                   help="flows: a row of --num images interpolating every level's latent between held-out "
+                        "images number A and B")
     s.set_defaults(fn=cmd_sample)
 
     e = sp.add_parser("eval", help="FID/KID (GANs) or bits/dim (flows) of a checkpoint, or train the domain "
