@@ -19,3 +19,37 @@ def tiny(tmp_path, *extra):
 @pytest.fixture
 def tiny_overrides(tmp_path):
     return lambda *extra: tiny(tmp_path, *extra)
+
+
+# A 2x2 grid sweep in W&B's format over tiny gan_digits runs (used by the local and SLURM sweep tests).
+SWEEP_SPEC = """
+program: launch/cli.py
+method: grid
+parameters:
+  optim.d.lr: {values: [0.0001, 0.0002]}
+  model.g_width: {values: [8, 16]}
+  trainer.max_iters: {value: 2}
+command:
+  - ${env}
+  - ${interpreter}
+  - -m
+  - launch.cli
+  - train
+  - gan_digits
+  - ${args_no_hyphens}
+  - LOGROOT
+  - logging.wandb=false
+  - trainer.progress_bar=false
+  - trainer.sample_every=0
+  - trainer.cpu_threads=1
+"""
+
+
+@pytest.fixture
+def sweep_file(tmp_path):
+    """Writes a sweep YAML (the 2x2 grid unless `text` is given) whose runs go to tmp_path/runs."""
+    def write(text: str = SWEEP_SPEC):
+        p = tmp_path / "sweep.yaml"
+        p.write_text(text.replace("LOGROOT", f"logging.root={tmp_path}/runs"))
+        return p
+    return write

@@ -11,37 +11,8 @@ from launch.cli import main
 from launch.sweep import command_for, expand, load_sweep
 from trainer.checkpointing import load_checkpoint
 
-SPEC = """
-program: launch/cli.py
-method: grid
-parameters:
-  optim.d.lr: {values: [0.0001, 0.0002]}
-  model.g_width: {values: [8, 16]}
-  trainer.max_iters: {value: 2}
-command:
-  - ${env}
-  - ${interpreter}
-  - -m
-  - launch.cli
-  - train
-  - gan_digits
-  - ${args_no_hyphens}
-  - LOGROOT
-  - logging.wandb=false
-  - trainer.progress_bar=false
-  - trainer.sample_every=0
-  - trainer.cpu_threads=1
-"""
-
-
-def _spec_file(tmp_path, text=SPEC):
-    p = tmp_path / "sweep.yaml"
-    p.write_text(text.replace("LOGROOT", f"logging.root={tmp_path}/runs"))
-    return p
-
-
-def test_grid_and_command_expansion(tmp_path):
-    spec = load_sweep(str(_spec_file(tmp_path)))
+def test_grid_and_command_expansion(sweep_file):
+    spec = load_sweep(str(sweep_file()))
     trials = expand(spec)
     assert len(trials) == 4
     assert {(t["optim.d.lr"], t["model.g_width"]) for t in trials} == {(1e-4, 8), (1e-4, 16), (2e-4, 8), (2e-4, 16)}
@@ -61,8 +32,8 @@ def test_random_sweep_is_reproducible_and_in_range():
 
 
 @pytest.mark.slow
-def test_local_grid_sweep_makes_four_runs_with_their_overrides(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "launch.cli", "sweep", str(_spec_file(tmp_path)), "--backend",
+def test_local_grid_sweep_makes_four_runs_with_their_overrides(tmp_path, sweep_file):
+    res = subprocess.run([sys.executable, "-m", "launch.cli", "sweep", str(sweep_file()), "--backend",
                           "local", "--id", "s1", "--root", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "sweeps" / "s1" / "trials.jsonl").read_text().splitlines()]
@@ -78,12 +49,12 @@ def test_local_grid_sweep_makes_four_runs_with_their_overrides(tmp_path):
     assert len(seen) == 4
 
 
-def test_bad_sweeps_and_offline_wandb_are_refused(tmp_path, capsys, monkeypatch):
+def test_bad_sweeps_and_offline_wandb_are_refused(tmp_path, capsys, monkeypatch, sweep_file):
     assert main(["sweep", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    bad = _spec_file(tmp_path, "method: bayes\nparameters: {a: {values: [1]}}\n")
+    bad = sweep_file("method: bayes\nparameters: {a: {values: [1]}}\n")
     assert main(["sweep", str(bad)]) == 2
     assert "use grid or random" in capsys.readouterr().err
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert main(["sweep", str(_spec_file(tmp_path)), "--backend", "wandb"]) == 2
+    assert main(["sweep", str(sweep_file()), "--backend", "wandb"]) == 2
     assert "needs W&B online" in capsys.readouterr().err

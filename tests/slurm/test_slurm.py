@@ -94,30 +94,8 @@ def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert its == sorted(set(its)) and its[-1] == total
 
 
-SWEEP = """
-method: grid
-parameters:
-  model.g_width: {values: [8, 16]}
-  optim.d.lr: {values: [0.0001, 0.0002]}
-  trainer.max_iters: {value: 2}
-command:
-  - ${interpreter}
-  - -m
-  - launch.cli
-  - train
-  - gan_digits
-  - ${args_no_hyphens}
-  - LOGROOT
-  - logging.wandb=false
-  - trainer.progress_bar=false
-  - trainer.sample_every=0
-  - trainer.cpu_threads=1
-"""
-
-
-def test_slurm_sweep_is_a_job_array(cluster, tmp_path):
-    spec = tmp_path / "sweep.yaml"
-    spec.write_text(SWEEP.replace("LOGROOT", f"logging.root={tmp_path}/runs"))
+def test_slurm_sweep_is_a_job_array(cluster, tmp_path, sweep_file):
+    spec = sweep_file()
     res = subprocess.run([sys.executable, "-m", "launch.cli", "sweep", str(spec), "--backend", "slurm", "--id", "a1",
                           "--root", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
