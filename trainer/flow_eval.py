@@ -106,3 +106,25 @@ def evaluate_flow_checkpoint(checkpoint, num: Optional[int] = None, seed: int = 
         append_row(run_dir / "metrics.csv", {"step": result["iteration"], "iteration": result["iteration"],
                                              f"{tag}/bpd": bpd})
     return result
+
+
+@torch.no_grad()
+def flow_interpolate(ckpt, a: int, b: int, num: int = 8, out="interpolation.png", seed: int = 0,
+                     use_ema: bool = True) -> Path:
+    """A row of `num` images decoded from (1 - w) z(x_a) + w z(x_b), w = 0..1, where x_a and x_b are
+    the held-out images number a and b (dequantised with noise seeded by `seed`) and z is every
+    level's latent (reusing the factored-out latents, so the endpoints reconstruct x_a and x_b)."""
+    from trainer.evaluate import _run_data
+
+    if num < 2:
+        raise ConfigError(f"--num must be at least 2 for an interpolation, got {num}.")
+    ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
+    val = _run_data(ckpt["genscale"]["config"], "val")
+    for i in (a, b):
+        if not 0 <= i < len(val):
+            raise ConfigError(f"--interpolate takes indices of held-out images in 0..{len(val) - 1}, got {i}.")
+    module = load_flow_module(ckpt, val)
+    g = torch.Generator(device=module.device).manual_seed(seed)
+    xa, xb = module.prep(val.images[a:a + 1], g), module.prep(val.images[b:b + 1], g)
+    x = module.eval_net(use_ema).interpolate(xa, xb, torch.linspace(0, 1, num))
+    return save_grid((2.0 * x.float()).clamp(-1, 1).cpu(), out)
