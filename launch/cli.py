@@ -94,6 +94,7 @@ def cmd_eval(args) -> int:
 
 def cmd_list(args) -> int:
     from data_pipelines.builtin import DESCRIPTIONS as DATA
+    from models.glow import FLOW_DESCRIPTIONS as FLOWS
     from models.registry import DESCRIPTIONS as MODELS
     from trainer.config import DEFAULT_EXPERIMENT, list_experiments
 
@@ -102,6 +103,8 @@ def cmd_list(args) -> int:
         print("models:")
         for k in sorted(MODELS):
             print(f"  {k:16s} {MODELS[k]}")
+        for k in sorted(FLOWS):
+            print(f"  {k:16s} {FLOWS[k]} [flow: settings in flow.*]")
     if what in ("experiments", "all"):
         print("experiments:")
         for k in list_experiments():

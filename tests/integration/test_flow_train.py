@@ -96,6 +96,11 @@ def test_cli_sample_interpolates_between_held_out_images(digits_run, tmp_path, c
     assert "held-out" in capsys.readouterr().err
 
 
+def test_cli_lists_the_flow_model(capsys):
+    assert main(["list", "models"]) == 0
+    assert "glow" in capsys.readouterr().out
+
+
 def test_flow_config_errors():
     with pytest.raises(ConfigError, match=r"flow.levels=3.*data.resolution=12"):
         load_config("glow_digits", ["data.resolution=12", "flow.levels=3"])
