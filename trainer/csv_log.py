@@ -39,6 +39,13 @@ class AppendingCSVLogger(CSVLogger):
         super().__init__(save_dir=save_dir, name="", version="", **kwargs)
         self._keep_through = keep_through_step
 
+    @rank_zero_only
+    def log_metrics(self, metrics, step=None) -> None:
+        # Written at once: rows are sparse (every trainer.log_every iterations), and Lightning's
+        # "(step + 1) % flush_every" rule never fires when the steps logged are multiples of 10.
+        super().log_metrics(metrics, step)
+        self.save()
+
     @property
     @rank_zero_only
     def experiment(self) -> ExperimentWriter:
