@@ -1,6 +1,7 @@
 """Config name -> network builder. Builders take plain keyword arguments and return (G, D)."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Dict, Tuple
 
 import torch.nn as nn
@@ -18,9 +19,13 @@ def register(name: str, description: str):
 
 
 def build_gan(name: str, **kwargs) -> Tuple[nn.Module, nn.Module]:
+    """Builds (G, D). Keyword arguments a builder does not take are dropped, so callers can pass the
+    whole model config section (architecture-specific keys such as attention_res) to any builder."""
     if name not in MODELS:
         raise KeyError(f"Unknown model '{name}'. Valid models: {', '.join(sorted(MODELS))}.")
-    return MODELS[name](**kwargs)
+    fn = MODELS[name]
+    accepted = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
-from models import dcgan  # noqa: E402,F401  (registers its builders)
+from models import biggan, dcgan  # noqa: E402,F401  (registers their builders)
