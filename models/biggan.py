@@ -201,3 +201,17 @@ def build_biggan(z_dim: int, g_width: int, d_width: int, resolution: int, channe
     G = BigGANGenerator(z_dim, g_width, resolution, channels, n, shared_dim, attention_res, sn_eps)
     D = BigGANDiscriminator(d_width, resolution, channels, n, attention_res, sn_eps)
     return G, D
+
+
+def truncated_normal(n: int, dim: int, threshold: float = 0.0, generator: Optional[torch.Generator] = None,
+                     device=None) -> torch.Tensor:
+    """Standard normal latents; with threshold T > 0, entries with |z| > T are redrawn until none is
+    left (the paper's truncation trick: resampling, not clipping, so no mass piles up at +-T)."""
+    z = torch.randn(n, dim, generator=generator, device=device)
+    if threshold <= 0:
+        return z
+    bad = z.abs() > threshold
+    while bool(bad.any()):
+        z[bad] = torch.randn(int(bad.sum()), generator=generator, device=device)
+        bad = z.abs() > threshold
+    return z

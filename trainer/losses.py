@@ -86,3 +86,25 @@ def clip_weights(module: torch.nn.Module, bound: float) -> None:
     """WGAN's crude Lipschitz constraint: every parameter clamped to [-bound, bound]."""
     for p in module.parameters():
         p.clamp_(-bound, bound)
+
+
+def ortho_params(module: torch.nn.Module) -> list:
+    """The weights BigGAN's orthogonal regularisation covers: every parameter with >= 2 dimensions
+    except embeddings (the shared class embedding is excluded in the paper)."""
+    skip = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    return [p for p in module.parameters() if p.ndim >= 2 and id(p) not in skip]
+
+
+def ortho_reg(params, beta: float) -> torch.Tensor:
+    """BigGAN's modified orthogonal regularisation beta * sum_W ||W W^T * (1 - I)||_F^2, W a weight
+    viewed as (out, in * k * k): it pushes filters towards mutual orthogonality without constraining
+    their norms. Its gradient is 4 * beta * (W W^T * (1 - I)) W (BigGAN-PyTorch adds 2 * beta * ... to
+    the gradient directly, i.e. half of this; we follow the paper's definition)."""
+    total = None
+    for p in params:  # at least fp32 (as the master weights are), whatever autocast would pick
+        w = p.flatten(1).to(torch.promote_types(p.dtype, torch.float32))
+        gram = w @ w.t()
+        off = gram - torch.diag_embed(torch.diagonal(gram))
+        term = off.pow(2).sum()
+        total = term if total is None else total + term
+    return beta * total if total is not None else torch.zeros(())
