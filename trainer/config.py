@@ -103,6 +103,14 @@ class ModelConfig:
     d_width: int = f(64, "Discriminator width: channels of its first hidden layer.")
     d_norm: str = f("batch", "Normalisation in D: batch, layer or none (WGAN-GP must not use batch).")
     g_norm: str = f("batch", "Normalisation in G: batch or none.")
+    num_classes: int = f(0, "Classes the model is built for; 0: the dataset's class count. A non-zero value "
+                            "that differs from the dataset's stops the run at start (a run records the "
+                            "resolved count, so a resume on other data is refused too).")
+    class_conditional: bool = f(True, "Class-conditional models (biggan): condition G and D on labels when "
+                                      "the data has classes (False: unconditional).")
+    attention_res: int = f(64, "biggan: resolution whose G and D blocks are followed by self-attention (0: none).")
+    shared_dim: int = f(128, "biggan: dimension of G's shared class embedding.")
+    sn_eps: float = f(1e-6, "biggan: epsilon of the spectral-norm power iteration's normalisations.")
 
 
 @dataclass
@@ -111,6 +119,8 @@ class LossConfig:
     gp_weight: float = f(10.0, "Gradient-penalty weight lambda (wgan_gp).")
     clip: float = f(0.01, "Critic weight-clipping bound c (wgan): parameters kept in [-c, c].")
     drift: float = f(0.0, "Drift penalty epsilon * mean(D(x)^2) (Progressive GAN uses 0.001).")
+    ortho_reg: float = f(0.0, "BigGAN's modified orthogonal regularisation beta * ||W W^T * (1 - I)||_F^2 on "
+                              "G's weights (embeddings excluded), added in each G step (BigGAN: 1e-4; 0: off).")
 
 
 @dataclass
@@ -192,6 +202,12 @@ class EvalConfig:
     use_ema: bool = f(True, "Evaluate G_ema (False: the raw generator).")
     kid_subsets: int = f(50, "KID: number of random subsets.")
     kid_subset_size: int = f(500, "KID: size of each subset (capped by the sample count).")
+    bn_mode: str = f("eval", "BatchNorm statistics of the evaluated G: 'eval' (its running statistics) or "
+                             "'standing' (reset and re-accumulated over standing_batches sampled batches, on a "
+                             "copy); recorded with every metric.")
+    standing_batches: int = f(16, "bn_mode=standing: sampled batches (of 250) whose statistics are averaged.")
+    truncation: float = f(0.0, "Latent truncation threshold T of evaluation (entries with |z| > T resampled; "
+                               "0: none); recorded with every metric.")
 
 
 @dataclass
@@ -229,6 +245,7 @@ CHOICES = {
     "optim.d.name": ["adam", "rmsprop"],
     "logging.wandb_mode": ["offline", "online"],
     "eval.features": ["auto", "domain", "inception"],
+    "eval.bn_mode": ["eval", "standing"],
     "data.mode": ["resampled", "exact"],
     "flow.coupling": ["affine", "additive"],
     "flow.optimizer": ["adam", "adamax"],
