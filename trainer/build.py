@@ -111,6 +111,25 @@ def make_run_dir(cfg: DictConfig, reuse: bool = False) -> Path:
     return run_dir
 
 
+def resolve_num_classes(cfg: DictConfig, data_classes: int) -> int:
+    """The model's class count: model.num_classes, which must match the data's, or (0) the data's,
+    recorded in the config so that a resume on data with another class count is refused at start."""
+    want = int(cfg.model.num_classes)
+    if want and want != data_classes:
+        raise ConfigError(f"model.num_classes={want} but the dataset '{cfg.data.name}' {cfg.data.path} has "
+                          f"{data_classes} classes (labels 0..{max(data_classes - 1, 0)}). Use data with {want} classes, "
+                          f"or set model.num_classes={data_classes} (or 0: the data's count) for a new run.")
+    cfg.model.num_classes = data_classes
+    return data_classes
+
+
+def gan_build_args(cfg: dict, channels: int, num_classes: int) -> dict:
+    """build_gan's keyword arguments: the whole model section (each builder takes what it knows) plus
+    what the data decides."""
+    return {**cfg["model"], "resolution": cfg["data"]["resolution"], "channels": channels,
+            "num_classes": num_classes}
+
+
 def build_module(cfg: DictConfig, channels: int, num_classes: int):
     """GANModule, or FlowModule when model.name is a flow (models.glow.FLOWS)."""
     if is_flow(cfg):
@@ -118,11 +137,12 @@ def build_module(cfg: DictConfig, channels: int, num_classes: int):
 
         d = to_dict(cfg)
         return FlowModule(glow_from_config(d, channels, cfg.data.resolution, num_classes), d)
-    m = cfg.model
-    G, D = build_gan(m.name, z_dim=m.z_dim, g_width=m.g_width, d_width=m.d_width,
-                     resolution=cfg.data.resolution, channels=channels, g_norm=m.g_norm,
-                     d_norm=m.d_norm, num_classes=num_classes)
-    return GANModule(G, D, to_dict(cfg), z_dim=m.z_dim)
+    num_classes = resolve_num_classes(cfg, num_classes)
+    try:
+        G, D = build_gan(**gan_build_args(to_dict(cfg), channels, num_classes))
+    except ValueError as e:  # unsupported resolution, widths, norms: the builder says which values work
+        raise ConfigError(f"model.name={cfg.model.name}: {e}") from None
+    return GANModule(G, D, to_dict(cfg), z_dim=cfg.model.z_dim)
 
 
 def build_datamodule(cfg: DictConfig):

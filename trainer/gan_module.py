@@ -22,7 +22,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 
-from trainer.losses import clip_weights, drift_penalty, get_loss, gradient_penalty
+from trainer.losses import clip_weights, drift_penalty, get_loss, gradient_penalty, ortho_params, ortho_reg
 
 CHECKPOINT_FORMAT = 1
 
@@ -64,6 +64,11 @@ class GANModule(L.LightningModule):
             self.G_ema = copy.deepcopy(G).eval()
             set_requires_grad(self.G_ema, False)
         self.loss = get_loss(cfg["loss"]["name"])
+        # Class-conditional networks (BigGAN) take labels: the real ones with real images, and labels
+        # drawn uniformly from the step's generator for fakes. Other networks take none (and draw none).
+        self.num_classes = int(getattr(G, "num_classes", 0)) if getattr(G, "conditional", False) else 0
+        self._ortho = ortho_params(G) if cfg["loss"].get("ortho_reg", 0.0) > 0 else []
+        self._ortho_last = torch.zeros(())
         for name in ("iteration", "d_steps", "d_phase", "images_seen", "nonfinite_total"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
         grid = cfg["trainer"]["sample_grid"]
@@ -146,12 +151,32 @@ class GANModule(L.LightningModule):
     def sample_latents(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return torch.randn(n, self.z_dim, device=self.device, generator=gen)
 
+    def sample_labels(self, n: int, gen: torch.Generator) -> Optional[torch.Tensor]:
+        """Uniform class labels for fakes; None (and no draw) for unconditional networks."""
+        if not self.num_classes:
+            return None
+        return torch.randint(self.num_classes, (n,), device=self.device, generator=gen)
+
+    def _g(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.G(z) if y is None else self.G(z, y)
+
+    def _d(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.D(x) if y is None else self.D(x, y)
+
+    def _ortho_penalty(self, last: bool) -> torch.Tensor:
+        """loss.ortho_reg's term, once per G step (on its last micro-batch), 0 elsewhere."""
+        if not (self._ortho and last):
+            return torch.zeros((), device=self.device)
+        reg = ortho_reg(self._ortho, self.cfg["loss"]["ortho_reg"])
+        self._ortho_last = reg.detach()
+        return reg
+
     def sample_mix(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """Per-sample interpolation weights of the gradient penalty."""
         return torch.rand(n, device=self.device, generator=gen)
 
     # ---- phases ----------------------------------------------------------------------------
-    def d_step(self, real: torch.Tensor, gen: torch.Generator, opt) -> dict:
+    def d_step(self, real: torch.Tensor, gen: torch.Generator, opt, labels: Optional[torch.Tensor] = None) -> dict:
         c = self.cfg["loss"]
         accum = self.cfg["optim"]["accumulate"]
         set_requires_grad(self.G, False)
@@ -159,17 +184,21 @@ class GANModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         stats = {"d/real": 0.0, "d/fake": 0.0, "d/gp": 0.0}
+        y_real = labels.chunk(accum) if labels is not None else [None] * accum
         for k, r in enumerate(real.chunk(accum)):
             with self._sync_ctx(self.D, last=k == accum - 1):
                 with torch.no_grad():
-                    fake = self.G(self.sample_latents(r.shape[0], gen))
+                    z = self.sample_latents(r.shape[0], gen)
+                    y_fake = self.sample_labels(r.shape[0], gen)
+                    fake = self._g(z, y_fake)
+                y = None if y_fake is None else torch.cat([y_real[k], y_fake])
                 # One D call on real and fake together: BN/spectral-norm buffers update once.
-                scores = self.D(torch.cat([r, fake.to(r.dtype)])).float()
+                scores = self._d(torch.cat([r, fake.to(r.dtype)]), y).float()
                 s_real, s_fake = scores[: r.shape[0]], scores[r.shape[0]:]
                 loss = self.loss.d(s_real, s_fake)
                 if self.loss.uses_gp:
                     eps = self.sample_mix(r.shape[0], gen)
-                    gp = gradient_penalty(self.D, r, fake, eps)
+                    gp = gradient_penalty(lambda x: self._d(x, y_real[k]), r, fake, eps)
                     loss = loss + c["gp_weight"] * gp
                     stats["d/gp"] += gp.detach() / accum
                 if c["drift"] > 0:
@@ -194,14 +223,17 @@ class GANModule(L.LightningModule):
         micro = batch // accum
         for k in range(accum):
             with self._sync_ctx(self.G, last=k == accum - 1):
-                fake = self.G(self.sample_latents(micro, gen))
-                loss = self.loss.g(self.D(fake).float())
+                z = self.sample_latents(micro, gen)
+                y = self.sample_labels(micro, gen)
+                # The regulariser enters unscaled once per step (the backward divides by accum); g/loss
+                # includes it, g/ortho shows it alone.
+                loss = self.loss.g(self._d(self._g(z, y), y).float()) + accum * self._ortho_penalty(k == accum - 1)
                 self.manual_backward(loss / accum)
             total = total + loss.detach() / accum
         if self._finite_or_skip(self._sync_grads(self.G, total), opt, "G"):
             opt.step()
         set_requires_grad(self.D, True)
-        return {"g/loss": total}
+        return {"g/loss": total, "g/ortho": self._ortho_last} if self._ortho else {"g/loss": total}
 
     def n_critic_now(self) -> int:
         o = self.cfg["optim"]
@@ -209,11 +241,12 @@ class GANModule(L.LightningModule):
                             o["critic_boost_first"], o["critic_boost_every"])
 
     def training_step(self, batch, batch_idx):
-        images, _labels = batch
+        images, labels = batch
         opt_g, opt_d = self.optimizers()
         gen = self._rng()
         real = self._prep(images, gen)
-        stats = self.d_step(real, gen, opt_d)
+        labels = labels.to(self.device, torch.long) if self.num_classes else None
+        stats = self.d_step(real, gen, opt_d, labels)
         self.d_steps += 1
         self.d_phase += 1
         self.images_seen += real.shape[0] * self.trainer.world_size
@@ -265,11 +298,14 @@ class GANModule(L.LightningModule):
         }
 
     @torch.no_grad()
-    def generate(self, z: torch.Tensor, use_ema: bool = True) -> torch.Tensor:
-        """Images in [-1, 1] from latents, with G_ema (eval mode) when it exists and is asked for."""
+    def generate(self, z: torch.Tensor, use_ema: bool = True, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Images in [-1, 1] from latents, with G_ema (eval mode) when it exists and is asked for.
+        Conditional networks get labels ``y``, by default cycling through the classes."""
         net = self.G_ema if (use_ema and self.G_ema is not None) else self.G
+        if self.num_classes and y is None:
+            y = torch.arange(z.shape[0]) % self.num_classes
         was_training = net.training
         net.eval()
-        out = net(z.to(self.device))
+        out = net(z.to(self.device)) if y is None else net(z.to(self.device), y.to(self.device))
         net.train(was_training)
         return out.float().clamp(-1, 1)
