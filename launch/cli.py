@@ -44,6 +44,8 @@ def cmd_sample(args) -> int:
     from trainer.flow_eval import flow_sample_grid, is_flow_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
+    if is_flow_checkpoint(ckpt) and args.truncation is not None:
+        raise SystemExit("genscale sample: --truncation applies to GAN checkpoints (flows: --temperature).")
     if is_flow_checkpoint(ckpt) and args.interpolate:
         from trainer.flow_eval import flow_interpolate
 
@@ -59,11 +61,13 @@ def cmd_sample(args) -> int:
                           "seed": args.seed, "ema": not args.no_ema and bool(ckpt["genscale"]["config"]["ema"]["enabled"]),
                           "temperature": temps, "class": args.label}))
         return 0
-    if args.temperature or args.label is not None or args.interpolate:
-        raise SystemExit("genscale sample: --temperature, --class and --interpolate apply to flow checkpoints only.")
+    if args.temperature or args.interpolate:
+        raise SystemExit("genscale sample: --temperature and --interpolate apply to flow checkpoints only.")
     del ckpt
-    out = sample_grid(args.checkpoint, num=args.num, out=args.out, seed=args.seed, use_ema=not args.no_ema)
-    print(json.dumps({"out": str(out), "num": args.num, "seed": args.seed, "ema": not args.no_ema}))
+    out = sample_grid(args.checkpoint, num=args.num, out=args.out, seed=args.seed, use_ema=not args.no_ema,
+                      truncation=args.truncation or 0.0, label=args.label)
+    print(json.dumps({"out": str(out), "num": args.num, "seed": args.seed, "ema": not args.no_ema,
+                      "truncation": args.truncation, "class": args.label}))
     return 0
 
 
@@ -87,7 +91,8 @@ def cmd_eval(args) -> int:
         return 0
     del ckpt
     result = evaluate_checkpoint(args.target, num_samples=args.num, seed=args.seed, use_ema=not args.no_ema,
-                                 features_dir=args.features_dir)
+                                 features_dir=args.features_dir, truncation=args.truncation,
+                                 bn_mode=args.bn_mode)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -243,7 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flows: prior temperature(s) (default flow.sample_temperature); several write one grid "
                         "each, OUT_T<t>.png, from the same noise")
     s.add_argument("--class", dest="label", type=int, default=None,
-                   help="class-conditional flows: sample this class (default: cycle through the classes)")
+                   help="class-conditional models (BigGAN, flows): sample this class (default: cycle through "
+                        "the classes)")
+    s.add_argument("--truncation", type=float, default=None, metavar="T",
+                   help="GANs: truncation trick, latent entries with |z| > T resampled (default: none)")
     s.add_argument("--interpolate", type=int, nargs=2, default=None, metavar=("A", "B"),
                    help="flows: a row of --num images interpolating every level's latent between held-out "
                         "images number A and B")
@@ -259,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(default: eval.num_samples)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--no-ema", action="store_true", help="evaluate the raw generator")
+    e.add_argument("--truncation", type=float, default=None, metavar="T",
+                   help="GANs: truncation threshold of the latents (default: the run's eval.truncation)")
+    e.add_argument("--bn-mode", default=None, choices=["eval", "standing"],
+                   help="GANs: BatchNorm statistics, running ('eval') or re-accumulated ('standing'); "
+                        "default: the run's eval.bn_mode")
     e.add_argument("--features-dir", default=None, help="where feature networks are kept")
     e.add_argument("--dataset", default=None, help="train-features: dataset name")
     e.add_argument("--resolution", type=int, default=32, help="train-features: image resolution")

@@ -9,6 +9,7 @@ trained once per dataset and resolution and kept in eval.features_dir.
 """
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import json
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipelines.builtin import ArrayDataset, DataError, load_split
+from models.biggan import truncated_normal
 from models.classifier import DomainClassifier
 from models.registry import build_gan
 from trainer.checkpointing import CheckpointError, load_checkpoint
@@ -155,10 +157,10 @@ def _run_data(cfg: dict, split: str) -> ArrayDataset:
 
 def _build_generator(cfg: dict, state: dict, data: ArrayDataset, use_ema: bool) -> Tuple[torch.nn.Module, bool]:
     """G exactly as trainer.build.build_module builds it, with G_ema's weights when asked and present."""
+    from trainer.build import gan_build_args  # (build imports the evaluation callback, which imports us)
+
     m = cfg["model"]
-    G, _ = build_gan(m["name"], z_dim=m["z_dim"], g_width=m["g_width"], d_width=m["d_width"],
-                     resolution=cfg["data"]["resolution"], channels=data.channels, g_norm=m["g_norm"],
-                     d_norm=m["d_norm"], num_classes=data.num_classes)
+    G, _ = build_gan(**gan_build_args(cfg, data.channels, m.get("num_classes") or data.num_classes))
     ema = use_ema and any(k.startswith("G_ema.") for k in state)
     prefix = "G_ema." if ema else "G."
     try:
@@ -169,23 +171,72 @@ def _build_generator(cfg: dict, state: dict, data: ArrayDataset, use_ema: bool) 
     return G.eval(), ema
 
 
+def class_labels(G: torch.nn.Module, num: int, label: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Labels for `num` samples of a class-conditional G: all `label`, or cycling through the classes
+    (balanced, for metrics); None for an unconditional G."""
+    n = int(getattr(G, "num_classes", 0)) if getattr(G, "conditional", False) else 0
+    if not n:
+        if label is not None:
+            raise ConfigError(f"--class {label}: this generator is not class-conditional.")
+        return None
+    if label is None:
+        return torch.arange(num) % n
+    if not 0 <= label < n:
+        raise ConfigError(f"--class must be a class index in 0..{n - 1} (the model has {n} classes), got {label}.")
+    return torch.full((num,), label, dtype=torch.long)
+
+
+def _latents(num: int, z_dim: int, seed: int, truncation: float) -> torch.Tensor:
+    # Drawn on the CPU so a seed gives the same images on any device; T=0 is plain randn.
+    return truncated_normal(num, z_dim, truncation, generator=torch.Generator().manual_seed(seed))
+
+
+def _run_g(G: torch.nn.Module, z: torch.Tensor, y: Optional[torch.Tensor], device) -> torch.Tensor:
+    return G(z.to(device)) if y is None else G(z.to(device), y.to(device))
+
+
 @torch.no_grad()
-def generate_uint8(G: torch.nn.Module, z_dim: int, num: int, seed: int, device: torch.device) -> torch.Tensor:
-    # Latents are drawn on the CPU so a seed gives the same images on any device.
-    z = torch.randn(num, z_dim, generator=torch.Generator().manual_seed(seed))
+def generate_uint8(G: torch.nn.Module, z_dim: int, num: int, seed: int, device: torch.device,
+                   truncation: float = 0.0, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    z = _latents(num, z_dim, seed, truncation)
+    y = labels if labels is not None else class_labels(G, num)
     G = G.to(device)
-    return torch.cat([to_uint8(G(zb.to(device)).float().cpu()) for zb in z.split(GEN_BATCH)])
+    ys = y.split(GEN_BATCH) if y is not None else [None] * len(z.split(GEN_BATCH))
+    return torch.cat([to_uint8(_run_g(G, zb, yb, device).float().cpu()) for zb, yb in zip(z.split(GEN_BATCH), ys)])
 
 
-def sample_grid(checkpoint, num: int = 64, out="samples.png", seed: int = 0, use_ema: bool = True) -> Path:
-    """Writes a PNG grid of `num` samples from latents seeded by `seed`."""
+@torch.no_grad()
+def standing_stats(G: torch.nn.Module, z_dim: int, batches: int, seed: int, device: torch.device,
+                   truncation: float = 0.0) -> torch.nn.Module:
+    """A copy of G whose BatchNorm statistics are reset and re-accumulated (a plain average:
+    momentum None) over `batches` sampled batches: BigGAN's "standing statistics". Only the BN layers
+    run in training mode, so spectral-norm vectors and everything else stay as they are."""
+    G = copy.deepcopy(G).to(device).eval()
+    bns = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for b in range(batches):
+        z = _latents(GEN_BATCH, z_dim, seed + 7919 * (b + 1), truncation)  # not the evaluation's latents
+        _run_g(G, z, class_labels(G, GEN_BATCH), device)
+    return G.eval()
+
+
+def sample_grid(checkpoint, num: int = 64, out="samples.png", seed: int = 0, use_ema: bool = True,
+                truncation: float = 0.0, label: Optional[int] = None) -> Path:
+    """Writes a PNG grid of `num` samples from latents seeded by `seed` (truncated at T > 0), of class
+    `label` or cycling through the classes for a class-conditional G."""
     if num <= 0:
         raise ConfigError(f"--num must be positive, got {num}.")
+    if truncation < 0:
+        raise ConfigError(f"--truncation must be >= 0 (0: none), got {truncation}.")
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt["genscale"]["config"]
     # The run's data gives the channel and class counts build_module used (nothing extra is stored).
     G, _ = _build_generator(cfg, ckpt["state_dict"], _run_data(cfg, "val"), use_ema)
-    return save_grid(generate_uint8(G, cfg["model"]["z_dim"], num, seed, _device()), out)
+    y = class_labels(G, num, label)
+    return save_grid(generate_uint8(G, cfg["model"]["z_dim"], num, seed, _device(), truncation, y), out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +263,9 @@ def _domain_extractor(cfg: dict, val: ArrayDataset, features_dir, device) -> Tup
     sha = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     proto = {"features": f"domain-classifier:{path.name}", "feature_dim": meta["feat_dim"],
              "feature_net_val_accuracy": meta["val_accuracy"], "feature_net_sha256": sha}
-    return (lambda x: net.features(_to_float(x).to(device)).double().cpu()), proto
+    fn = lambda x: net.features(_to_float(x).to(device)).double().cpu()  # noqa: E731
+    fn.classifier = net  # also gives the class consistency of class-conditional generators
+    return fn, proto
 
 
 def _extractor(kind: str, cfg: dict, val: ArrayDataset, features_dir, device) -> Tuple[Features, dict]:
@@ -264,14 +317,33 @@ class GeneratorEvaluator:
         self.f_real = _features(self.fn, self.val.images)
         self._floor: dict = {}
 
-    def __call__(self, G: torch.nn.Module, num: int, seed: int = 0, ema: bool = True) -> dict:
+    @torch.no_grad()
+    def _class_accuracy(self, images: torch.Tensor, labels: Optional[torch.Tensor]):
+        """Accuracy of the domain classifier on samples of each requested class (overall, per class)."""
+        net = getattr(self.fn, "classifier", None)
+        if labels is None or net is None:
+            return None, None
+        pred = torch.cat([net(_to_float(x).to(self.device)).argmax(1).cpu() for x in images.split(FEATURE_BATCH)])
+        hit = (pred == labels).float()
+        return float(hit.mean()), [float(hit[labels == c].mean()) for c in range(int(labels.max()) + 1)]
+
+    def __call__(self, G: torch.nn.Module, num: int, seed: int = 0, ema: bool = True,
+                 truncation: Optional[float] = None, bn_mode: Optional[str] = None) -> dict:
         if num < 2:
             raise ConfigError(f"FID/KID need at least 2 generated samples, got {num}.")
         ev = self.ev
+        T = float(ev.get("truncation", 0.0) if truncation is None else truncation)
+        mode = bn_mode or ev.get("bn_mode", "eval")
+        z_dim = self.cfg["model"]["z_dim"]
         was_training = G.training
         G.eval()
-        f_fake = _features(self.fn, generate_uint8(G, self.cfg["model"]["z_dim"], num, seed, self.device))
+        # "standing": BN statistics re-accumulated on a copy; "eval": G's running statistics.
+        net = G if mode == "eval" else standing_stats(G, z_dim, ev.get("standing_batches", 16), seed, self.device, T)
+        labels = class_labels(G, num)
+        images = generate_uint8(net, z_dim, num, seed, self.device, T, labels)
         G.train(was_training)
+        f_fake = _features(self.fn, images)
+        acc, acc_per_class = self._class_accuracy(images, labels)
         kid_mean, kid_std = kid_from_features(f_fake, self.f_real, ev["kid_subsets"], ev["kid_subset_size"], seed)
         if self.kind == "domain" and (num, seed) not in self._floor:
             # Cheap only with the small domain network; Inception would double the evaluation time.
@@ -281,21 +353,29 @@ class GeneratorEvaluator:
             "kid_mean": kid_mean,
             "kid_std": kid_std,
             "fid_train_vs_val": self._floor.get((num, seed)),
-            "class_accuracy": None,  # unconditional models; conditional ones report it later
+            "class_accuracy": acc,  # class-conditional G with domain features; else None
+            "class_accuracy_per_class": acc_per_class,
             "protocol": {**self.proto, "num_generated": num, "num_real": len(self.val), "real_split": "val",
-                         "ema": ema, "truncation": None, "bn_mode": "eval", "seed": seed,
+                         "ema": ema, "truncation": T or None, "bn_mode": mode, "seed": seed,
+                         **({"standing_batches": ev.get("standing_batches", 16)} if mode == "standing" else {}),
                          "kid_subsets": ev["kid_subsets"],
                          "kid_subset_size": min(ev["kid_subset_size"], num, len(self.val))},
         }
 
 
 def evaluate_checkpoint(checkpoint, num_samples: Optional[int] = None, seed: int = 0, use_ema: bool = True,
-                        features_dir=None, features: Optional[str] = None) -> dict:
+                        features_dir=None, features: Optional[str] = None, truncation: Optional[float] = None,
+                        bn_mode: Optional[str] = None) -> dict:
     """FID/KID of a checkpoint's samples against the held-out split; appended to <run>/eval.jsonl.
 
-    `features` overrides the run's eval.features ('auto', 'domain', 'inception'). G_ema is used when
-    both `use_ema` and the run's eval.use_ema allow it and the checkpoint has one.
+    `features` overrides the run's eval.features ('auto', 'domain', 'inception'), `truncation` and
+    `bn_mode` its eval.truncation and eval.bn_mode. G_ema is used when both `use_ema` and the run's
+    eval.use_ema allow it and the checkpoint has one.
     """
+    if bn_mode not in (None, "eval", "standing"):
+        raise ConfigError(f"Unknown BN mode '{bn_mode}'. Valid: eval, standing.")
+    if truncation is not None and truncation < 0:
+        raise ConfigError(f"--truncation must be >= 0 (0: none), got {truncation}.")
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt["genscale"]["config"]
     num = num_samples or cfg["eval"]["num_samples"]
@@ -303,7 +383,7 @@ def evaluate_checkpoint(checkpoint, num_samples: Optional[int] = None, seed: int
         raise ConfigError(f"FID/KID need at least 2 generated samples, got {num}.")
     evaluator = GeneratorEvaluator(cfg, features_dir, features)
     G, ema = _build_generator(cfg, ckpt["state_dict"], evaluator.val, use_ema and cfg["eval"]["use_ema"])
-    result = evaluator(G, num, seed, ema)
+    result = evaluator(G, num, seed, ema, truncation, bn_mode)
     result.update({"iteration": int(ckpt["genscale"]["iteration"]),
                    "kimg": int(ckpt["genscale"]["images_seen"]) / 1000.0,
                    "checkpoint": str(ckpt["_path"]),
