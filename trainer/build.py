@@ -189,10 +189,18 @@ def _num_processes(t) -> int:
     return n * t.num_nodes
 
 
-def _strategy(t, flow: bool = False):
+def _strategy(t, flow: bool = False, micro_batch: int = 1):
     """'auto' with more than one process picks gan_ddp (plain DDP cannot wrap G and D together), or
-    Lightning's plain DDP for flows (one network, automatic optimisation)."""
+    Lightning's plain DDP for flows (one network, automatic optimisation). 'deepspeed' is ours (one
+    engine per network), not Lightning's (one optimiser only, GPUs only)."""
     name = str(t.strategy)
+    if name == "deepspeed":
+        from trainer.strategies.multi_deepspeed import MultiEngineDeepSpeedStrategy
+
+        if t.dist_timeout_s <= 0:
+            raise ConfigError(f"trainer.dist_timeout_s must be positive, got {t.dist_timeout_s}.")
+        return MultiEngineDeepSpeedStrategy(timeout=_dt.timedelta(seconds=float(t.dist_timeout_s)),
+                                            stage=int(t.zero_stage), micro_batch=micro_batch)
     if flow:
         if name == GAN_DDP:
             raise ConfigError(f"trainer.strategy={GAN_DDP} is for GANs; flows use Lightning's ddp "
@@ -217,8 +225,29 @@ def _strategy(t, flow: bool = False):
     return name
 
 
+def _check_strategy_matches(ckpt: dict, cfg: DictConfig) -> None:
+    """DeepSpeed keeps optimiser state partitioned in its own directory; a plain checkpoint keeps it
+    inline. Crossing over would silently restart the optimiser, so it is refused."""
+    ds = ckpt["genscale"].get("deepspeed")
+    using = cfg.trainer.strategy == "deepspeed"
+    if ds and not using:
+        raise CheckpointError(
+            f"Checkpoint '{ckpt['_path']}' was written by trainer.strategy=deepspeed (ZeRO stage {ds['stage']}); "
+            "its optimiser state is in DeepSpeed's format. Resume with trainer.strategy=deepspeed, or use the "
+            "checkpoint's weights for `genscale sample`/`eval`.")
+    if using and not ds and ckpt["genscale"].get("iteration", 0) > 0 and ckpt.get("optimizer_states"):
+        raise CheckpointError(
+            f"Checkpoint '{ckpt['_path']}' was not written by trainer.strategy=deepspeed; its optimiser state "
+            f"cannot be loaded into DeepSpeed engines. Resume with trainer.strategy={ckpt['genscale']['config']['trainer']['strategy']}.")
+    if ds and using and int(ds["stage"]) != int(cfg.trainer.zero_stage):
+        raise CheckpointError(
+            f"Checkpoint '{ckpt['_path']}' holds ZeRO stage {ds['stage']} partitions, but trainer.zero_stage="
+            f"{cfg.trainer.zero_stage}. Resume with trainer.zero_stage={ds['stage']}.")
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int] = None):
     t = cfg.trainer
+    micro = cfg.data.batch_size // max(1, cfg.optim.accumulate) if "optim" in cfg else cfg.data.batch_size
     loggers: List = [AppendingCSVLogger(str(run_dir), keep_through_step=resume_iteration, flush_logs_every_n_steps=10)]
     if cfg.logging.wandb:
         from lightning.pytorch.loggers import WandbLogger
@@ -255,7 +284,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int
         # handler would save from inside the signal handler, possibly mid-step.
         plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=_devices(t.devices), num_nodes=t.num_nodes, strategy=_strategy(t, flow),
+        accelerator=t.accelerator, devices=_devices(t.devices), num_nodes=t.num_nodes, strategy=_strategy(t, flow, micro),
         precision=t.precision, max_epochs=-1, max_steps=-1, logger=loggers, callbacks=callbacks,
         plugins=plugins, enable_checkpointing=False, enable_progress_bar=t.progress_bar,
         enable_model_summary=False, log_every_n_steps=1, deterministic=t.deterministic,
@@ -285,6 +314,7 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
         run_dir = Path(ckpt_path).resolve().parent.parent
         resume_iteration = ckpt["genscale"]["iteration"]
         saved_world = ckpt["genscale"].get("world_size")
+        _check_strategy_matches(ckpt, cfg)
         del ckpt
     else:
         cfg = load_config(experiment, overrides)

@@ -104,6 +104,7 @@ class IterationCheckpoint(L.Callback):
         order = sorted(self.kept, key=lambda n: self.kept[n])
         for stale in order[self.save_top_k:]:
             (self.dirpath / stale).unlink(missing_ok=True)
+            shutil.rmtree(self.dirpath / f"{stale}.ds", ignore_errors=True)  # DeepSpeed's partitions
             del self.kept[stale]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -54,8 +54,12 @@ class TrainerConfig:
     devices: str = f("auto", "Lightning devices: 'auto', a count such as '2', or a list such as '[0,1]'.")
     num_nodes: int = f(1, "Number of nodes.")
     strategy: str = f("auto", "Lightning strategy: auto (gan_ddp when more than one process), gan_ddp "
-                              "(DDP without a DDP wrapper: G and D gradients averaged per phase), or "
-                              "another Lightning strategy name such as ddp_find_unused_parameters_true.")
+                              "(DDP without a DDP wrapper: G and D gradients averaged per phase), deepspeed "
+                              "(one DeepSpeed engine per network, ZeRO stage trainer.zero_stage; GANs and "
+                              "flows, CPU with gloo or GPUs with NCCL), or another Lightning strategy name "
+                              "such as ddp_find_unused_parameters_true.")
+    zero_stage: int = f(2, "trainer.strategy=deepspeed: ZeRO stage 0 (data parallel), 1 (optimiser states "
+                           "partitioned) or 2 (optimiser states and gradients partitioned).")
     dist_timeout_s: float = f(1800.0, "Multi-process runs: seconds to wait for the other processes (joining "
                                       "the process group, each collective) before failing with an error.")
     precision: str = f("32", "Numerical precision: 32, bf16-mixed or 16-mixed.")
@@ -239,6 +243,7 @@ class GenscaleConfig:
 
 CHOICES = {
     "trainer.precision": ["32", "bf16-mixed", "16-mixed"],
+    "trainer.zero_stage": ["0", "1", "2"],
     "model.d_norm": ["batch", "layer", "none"],
     "model.g_norm": ["batch", "none"],
     "optim.g.name": ["adam", "rmsprop"],
@@ -381,11 +386,27 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}.")
+    _validate_deepspeed(cfg)
     if is_flow(cfg):
         _validate_flow(cfg)
     elif cfg.loss.name == "wgan_gp" and cfg.model.d_norm == "batch":
         raise ConfigError("loss.name=wgan_gp with model.d_norm=batch: the gradient penalty is per sample, "
                           "so the critic must not use BatchNorm. Set model.d_norm=layer or none.")
+
+
+def _validate_deepspeed(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    if t.strategy != "deepspeed":
+        return
+    if is_flow(cfg) and t.precision == "16-mixed":
+        raise ConfigError("trainer.strategy=deepspeed with a flow supports trainer.precision 32 or bf16-mixed: "
+                          "DeepSpeed's fp16 engines make every weight fp16, and Glow keeps its log-determinants "
+                          "in fp32. Use trainer.precision=bf16-mixed.")
+    if not is_flow(cfg) and cfg.loss.name == "wgan" and (t.zero_stage > 0 or t.precision == "16-mixed"):
+        raise ConfigError(f"loss.name=wgan clips the critic's weights after each step, but DeepSpeed with ZeRO stage "
+                          f"{t.zero_stage} and precision {t.precision} keeps its own master copy of the weights that "
+                          "the clip would not reach. Use trainer.zero_stage=0 with precision 32 or bf16-mixed, or "
+                          "trainer.strategy=gan_ddp.")
 
 
 def is_flow(cfg) -> bool:

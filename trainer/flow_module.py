@@ -152,6 +152,10 @@ class FlowModule(L.LightningModule):
         return kind(self.glow.parameters(), lr=f["lr"], betas=tuple(f["betas"]), eps=f["eps"],
                     weight_decay=f["weight_decay"])
 
+    def deepspeed_pairs(self):
+        """The one (name, network, optimiser) engine of the multi-engine DeepSpeed strategy."""
+        return [("flow", self.glow, self.optimizers(use_pl_optimizer=False))]
+
     def _world(self) -> int:
         return self.trainer.world_size if getattr(self, "_trainer", None) is not None else 1
 
@@ -223,6 +227,9 @@ class FlowModule(L.LightningModule):
         x = self.prep(images, self.noise_generator())
         y = self._labels(labels)
         self._ensure_init(x, y)
+        ensure = getattr(self.trainer.strategy, "ensure_engines", None)
+        if ensure is not None:
+            ensure(self)  # DeepSpeed: engines built after ActNorm's data-dependent init
         seen_after = int(self.images_seen) + x.shape[0] * self._world()
         lr = warmup_lr(f["lr"], seen_after, f["warmup_images"])
         for group in self.optimizers().optimizer.param_groups:

@@ -129,6 +129,33 @@ class GANModule(L.LightningModule):
         if broadcast is not None:
             broadcast(self.G, self.D)
 
+    def _backward(self, net: nn.Module, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch: through ``net``'s DeepSpeed engine when there is one."""
+        engine_backward = self._strategy_hook("engine_backward")
+        if engine_backward is not None:
+            engine_backward(net, loss)
+        else:
+            self.manual_backward(loss)
+
+    def _step(self, net: nn.Module, opt, name: str, loss: torch.Tensor) -> bool:
+        """The phase's update: gradients averaged (or the step skipped on every rank after a
+        non-finite loss), then the optimiser (or DeepSpeed engine) steps. Returns whether it did."""
+        if not self._finite_or_skip(self._sync_grads(net, loss), opt, name):
+            discard = self._strategy_hook("discard_grads")
+            if discard is not None:
+                discard(net)
+            return False
+        engine_step = self._strategy_hook("engine_step")
+        if engine_step is None:
+            opt.step()
+            return True
+        return engine_step(net)  # False: DeepSpeed's fp16 loss scaler skipped an overflow
+
+    def deepspeed_pairs(self):
+        """(name, network, optimiser) for each DeepSpeed engine the multi-engine strategy builds."""
+        opt_g, opt_d = self.optimizers(use_pl_optimizer=False)
+        return [("G", self.G, opt_g), ("D", self.D, opt_d)]
+
     def _finite_or_skip(self, finite: bool, opt, net: str) -> bool:
         """Skips the optimiser step on a non-finite loss (on any rank); too many in a row (per network)
         stop the run."""
@@ -203,12 +230,11 @@ class GANModule(L.LightningModule):
                     stats["d/gp"] += gp.detach() / accum
                 if c["drift"] > 0:
                     loss = loss + c["drift"] * drift_penalty(s_real)
-                self.manual_backward(loss / accum)
+                self._backward(self.D, loss / accum)
             total = total + loss.detach() / accum
             stats["d/real"] += s_real.detach().mean() / accum
             stats["d/fake"] += s_fake.detach().mean() / accum
-        if self._finite_or_skip(self._sync_grads(self.D, total), opt, "D"):
-            opt.step()
+        if self._step(self.D, opt, "D", total):
             if self.loss.clips_weights:
                 clip_weights(self.D, c["clip"])
         stats["d/loss"] = total
@@ -228,10 +254,9 @@ class GANModule(L.LightningModule):
                 # The regulariser enters unscaled once per step (the backward divides by accum); g/loss
                 # includes it, g/ortho shows it alone.
                 loss = self.loss.g(self._d(self._g(z, y), y).float()) + accum * self._ortho_penalty(k == accum - 1)
-                self.manual_backward(loss / accum)
+                self._backward(self.G, loss / accum)
             total = total + loss.detach() / accum
-        if self._finite_or_skip(self._sync_grads(self.G, total), opt, "G"):
-            opt.step()
+        self._step(self.G, opt, "G", total)
         set_requires_grad(self.D, True)
         return {"g/loss": total, "g/ortho": self._ortho_last} if self._ortho else {"g/loss": total}
 
@@ -242,6 +267,9 @@ class GANModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
+        ensure = self._strategy_hook("ensure_engines")
+        if ensure is not None:
+            ensure(self)  # DeepSpeed: engines built at the first step (after a resume's weights)
         opt_g, opt_d = self.optimizers()
         gen = self._rng()
         real = self._prep(images, gen)

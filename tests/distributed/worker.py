@@ -72,10 +72,10 @@ def main() -> None:
     if args.nan_d_step >= 0:
         d_step = gan_module.GANModule.d_step
 
-        def poisoned(self, real, gen, opt):
+        def poisoned(self, real, gen, opt, *rest):
             if int(self.d_steps) == args.nan_d_step and self.global_rank == 1:
                 real = real * float("nan")
-            return d_step(self, real, gen, opt)
+            return d_step(self, real, gen, opt, *rest)
         gan_module.GANModule.d_step = poisoned
 
     from trainer.build import train
