@@ -1,0 +1,154 @@
+"""GANModule phases without a Trainer: gradient accumulation equivalence (BN-free), class labels
+reaching G and D of a conditional model, DCGAN untouched, the orthogonal regulariser in G's step,
+and the class-count check at build time."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.build import build_module, resolve_num_classes
+from trainer.config import ConfigError, load_config
+from trainer.gan_module import GANModule
+from trainer.losses import ortho_params, ortho_reg
+
+
+def module(experiment: str, *overrides: str, num_classes: int = 10) -> GANModule:
+    cfg = load_config(experiment, ["logging.wandb=false", *overrides])
+    m = build_module(cfg, channels=1, num_classes=num_classes)
+    m.manual_backward = lambda loss: loss.backward()  # no Trainer: plain autograd
+    return m
+
+
+def pooled(m: GANModule, n_max: int, seed: int = 0) -> None:
+    """Latents and penalty mixes from fixed pools, consumed in order: k micro-batches of b and one batch
+    of k*b then see exactly the same samples (torch.randn(k*b) is not k draws of randn(b))."""
+    g = torch.Generator().manual_seed(seed)
+    z, mix = torch.randn(n_max, m.z_dim, generator=g), torch.rand(n_max, generator=g)
+    pos = {"z": 0, "mix": 0}
+
+    def take(pool, key, n):
+        out = pool[pos[key]: pos[key] + n]
+        pos[key] += n
+        return out
+
+    m.sample_latents = lambda n, gen: take(z, "z", n)
+    m.sample_mix = lambda n, gen: take(mix, "mix", n)
+
+
+def one_update(accum: int, loss: str, *extra: str) -> dict:
+    torch.manual_seed(0)
+    m = module("gan_digits", "model.g_norm=none", "model.d_norm=layer" if loss == "wgan_gp" else "model.d_norm=none",
+               f"loss.name={loss}", f"optim.accumulate={accum}", "data.batch_size=12", "model.g_width=8",
+               "model.d_width=8", "model.z_dim=8", *extra)
+    pooled(m, 64)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    opt_g = torch.optim.SGD(m.G.parameters(), lr=1.0)
+    opt_d = torch.optim.SGD(m.D.parameters(), lr=1.0)
+    real = torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    gen = torch.Generator().manual_seed(2)
+    m.d_step(real, gen, opt_d)
+    m.g_step(12, gen, opt_g)
+    return {k: v - before[k] for k, v in m.state_dict().items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("loss", ["hinge", "nonsaturating", "wgan_gp"])
+def test_accumulation_equals_one_large_batch(loss):
+    """BN-free networks: 3 micro-batches of 4 give the same D and G updates as one batch of 12."""
+    big, micro = one_update(1, loss), one_update(3, loss)
+    assert any(float(v.abs().max()) > 1e-4 for k, v in big.items() if k.startswith("D."))
+    assert any(float(v.abs().max()) > 1e-4 for k, v in big.items() if k.startswith("G."))
+    for k in big:
+        torch.testing.assert_close(micro[k], big[k], rtol=1e-4, atol=1e-6, msg=lambda s: f"{k}: {s}")
+
+
+def tiny_biggan(*extra: str) -> GANModule:
+    return module("biggan_mnist5k", "model.g_width=4", "model.d_width=4", "model.shared_dim=8",
+                  "data.batch_size=8", *extra)
+
+
+def record_calls(net: torch.nn.Module) -> list:
+    calls = []
+    orig = net.forward
+
+    def forward(x, y=None):
+        calls.append(None if y is None else y.clone())
+        return orig(x, y)
+    net.forward = forward
+    return calls
+
+
+def test_conditional_labels_reach_g_and_d():
+    torch.manual_seed(0)
+    m = tiny_biggan()
+    assert m.num_classes == 10
+    g_calls, d_calls = record_calls(m.G), record_calls(m.D)
+    real = torch.rand(8, 1, 32, 32) * 2 - 1
+    labels = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    opt_g, opt_d = (torch.optim.SGD(n.parameters(), lr=0.0) for n in (m.G, m.D))
+    m.d_step(real, torch.Generator().manual_seed(5), opt_d, labels)
+    (y_fake,), (y_d,) = g_calls, d_calls
+    assert torch.equal(y_d[:8], labels) and torch.equal(y_d[8:], y_fake)  # real first, then the fakes'
+    assert y_fake.min() >= 0 and y_fake.max() < 10
+    # the fake labels come from the step's generator: the same seed gives the same labels
+    m.d_step(real, torch.Generator().manual_seed(5), opt_d, labels)
+    assert torch.equal(g_calls[1], y_fake)
+    m.g_step(8, torch.Generator().manual_seed(6), opt_g)
+    assert torch.equal(g_calls[2], d_calls[2]) and g_calls[2].shape == (8,)
+    # sample grids: classes cycle over the grid
+    img = m.generate(torch.randn(12, m.z_dim), use_ema=False)
+    assert img.shape == (12, 1, 32, 32) and torch.equal(g_calls[-1], torch.arange(12) % 10)
+
+
+def test_uniform_fake_labels_cover_all_classes():
+    m = tiny_biggan()
+    y = m.sample_labels(5000, torch.Generator().manual_seed(0))
+    counts = torch.bincount(y, minlength=10).float()
+    assert counts.min() > 400 and counts.max() < 600  # 500 each expected
+
+
+def test_dcgan_gets_no_labels_and_draws_none():
+    m = module("gan_digits", "model.g_width=8", "model.d_width=8", "model.z_dim=8")
+    assert m.num_classes == 0 and m.sample_labels(4, torch.Generator()) is None
+    calls = []
+    orig = m.D.forward
+    m.D.forward = lambda *a: calls.append(len(a)) or orig(*a)
+    opt = torch.optim.SGD(m.D.parameters(), lr=0.0)
+    m.d_step(torch.rand(8, 1, 16, 16), torch.Generator().manual_seed(0), opt, None)
+    assert calls == [1]
+
+
+def test_class_conditional_false_trains_unconditionally():
+    m = tiny_biggan("model.class_conditional=false")
+    assert m.num_classes == 0 and m.G.shared is None and m.D.embed is None
+
+
+def test_ortho_reg_enters_the_g_step_once():
+    """g/loss with the regulariser minus g/loss without it is the regulariser itself (not accum times it)."""
+    def g_loss(beta: float, accum: int):
+        torch.manual_seed(0)
+        m = tiny_biggan(f"loss.ortho_reg={beta}", f"optim.accumulate={accum}")
+        opt = torch.optim.SGD(m.G.parameters(), lr=0.0)
+        stats = m.g_step(8, torch.Generator().manual_seed(1), opt)
+        return stats, m
+    for accum in (1, 2):
+        with_reg, m = g_loss(1e-2, accum)
+        without, _ = g_loss(0.0, accum)
+        assert "g/ortho" not in without
+        expected = float(ortho_reg(ortho_params(m.G), 1e-2))
+        assert float(with_reg["g/ortho"]) == pytest.approx(expected, rel=1e-5) and expected > 0
+        assert float(with_reg["g/loss"] - without["g/loss"]) == pytest.approx(expected, rel=1e-3, abs=1e-6)
+
+
+def test_class_count_mismatch_is_caught_at_build():
+    cfg = load_config("biggan_mnist5k", ["logging.wandb=false", "model.num_classes=5"])
+    with pytest.raises(ConfigError, match=r"model.num_classes=5 .* has 10 classes"):
+        build_module(cfg, channels=1, num_classes=10)
+    cfg = load_config("biggan_mnist5k", ["logging.wandb=false"])
+    assert resolve_num_classes(cfg, 10) == 10 and cfg.model.num_classes == 10  # recorded for resumes
+    assert resolve_num_classes(cfg, 10) == 10
+
+
+def test_unsupported_resolution_is_a_config_error():
+    cfg = load_config("biggan_mnist5k", ["logging.wandb=false", "data.resolution=48"])
+    with pytest.raises(ConfigError, match="32, 64, 128, 256, 512"):
+        build_module(cfg, channels=1, num_classes=10)
