@@ -164,9 +164,7 @@ def _data_parser(sp) -> None:
 
 def cmd_bench(args) -> int:
     if args.bench_command == "train":
-        print("genscale bench train: training-throughput benchmarks are not part of this release yet "
-              "(they come with the benchmarks issue).", file=sys.stderr)
-        return 2
+        return cmd_bench_train(args)
     from data_pipelines.bench import format_table, run_data_bench
 
     result = run_data_bench(resolutions=args.resolution, encodings=args.encoding, workers=args.workers,
@@ -184,14 +182,34 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_train(args) -> int:
+    from trainer.bench import format_table, run_train_bench
+
+    rows = []
+    for batch in args.batch or [None]:
+        for precision in args.precision or [None]:
+            rows.append(run_train_bench(args.experiment, args.overrides, batch=batch, steps=args.steps,
+                                        warmup=args.warmup, precision=precision, compile_nets=args.compile,
+                                        log=lambda m: print(m, file=sys.stderr, flush=True)))
+    print(format_table(rows))
+    text = json.dumps(rows, indent=1)
+    if args.out:
+        with open(args.out, "a") as fh:  # appended: a sweep over several calls collects in one file
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+    else:
+        print(text)
+    return 0
+
+
 def _bench_parser(sp) -> None:
-    b = sp.add_parser("bench", help="benchmarks: data loading (`bench data`); training throughput later",
+    b = sp.add_parser("bench", help="benchmarks: data loading (`bench data`), training step speed (`bench train`)",
                       description=(
         "`genscale bench data` builds a workload in a temporary directory (JPEG crops of scikit-image's "
         "photographs, genscale shards of them, mnist5k PNGs) and measures images/s delivered to the training "
         "loop by genscale's shard reader against a one-file-per-sample PIL DataLoader (torchvision ImageFolder "
-        "style), with the same workers and batch size, in one interleaved run. `genscale bench train` comes "
-        "with the benchmarks issue."))
+        "style), with the same workers and batch size, in one interleaved run. `genscale bench train` times training iterations of an "
+        "experiment: s/iter, images/s, FLOPs, TFLOP/s and peak memory."))
     bsp = b.add_subparsers(dest="bench_command", metavar="{data,train}")
     bsp.required = True
     d = bsp.add_parser("data", help="shards vs per-file loading: images/s, CPU per image")
@@ -208,8 +226,21 @@ def _bench_parser(sp) -> None:
     d.add_argument("--no-digits", action="store_true", help="skip the mnist5k PNG cases")
     d.add_argument("--no-presized", action="store_true", help="skip the per-file pre-resized JPEG cases")
     d.add_argument("--out", default=None, help="write the JSON here (default: print it after the table)")
-    t = bsp.add_parser("train", help="training throughput (not in this release yet)")
-    t.add_argument("args", nargs=argparse.REMAINDER)
+    t = bsp.add_parser("train", help="training step speed: s/iter, images/s, FLOPs, TFLOP/s, peak memory",
+                       description="Times real training iterations of EXPERIMENT's module on random uint8 batches: "
+                                   "FLOPs counted over one eager iteration (torch.utils.flop_counter), then "
+                                   "--warmup untimed and --steps timed iterations, the device synchronised at each "
+                                   "boundary. Overrides (key=value) apply as in `genscale train`.")
+    t.add_argument("experiment", help="experiment name or YAML path")
+    t.add_argument("overrides", nargs="*", help="key=value config overrides")
+    t.add_argument("--batch", type=int, nargs="+", default=None, help="global batch size(s) (default: the config's)")
+    t.add_argument("--steps", type=int, default=20, help="timed iterations")
+    t.add_argument("--warmup", type=int, default=5, help="untimed iterations after the FLOP-count iteration")
+    t.add_argument("--precision", nargs="+", default=None, choices=["32", "bf16-mixed", "16-mixed"],
+                   help="precision(s) to measure (default: the config's)")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the networks (G and D, or the flow) after the FLOP count")
+    t.add_argument("--out", default=None, help="append one JSON line per measurement to this file")
     b.set_defaults(fn=cmd_bench)
 
 

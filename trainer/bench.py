@@ -1,0 +1,233 @@
+"""`genscale bench train`: the training step's speed, measured as ../shared/notes/performance.md asks.
+
+The experiment's own module (GANModule or FlowModule), strategy, precision and callbacks that change
+the step's cost (EMA) run under a bare Lightning Trainer (no loggers, checkpoints or progress bar)
+on random uint8 batches drawn once and cycled (a pool of 8, so the data path is real: host to
+device, non-blocking, normalised on the device, but no disk or decode cost).
+
+One iteration = what the module counts as one (a GAN: n_critic D steps and one G step; a flow: one
+step). Order of events:
+  1. iteration 1 builds what is built lazily (Glow's ActNorm init pass, DeepSpeed engines); iteration 2
+     runs under torch.utils.flop_counter.FlopCounterMode (eager), giving FLOPs per iteration
+     (forward, backward and the gradient penalty's double backward as they really run);
+  2. then, with --compile, G and D (or the flow) are wrapped by torch.compile;
+  3. ``warmup`` iterations (compilation, cuDNN autotuning, allocator growth) are not timed;
+  4. ``steps`` iterations are timed one by one, with the device synchronised at each boundary.
+Reported: median, p10 and p90 seconds per iteration, images/s (images per iteration / median),
+TFLOP/s achieved (FLOPs / median), peak device memory in the timed window, device, precision,
+batch, strategy and the commit.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from trainer.build import _devices, _strategy, build_module
+from trainer.callbacks.ema import EMACallback
+from trainer.config import is_flow, load_config, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+BUILTIN = {"mnist5k": (1, 10), "digits": (1, 10), "cifar10": (3, 10)}
+
+
+class RandomBatches(IterableDataset):
+    """Endless (uint8 images, labels) batches from a pool drawn once (never zeros or constants)."""
+
+    def __init__(self, batch: int, channels: int, resolution: int, classes: int, pool: int = 8, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = [torch.randint(0, 256, (batch, channels, resolution, resolution), dtype=torch.uint8, generator=g)
+                       for _ in range(pool)]
+        self.labels = [torch.randint(0, max(classes, 1), (batch,), generator=g) for _ in range(pool)]
+
+    def __iter__(self):
+        i = 0
+        while True:
+            yield self.images[i % len(self.images)], self.labels[i % len(self.labels)]
+            i += 1
+
+
+def data_shape(cfg) -> tuple:
+    """(channels, classes) of the experiment's data without reading it: built-in sets are known,
+    shards say so in index.json when present, otherwise RGB with model.num_classes."""
+    if cfg.data.name in BUILTIN:
+        return BUILTIN[cfg.data.name]
+    index = Path(str(cfg.data.path)) / "index.json"
+    if cfg.data.name == "shards" and index.is_file():
+        import json
+
+        meta = json.loads(index.read_text())
+        return int(meta.get("channels", 3)), len(meta.get("classes") or [])
+    classes = int(cfg.model.get("num_classes", 0) or 0) if "model" in cfg else 0
+    if is_flow(cfg):
+        classes = int(cfg.flow.get("num_classes", 0) or 0) or classes
+    return 3, classes
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _networks(module) -> List[str]:
+    return ["glow"] if hasattr(module, "glow") else ["G", "D"]
+
+
+def global_flop_counter():
+    """torch's FlopCounterMode without its per-module tracker: the tracker's autograd hooks fail inside
+    the gradient penalty's torch.autograd.grad ("A leaf node was passed to _will_engine_execute_node"),
+    and only the total is needed here."""
+    from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
+
+    class GlobalFlopCounter(FlopCounterMode):
+        def __enter__(self):
+            self.flop_counts.clear()
+            self.mode = _FlopCounterMode(self)
+            self.mode.__enter__()
+            return self
+
+        def __exit__(self, *args):
+            out = self.mode.__exit__(*args)
+            self.mode = None
+            return out
+
+    return GlobalFlopCounter(display=False)
+
+
+class BenchTimer(L.Callback):
+    """Counts FLOPs over iteration 2, compiles after it, times the iterations after warmup more."""
+
+    FLOP_IT = 2
+
+    def __init__(self, warmup: int, steps: int, compile_nets: bool, log: Callable[[str], None]):
+        self.warmup, self.steps, self.compile_nets, self.log = warmup, steps, compile_nets, log
+        self.flops = 0
+        self.times: List[float] = []
+        self.images: List[int] = []
+        self.peak_bytes = 0
+        self._flop_mode = None
+        self._t = None
+        self._seen = 0
+
+    def _sync(self, module) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if int(module.iteration) == self.FLOP_IT - 1 and self._flop_mode is None:
+            self._flop_mode = global_flop_counter()
+            self._flop_mode.__enter__()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if not getattr(module, "g_stepped", True):  # a GAN iteration ends with its G step
+            return
+        it = int(module.iteration)
+        if it == self.FLOP_IT and self._flop_mode is not None and self.flops == 0:
+            self._flop_mode.__exit__(None, None, None)
+            self.flops = int(self._flop_mode.get_total_flops())
+            if self.compile_nets:
+                for name in _networks(module):
+                    setattr(module, name, torch.compile(getattr(module, name)))
+        first = self.FLOP_IT + self.warmup
+        if it == first:
+            self._sync(module)
+            if module.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(module.device)
+            self._t, self._seen = time.perf_counter(), int(module.images_seen)
+        elif it > first:
+            self._sync(module)
+            now, seen = time.perf_counter(), int(module.images_seen)
+            self.times.append(now - self._t)
+            self.images.append(seen - self._seen)
+            self._t, self._seen = now, seen
+            if it == first + self.steps:
+                if module.device.type == "cuda":
+                    self.peak_bytes = torch.cuda.max_memory_allocated(module.device)
+                trainer.should_stop = True
+
+
+def _quantile(xs: List[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))]
+
+
+def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batch: Optional[int] = None,
+                    steps: int = 20, warmup: int = 5, precision: Optional[str] = None, compile_nets: bool = False,
+                    log: Callable[[str], None] = lambda m: None) -> dict:
+    ov = list(overrides or [])
+    if batch is not None:
+        ov.append(f"data.batch_size={batch}")
+    if precision is not None:
+        ov.append(f"trainer.precision={precision}")
+    ov += ["logging.wandb=false", f"trainer.max_iters={steps + warmup + BenchTimer.FLOP_IT + 1}"]
+    cfg = load_config(experiment, ov)
+    channels, classes = data_shape(cfg)
+    module = build_module(cfg, channels=channels, num_classes=classes)
+    t = cfg.trainer
+    timer = BenchTimer(warmup, steps, compile_nets, log)
+    callbacks: list = [timer]
+    if cfg.ema.enabled and not is_flow(cfg):
+        callbacks.append(EMACallback(cfg.ema.decay, cfg.ema.start_iter, cfg.ema.rampup_iters))
+    micro = cfg.data.batch_size // max(1, cfg.optim.accumulate)
+    trainer = L.Trainer(accelerator=t.accelerator, devices=_devices(t.devices), num_nodes=t.num_nodes,
+                        strategy=_strategy(t, is_flow(cfg), micro), precision=t.precision, max_epochs=-1,
+                        max_steps=-1, logger=False, callbacks=callbacks, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, use_distributed_sampler=False)
+    per_rank = cfg.data.batch_size // trainer.world_size
+    data = RandomBatches(per_rank, channels, cfg.data.resolution, classes, seed=cfg.trainer.seed + trainer.global_rank)
+    loader = DataLoader(data, batch_size=None, pin_memory=torch.cuda.is_available())
+    log(f"bench train {experiment}: batch {cfg.data.batch_size}, precision {t.precision}, "
+        f"{warmup} warm-up + {steps} timed iterations")
+    trainer.fit(module, train_dataloaders=loader)
+    if len(timer.times) < steps:
+        raise RuntimeError(f"only {len(timer.times)} of {steps} iterations were timed")
+    med = statistics.median(timer.times)
+    per_iter = statistics.median(timer.images)
+    n_critic = 1 if is_flow(cfg) else int(cfg.optim.n_critic)
+    return {
+        "experiment": experiment, "model": str(cfg.model.name), "resolution": int(cfg.data.resolution),
+        "batch": int(cfg.data.batch_size), "n_critic": n_critic, "images_per_iter": int(per_iter),
+        "precision": str(t.precision), "strategy": type(trainer.strategy).__name__,
+        "zero_stage": int(t.zero_stage) if str(t.strategy) == "deepspeed" else None,
+        "compile": bool(compile_nets), "world_size": int(trainer.world_size),
+        "device": _device_name(module.device), "torch": torch.__version__, "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d"), "steps": steps, "warmup": warmup,
+        "s_per_iter_median": med, "s_per_iter_p10": _quantile(timer.times, 0.1),
+        "s_per_iter_p90": _quantile(timer.times, 0.9), "images_per_s": per_iter / med,
+        "flops_per_iter": timer.flops, "tflops_per_s": timer.flops / med / 1e12,
+        "peak_mem_gb": timer.peak_bytes / 2 ** 30 if timer.peak_bytes else None,
+        "overrides": list(overrides or []),
+    }
+
+
+def format_table(rows: List[dict]) -> str:
+    head = "| experiment | device | precision | batch | strategy | compile | s/iter (p10-p90) | img/s | TFLOP/iter | TFLOP/s | peak mem |"
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        mem = f"{r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] else "n/a"
+        strat = r["strategy"] + (f" ZeRO-{r['zero_stage']}" if r["zero_stage"] is not None else "")
+        lines.append(f"| {r['experiment']} | {r['device']} | {r['precision']} | {r['batch']} | {strat} | "
+                     f"{'yes' if r['compile'] else 'no'} | {r['s_per_iter_median']:.4f} ({r['s_per_iter_p10']:.4f}-"
+                     f"{r['s_per_iter_p90']:.4f}) | {r['images_per_s']:.1f} | {r['flops_per_iter'] / 1e12:.3f} | "
+                     f"{r['tflops_per_s']:.2f} | {mem} |")
+    return "\n".join(lines)
