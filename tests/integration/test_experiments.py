@@ -23,9 +23,14 @@ FLOW_SHRINK = ["flow.levels=2", "flow.steps=1", "flow.hidden=8", "data.resolutio
 BUILTIN_DATA = ["data.name=digits", "data.path=''", "data.hflip=false"]
 
 
+# BigGAN has no 16 px architecture: its smallest (32 px), with ch 4 (16-64 channels).
+BIGGAN_SHRINK = ["model.g_width=4", "model.d_width=4", "model.shared_dim=8", "data.resolution=32",
+                 "trainer.precision=32", "trainer.cpu_threads=0", "data.num_workers=0"]
+
+
 def shrink(experiment: str) -> list:
     cfg = load_config(experiment)
-    extra = FLOW_SHRINK if is_flow(cfg) else GAN_SHRINK
+    extra = FLOW_SHRINK if is_flow(cfg) else BIGGAN_SHRINK if cfg.model.name == "biggan" else GAN_SHRINK
     return extra + (BUILTIN_DATA if cfg.data.name not in ("mnist5k", "digits") else [])
 
 

@@ -232,3 +232,16 @@ def test_truncated_samples_never_exceed_threshold(threshold):
     again = truncated_normal(2000, 16, threshold, generator=torch.Generator().manual_seed(0))
     assert torch.equal(z, again)
     assert float(truncated_normal(500, 8, 0.0).abs().max()) > 2.0  # T=0: no truncation
+
+
+def test_imagenet128_experiment_builds_the_reference_sizes():
+    from trainer.build import gan_build_args
+    from trainer.config import load_config, to_dict
+
+    cfg = to_dict(load_config("biggan_imagenet128"))
+    assert (cfg["data"]["batch_size"], cfg["optim"]["accumulate"], cfg["optim"]["n_critic"]) == (2048, 8, 1)
+    with torch.device("meta"):
+        G, D = build_gan(**gan_build_args(cfg, 3, 1000))
+    assert sum(p.numel() for p in G.parameters()) == 70_433_988
+    assert sum(p.numel() for p in D.parameters()) == 87_982_370
+    assert len(G.attn) == 1 and G.attn[next(iter(G.attn))].theta.in_channels == 2 * 96  # 64 px block
