@@ -64,6 +64,14 @@ def cmd_sample(args) -> int:
     if args.temperature or args.interpolate:
         raise SystemExit("genscale sample: --temperature and --interpolate apply to flow checkpoints only.")
     del ckpt
+    if args.interpolate_class or args.interpolate_z:
+        from trainer.evaluate import interpolation_grid
+
+        mode, (a, b) = ("class", args.interpolate_class) if args.interpolate_class else ("z", args.interpolate_z)
+        out = interpolation_grid(args.checkpoint, mode, a, b, rows=max(1, args.num // 8), steps=8, out=args.out,
+                                 seed=args.seed, use_ema=not args.no_ema, truncation=args.truncation or 0.0)
+        print(json.dumps({"out": str(out), "mode": mode, "classes": [a, b], "seed": args.seed}))
+        return 0
     out = sample_grid(args.checkpoint, num=args.num, out=args.out, seed=args.seed, use_ema=not args.no_ema,
                       truncation=args.truncation or 0.0, label=args.label)
     print(json.dumps({"out": str(out), "num": args.num, "seed": args.seed, "ema": not args.no_ema,
@@ -281,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="label", type=int, default=None,
                    help="class-conditional models (BigGAN, flows): sample this class (default: cycle through "
                         "the classes)")
+    s.add_argument("--interpolate-class", type=int, nargs=2, default=None, metavar=("A", "B"),
+                   help="class-conditional GANs: rows of fixed latents, the class embedding moving from A to B "
+                        "over 8 columns (--num / 8 rows)")
+    s.add_argument("--interpolate-z", type=int, nargs=2, default=None, metavar=("A", "B"),
+                   help="class-conditional GANs: one row per class A..B, each moving between two fixed latents "
+                        "over 8 columns")
     s.add_argument("--truncation", type=float, default=None, metavar="T",
                    help="GANs: truncation trick, latent entries with |z| > T resampled (default: none)")
     s.add_argument("--interpolate", type=int, nargs=2, default=None, metavar=("A", "B"),

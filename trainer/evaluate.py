@@ -239,6 +239,39 @@ def sample_grid(checkpoint, num: int = 64, out="samples.png", seed: int = 0, use
     return save_grid(generate_uint8(G, cfg["model"]["z_dim"], num, seed, _device(), truncation, y), out)
 
 
+@torch.no_grad()
+def interpolation_images(G: torch.nn.Module, mode: str, a: int, b: int, rows: int, steps: int, seed: int = 0,
+                         truncation: float = 0.0) -> torch.Tensor:
+    """Class-conditional G, (rows * steps) images in row order. mode 'class': each row keeps one latent
+    while the shared class embedding moves linearly from class a to class b. mode 'z': row r keeps
+    class a + r (up to b, so rows = b - a + 1) while the latent moves linearly between two latents."""
+    if not getattr(G, "conditional", False):
+        raise ConfigError("Class interpolation needs a class-conditional generator (e.g. model.name=biggan).")
+    for c in (a, b):
+        class_labels(G, 1, c)  # range check, with the valid values in the error
+    t = torch.linspace(0, 1, steps).view(1, steps, 1)
+    if mode == "class":
+        z = _latents(rows, G.z_dim, seed, truncation)[:, None].expand(rows, steps, G.z_dim)
+        e = G.embed(torch.tensor([a, b]))
+        y = (e[0] + t * (e[1] - e[0])).expand(rows, steps, -1).reshape(rows * steps, -1)
+    else:
+        classes = torch.arange(min(a, b), max(a, b) + 1)
+        rows = len(classes)
+        ends = _latents(2 * rows, G.z_dim, seed, truncation).view(rows, 2, 1, G.z_dim)
+        z = ends[:, 0] + t * (ends[:, 1] - ends[:, 0])
+        y = classes[:, None].expand(rows, steps).reshape(-1)
+    return to_uint8(G(z.reshape(rows * steps, G.z_dim), y).float())
+
+
+def interpolation_grid(checkpoint, mode: str, a: int, b: int, rows: int = 8, steps: int = 8, out="interp.png",
+                       seed: int = 0, use_ema: bool = True, truncation: float = 0.0) -> Path:
+    """Writes interpolation_images of a checkpoint's G (G_ema by default) as a grid, `steps` per row."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt["genscale"]["config"]
+    G, _ = _build_generator(cfg, ckpt["state_dict"], _run_data(cfg, "val"), use_ema)
+    return save_grid(interpolation_images(G, mode, a, b, rows, steps, seed, truncation), out, nrow=steps)
+
+
 # ----------------------------------------------------------------------------------------------
 # FID / KID
 

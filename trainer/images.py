@@ -29,9 +29,10 @@ def make_grid(images: torch.Tensor, nrow: int = 0, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, scale: int = 0) -> Path:
-    """Saves a grid PNG (upscaled with nearest neighbour so small digits stay visible); atomic."""
-    grid = make_grid(images if images.dtype == torch.uint8 else to_uint8(images))
+def save_grid(images: torch.Tensor, path: str | os.PathLike, scale: int = 0, nrow: int = 0) -> Path:
+    """Saves a grid PNG (upscaled with nearest neighbour so small digits stay visible), `nrow` images
+    per row (0: square); atomic."""
+    grid = make_grid(images if images.dtype == torch.uint8 else to_uint8(images), nrow)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     scale = scale or max(1, 256 // max(1, images.shape[-1] * int(math.ceil(math.sqrt(images.shape[0]))) // 4))
     if scale > 1:

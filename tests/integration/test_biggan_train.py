@@ -6,7 +6,9 @@ import torch
 
 from trainer.build import train
 from trainer.config import ConfigError
-from trainer.evaluate import evaluate_checkpoint, sample_grid, standing_stats
+from trainer.images import to_uint8
+from trainer.evaluate import (evaluate_checkpoint, interpolation_grid, interpolation_images, sample_grid,
+                              standing_stats)
 
 from test_resume import _assert_same, _state  # tests/integration is on sys.path (rootdir conftest)
 
@@ -68,3 +70,20 @@ def test_sample_and_evaluate_a_biggan_checkpoint(tmp_path):
     assert int(after["out_bn.num_batches_tracked"]) == 2 and not S.training
     _assert_same({k: v for k, v in after.items() if k.endswith(".u")},
                  {k: v for k, v in before.items() if k.endswith(".u")}, "u-vectors")
+
+
+def test_class_and_latent_interpolation_grids(tmp_path):
+    run = train("biggan_mnist5k", [f"logging.root={tmp_path}/runs", "trainer.max_iters=1", *TINY])
+    G = run.module.G_ema.eval()
+    imgs = interpolation_images(G, "class", 2, 5, rows=3, steps=4, seed=1).view(3, 4, 1, 32, 32)
+    z = torch.Generator().manual_seed(1)
+    z = torch.randn(3, G.z_dim, generator=z)
+    with torch.no_grad():  # the end columns are the two classes themselves, the middle ones neither
+        ends = [to_uint8(G(z, torch.full((3,), c)).float()) for c in (2, 5)]
+    assert (imgs[:, 0].int() - ends[0].int()).abs().max() <= 1 and (imgs[:, -1].int() - ends[1].int()).abs().max() <= 1
+    assert (imgs[:, 1].int() - ends[0].int()).abs().max() > 1
+    rows = interpolation_images(G, "z", 3, 7, rows=0, steps=5)
+    assert rows.shape == (5 * 5, 1, 32, 32)  # one row per class 3..7
+    assert interpolation_grid(run.run_dir, "class", 0, 9, out=tmp_path / "i.png").exists()
+    with pytest.raises(ConfigError, match=r"0\.\.9"):
+        interpolation_images(G, "class", 0, 12, rows=1, steps=2)
