@@ -102,7 +102,8 @@ class SelfAttention(nn.Module):
         conv = lambda cin, cout: SNConv2d(cin, cout, 1, padding=0, bias=False, eps=sn_eps)  # noqa: E731
         self.theta, self.phi, self.g = conv(ch, ch // 8), conv(ch, ch // 8), conv(ch, ch // 2)
         self.o = conv(ch // 2, ch)
-        self.gamma = nn.Parameter(torch.zeros(()))
+        # shape (1,), not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views, impossible for 0-dim
+        self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
