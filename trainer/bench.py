@@ -96,7 +96,11 @@ def global_flop_counter():
     """torch's FlopCounterMode without its per-module tracker: the tracker's autograd hooks fail inside
     the gradient penalty's torch.autograd.grad ("A leaf node was passed to _will_engine_execute_node"),
     and only the total is needed here."""
-    from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode
+    try:
+        from torch.utils.flop_counter import _FlopCounterMode
+    except ImportError:  # another torch layout: the plain counter (fine where there is no gradient penalty)
+        return FlopCounterMode(display=False)
 
     class GlobalFlopCounter(FlopCounterMode):
         def __enter__(self):
