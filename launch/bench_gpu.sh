@@ -11,9 +11,9 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true
 G="python3 -m launch.cli"
 J="$OUT/bench.jsonl"
 bench() {  # bench LIMIT_S ARGS...: one measurement, cut off at LIMIT_S seconds
-  local limit=$1; shift
-  echo "=== bench $* ($(date +%T))"
-  timeout "$limit" $G bench train "$@" trainer.accelerator=gpu trainer.devices=1 --out "$J" 2>&1 | grep -E "^\||Error|error:" | tail -4
+  local limit=$1 exp=$2; shift 2
+  echo "=== bench $exp $* ($(date +%T))"
+  timeout "$limit" $G bench train "$exp" trainer.accelerator=gpu trainer.devices=1 "$@" --out "$J" 2>&1 | grep -E "^\||Error|error:" | tail -4
 }
 nvidia-smi -L; python3 -c "import torch, deepspeed, lightning; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'lightning', lightning.__version__)"
 
@@ -30,7 +30,7 @@ bench 90 $BIG trainer.strategy=deepspeed trainer.zero_stage=2 --precision 16-mix
 # 5. Glow training on real data, fp32 vs bf16: bits/dim must agree
 for p in 32 bf16-mixed; do
   echo "=== train glow_digits $p ($(date +%T))"
-  timeout 60 $G train glow_digits trainer.accelerator=gpu trainer.devices=1 trainer.precision=$p trainer.max_iters=300 \
+  timeout 45 $G train glow_digits trainer.accelerator=gpu trainer.devices=1 trainer.precision=$p trainer.max_iters=600 trainer.log_every=10 \
     trainer.sample_every=0 trainer.progress_bar=false logging.wandb=false logging.root=/tmp/gs_runs logging.run_id=$p \
     trainer.checkpoint.every_n_iters=0 >/dev/null 2>&1
   python3 - "/tmp/gs_runs/glow_digits/$p/metrics.csv" "$p" >> "$OUT/train_check.txt" <<'PY'

@@ -19,6 +19,7 @@ batch, strategy and the commit.
 """
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import subprocess
@@ -72,6 +73,9 @@ def data_shape(cfg) -> tuple:
 
 
 def _commit() -> str:
+    """The checkout's commit (GENSCALE_COMMIT wins: a copied tree may carry stale git metadata)."""
+    if os.environ.get("GENSCALE_COMMIT"):
+        return os.environ["GENSCALE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10)
@@ -129,6 +133,7 @@ class BenchTimer(L.Callback):
         self.images: List[int] = []
         self.peak_bytes = 0
         self._flop_mode = None
+        self.device: Optional[torch.device] = None  # read during training: fit moves the module back to the CPU
         self._t = None
         self._seen = 0
 
@@ -142,6 +147,7 @@ class BenchTimer(L.Callback):
             self._flop_mode.__enter__()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.device = module.device
         if not getattr(module, "g_stepped", True):  # a GAN iteration ends with its G step
             return
         it = int(module.iteration)
@@ -214,7 +220,7 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
         "precision": str(t.precision), "strategy": type(trainer.strategy).__name__,
         "zero_stage": int(t.zero_stage) if str(t.strategy) == "deepspeed" else None,
         "compile": bool(compile_nets), "world_size": int(trainer.world_size),
-        "device": _device_name(module.device), "torch": torch.__version__, "commit": _commit(),
+        "device": _device_name(timer.device or module.device), "torch": torch.__version__, "commit": _commit(),
         "date": time.strftime("%Y-%m-%d"), "steps": steps, "warmup": warmup,
         "s_per_iter_median": med, "s_per_iter_p10": _quantile(timer.times, 0.1),
         "s_per_iter_p90": _quantile(timer.times, 0.9), "images_per_s": per_iter / med,

@@ -71,6 +71,15 @@ def ds_config(stage: int, precision: str, micro_batch: int, bucket_mb: float = 5
     return cfg
 
 
+def _batchnorm_to_half(net: nn.Module) -> None:
+    """DeepSpeed's fp16 engines cast the parameters but leave BatchNorm's running statistics fp32,
+    and torch's batch norm refuses fp16 inputs with fp32 statistics when it has no fp32 affine
+    weight to go with them ("Expected running_mean to have type Half"): keep BatchNorm all fp16."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.half()
+
+
 class MultiEngineDeepSpeedStrategy(GANDDPStrategy):
     strategy_name = STRATEGY_NAME
 
@@ -113,6 +122,8 @@ class MultiEngineDeepSpeedStrategy(GANDDPStrategy):
             engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, dist_init_required=False,
                                                    config=ds_config(self.stage, self.precision_name,
                                                                     self.micro_batch))
+            if self.precision_name == "16-mixed":
+                _batchnorm_to_half(net)
             self.engines[name] = engine
             self._by_net[id(net)] = engine
             self._by_opt[id(opt)] = engine
