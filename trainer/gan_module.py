@@ -151,6 +151,12 @@ class GANModule(L.LightningModule):
             return True
         return engine_step(net)  # False: DeepSpeed's fp16 loss scaler skipped an overflow
 
+    @staticmethod
+    def _param_dtype(net: nn.Module) -> torch.dtype:
+        """fp32, or the 16-bit type DeepSpeed's fp16 engines gave the weights."""
+        p = next(net.parameters(), None)
+        return p.dtype if p is not None and p.dtype in (torch.float16, torch.bfloat16) else torch.float32
+
     def deepspeed_pairs(self):
         """(name, network, optimiser) for each DeepSpeed engine the multi-engine strategy builds."""
         opt_g, opt_d = self.optimizers(use_pl_optimizer=False)
@@ -225,7 +231,7 @@ class GANModule(L.LightningModule):
                 loss = self.loss.d(s_real, s_fake)
                 if self.loss.uses_gp:
                     eps = self.sample_mix(r.shape[0], gen)
-                    gp = gradient_penalty(lambda x: self._d(x, y_real[k]), r, fake, eps)
+                    gp = gradient_penalty(lambda x: self._d(x, y_real[k]), r, fake, eps, self._param_dtype(self.D))
                     loss = loss + c["gp_weight"] * gp
                     stats["d/gp"] += gp.detach() / accum
                 if c["drift"] > 0:

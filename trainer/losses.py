@@ -60,19 +60,21 @@ def get_loss(name: str) -> GANLoss:
 
 
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
-                     fake: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+                     fake: torch.Tensor, eps: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """mean over samples of (||grad_x D(x_hat)||_2 - 1)^2, x_hat = eps * real + (1 - eps) * fake.
 
-    Computed in fp32 with autocast off: the squared-norm of low-precision gradients is the usual
-    source of NaNs in WGAN-GP under AMP. ``eps`` has shape (N,) and is drawn by the caller so that
-    its random stream is owned (and checkpointed) by the training module.
+    Computed with autocast off, in ``dtype``: fp32 unless the critic's weights themselves are
+    16-bit (DeepSpeed's fp16 engines), where x_hat must match them. The squared norm of
+    low-precision gradients is the usual source of NaNs in WGAN-GP under AMP, so the norm is
+    always taken in fp32. ``eps`` has shape (N,) and is drawn by the caller so that its random
+    stream is owned (and checkpointed) by the training module.
     """
     with torch.autocast(device_type=real.device.type, enabled=False):
         e = eps.float().view(-1, *([1] * (real.dim() - 1)))
-        x_hat = (e * real.float() + (1 - e) * fake.detach().float()).requires_grad_(True)
+        x_hat = (e * real.float() + (1 - e) * fake.detach().float()).to(dtype).requires_grad_(True)
         out = critic(x_hat).float()
         (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
-        norm = grad.flatten(1).norm(2, dim=1)
+        norm = grad.float().flatten(1).norm(2, dim=1)
         return ((norm - 1.0) ** 2).mean()
 
 

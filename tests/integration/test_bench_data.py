@@ -30,8 +30,3 @@ def test_bench_data_tiny(tmp_path, capsys):
         c = 1 if s["workload"] == "mnist5k" else 3
         assert s["batch_shape"] == [8, c, 32, 32]
     assert all(s["ratio_vs_files"] == 1.0 for s in res["results"] if s["baseline"])
-
-
-def test_bench_train_is_later(capsys):
-    assert main(["bench", "train"]) == 2
-    assert "benchmarks issue" in capsys.readouterr().err

@@ -36,3 +36,25 @@ def test_cli_writes_json_lines_for_a_flow(tmp_path, capsys):
     row = json.loads(out.read_text().splitlines()[0])
     assert row["model"] == "glow" and row["batch"] == 8 and row["images_per_iter"] == 8 and row["flops_per_iter"] > 0
     assert "| glow_digits |" in capsys.readouterr().out
+
+
+def test_deepspeed_fp16_engines_train_wgan_gp(tmp_path):
+    """DeepSpeed's fp16 engines (fp16 weights, fp32 master partitions, a loss scaler per network) with
+    the gradient penalty, whose x_hat must then be fp16 too. In a subprocess: DeepSpeed sets up a
+    process group that should not outlive the test."""
+    import subprocess
+    import sys
+
+    from tests.distributed.helpers import REPO, clean_env
+
+    out = tmp_path / "fp16.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "bench", "train", "wgan_gp_mnist5k",
+                           f"logging.root={tmp_path}/runs", "trainer.accelerator=cpu", "trainer.devices=1",
+                           "trainer.strategy=deepspeed", "trainer.zero_stage=1", "model.d_norm=none",
+                           "model.g_width=8", "model.d_width=8", "--batch", "8", "--precision", "16-mixed",
+                           "--steps", "2", "--warmup", "0", "--out", str(out)],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert row["precision"] == "16-mixed" and row["strategy"] == "MultiEngineDeepSpeedStrategy"
+    assert row["zero_stage"] == 1 and row["flops_per_iter"] > 0
