@@ -1,0 +1,203 @@
+"""Knowledge constraints against closed forms and exact limits (../shared/notes/knowledge_constraints.md)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainer.knowledge.constraints import ClassConsistency, LinearConstraint, RuleConfidences, Symmetry
+from trainer.knowledge.logic import soft_and, soft_implies, soft_mean_and, soft_not, soft_or
+from trainer.knowledge.teacher import (categorical_teacher, distill_loss, ess, importance_teacher, irl_loss,
+                                       pi_schedule, reverse_kl_loss, rule_score, weighted_nll_term)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- categorical teacher -------------------------------------------------------------------------
+
+
+def test_categorical_teacher_equals_p_exp_lambda_f_over_z():
+    logits, f = torch.randn(6, 5, generator=gen(1)), torch.randn(6, 5, generator=gen(2))
+    lam = 1.7
+    p = F.softmax(logits.double(), -1)
+    unnorm = p * torch.exp(lam * f.double())
+    expected = unnorm / unnorm.sum(-1, keepdim=True)
+    t = categorical_teacher(logits, lam * f)
+    assert torch.allclose(t.q.double(), expected, atol=1e-6, rtol=0)
+    assert not t.fallback.any()
+
+
+def test_lambda_zero_teacher_is_p_bit_for_bit_and_pi_zero_is_plain_cross_entropy():
+    logits, y = torch.randn(8, 4, generator=gen(3)), torch.randint(4, (8,), generator=gen(4))
+    f = torch.randn(8, 4, generator=gen(5))
+    t = categorical_teacher(logits, 0.0 * f)
+    assert torch.equal(t.log_q, F.log_softmax(logits, -1))
+    plain = F.cross_entropy(logits, y)
+    assert torch.equal(distill_loss(logits, y, categorical_teacher(logits, 3.0 * f).log_q, 0.0), plain)
+    # lambda = 0: the imitation term vanishes exactly (q = p), so only the (1 - pi)-weighted CE remains.
+    assert torch.equal(distill_loss(logits, y, t.log_q, 0.4), 0.6 * plain + 0.4 * torch.zeros(()))
+
+
+def test_distill_loss_by_hand_with_unlabelled_rows():
+    logits, y = torch.randn(4, 3, generator=gen(6)), torch.tensor([0, 2, 1, 1])
+    log_q = F.log_softmax(torch.randn(4, 3, generator=gen(7)), -1)
+    labelled = torch.tensor([True, True, False, False])
+    lp = F.log_softmax(logits, -1)
+    ce = -(lp[0, 0] + lp[1, 2]) / 2
+    kl = (log_q.exp() * (log_q - lp)).sum() / 4
+    got = distill_loss(logits, y, log_q, 0.3, labelled)
+    assert abs(float(got) - float(0.7 * ce + 0.3 * kl)) < 1e-6
+
+
+def test_hard_rules_zero_mass_on_violations_and_fully_masked_row_falls_back_to_p():
+    logits = torch.randn(3, 4, generator=gen(8))
+    allowed = torch.tensor([[True, False, True, False], [False] * 4, [False, False, False, True]])
+    t = categorical_teacher(logits, torch.randn(3, 4, generator=gen(9)), allowed)
+    assert torch.all(t.q[~allowed & ~t.fallback[:, None]] == 0)
+    assert t.fallback.tolist() == [False, True, False] and int(t.fallback.sum()) == 1
+    assert torch.equal(t.log_q[1], F.log_softmax(logits, -1)[1])  # exactly p, not p times the score
+    assert abs(float(t.q[2, 3]) - 1.0) < 1e-7
+    assert torch.allclose(t.q.sum(-1), torch.ones(3))
+
+
+def test_rule_score_and_soft_logic_truth_tables():
+    a, b = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.3]), torch.tensor([0.0, 1.0, 0.0, 1.0, 0.9])
+    assert soft_and(a, b).tolist() == pytest.approx([0, 0, 0, 1, 0.2])
+    assert soft_or(a, b).tolist() == pytest.approx([0, 1, 1, 1, 1])
+    assert soft_not(a).tolist() == pytest.approx([1, 1, 0, 0, 0.7])
+    assert soft_implies(a, b).tolist() == pytest.approx([1, 1, 0, 1, 1])
+    assert soft_mean_and(a, b).tolist() == pytest.approx([0, 0.5, 0.5, 1, 0.6])
+    rules = torch.tensor([[[1.0, 0.5], [0.0, 1.0]]])  # (B=1, K=2, L=2)
+    score = rule_score(rules, torch.tensor([1.0, 2.0]), C=6.0)
+    assert score[0].tolist() == pytest.approx([-6 * (0 + 2 * 0.5), -6 * (1 + 0)])
+
+
+def test_pi_schedule_is_capped_one_minus_decay_power_epochs():
+    assert pi_schedule(0, 100) == 0.0
+    assert pi_schedule(250, 100, pi0=0.9, decay=0.95) == pytest.approx(1 - 0.95 ** 2.5)
+    assert pi_schedule(10 ** 6, 100, pi0=0.9) == 0.9
+
+
+def test_learned_rule_confidence_gradient_is_c_times_rule_minus_teacher_expectation():
+    logits, y = torch.randn(5, 3, generator=gen(10)), torch.tensor([0, 1, 2, 1, 0])
+    rules = torch.rand(5, 3, 2, generator=gen(11))
+    conf = RuleConfidences(2, init=0.7, C=6.0)
+    conf.loss(logits, rules, y).backward()
+    log_q = categorical_teacher(logits, conf.score(rules).detach()).log_q
+    r_y = rules[torch.arange(5), y]  # (B, L)
+    e_q = (log_q.exp()[..., None] * rules).sum(1)
+    expected = -6.0 * (r_y - e_q).mean(0)  # the loss is -mean log q
+    assert torch.allclose(conf.lam.grad, expected, atol=1e-5)
+
+
+# ---- importance-weighted teacher: Gaussian oracles ------------------------------------------------
+
+MU = torch.tensor([0.5, -1.0], dtype=torch.float64)
+SIGMA = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
+
+
+def gaussian(n, seed=0):
+    z = torch.randn(n, 2, generator=gen(seed), dtype=torch.float64)
+    return MU + z @ torch.linalg.cholesky(SIGMA).T
+
+
+def test_linear_constraint_teacher_mean_log_z_and_ess():
+    a = torch.tensor([0.8, -0.6], dtype=torch.float64)
+    lam = math.sqrt(0.75 / float(a @ SIGMA @ a))  # lambda^2 a^T Sigma a = 0.75, the notes' case
+    x = gaussian(400_000)
+    t = importance_teacher(lam * x @ a)
+    mean = (t.w.double()[:, None] * x).sum(0)
+    assert torch.allclose(mean, MU + lam * SIGMA @ a, atol=0.02)
+    log_z = lam * float(a @ MU) + 0.5 * lam ** 2 * float(a @ SIGMA @ a)
+    assert abs(float(t.log_z) - log_z) < 0.01
+    assert abs(float(t.ess_frac) - math.exp(-0.75)) < 0.01  # 0.4724
+
+
+def test_quadratic_constraint_teacher_moments():
+    m, B, lam = torch.tensor([2.0, 0.0], dtype=torch.float64), torch.tensor([[1.0, 0.0], [0.0, 2.0]],
+                                                                           dtype=torch.float64), 0.7
+    x = gaussian(400_000, seed=1)
+    d = x - m
+    f = -0.5 * ((d @ B) * d).sum(1)
+    w = importance_teacher(lam * f).w.double()
+    cov_q = torch.linalg.inv(torch.linalg.inv(SIGMA) + lam * B)
+    mu_q = cov_q @ (torch.linalg.inv(SIGMA) @ MU + lam * B @ m)
+    mean = (w[:, None] * x).sum(0)
+    cov = (w[:, None, None] * torch.einsum("ni,nj->nij", x - mean, x - mean)).sum(0)
+    assert torch.allclose(mean, mu_q, atol=0.02)
+    assert torch.allclose(cov, cov_q, atol=0.02)
+
+
+def test_ess_formula_on_hand_weights():
+    s = torch.log(torch.tensor([1.0, 1.0, 2.0]))
+    assert float(ess(s)) == pytest.approx(16 / 6)  # (sum w)^2 / sum w^2
+    assert float(ess(torch.zeros(7))) == pytest.approx(7.0)
+
+
+def test_grouped_weights_normalise_per_condition():
+    s, g = torch.tensor([0.0, 1.0, 2.0, 0.5]), torch.tensor([0, 1, 0, 1])
+    w = importance_teacher(s, g).w
+    assert torch.allclose(w[[0, 2]], F.softmax(s[[0, 2]], 0)) and torch.allclose(w[[1, 3]], F.softmax(s[[1, 3]], 0))
+
+
+def test_irl_update_converges_to_the_gaussian_fixed_point():
+    mu_d, lam = torch.tensor([1.0, -0.5], dtype=torch.float64), 2.0
+    x_model = gaussian(20_000, seed=2).float()
+    x_data = (gaussian(20_000, seed=3) - MU + mu_d).float()
+    f = LinearConstraint(2)
+    opt = torch.optim.Adam(f.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        irl_loss(f(x_data), f(x_model), lam).backward()
+        opt.step()
+    expected = torch.linalg.inv(SIGMA) @ (mu_d - MU) / lam
+    assert torch.allclose(f.phi.detach().double(), expected, atol=0.05), (f.phi, expected)
+
+
+def test_irl_loss_value_is_data_term_plus_log_mean_exp():
+    fd, fm, lam = torch.randn(5, generator=gen(12)), torch.randn(7, generator=gen(13)), 1.3
+    want = -lam * fd.mean() + torch.logsumexp(lam * fm, 0) - math.log(7)
+    assert float(irl_loss(fd, fm, lam)) == pytest.approx(float(want), abs=1e-6)
+
+
+def test_reverse_kl_generator_gradient_is_minus_lambda_a_for_linear_f():
+    a, lam = torch.tensor([0.3, -1.2, 2.0]), 0.8
+    m, s = torch.zeros(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    x = m + s * torch.randn(64, 3, generator=gen(14))
+    reverse_kl_loss(x @ a, lam).backward()
+    assert torch.allclose(m.grad, -lam * a, atol=1e-6)
+    assert float(reverse_kl_loss(x.detach() @ a, 0.0)) == 0.0
+
+
+def test_weighted_nll_term_is_zero_at_lambda_zero_and_has_the_importance_weighted_gradient():
+    theta = torch.randn(6, generator=gen(15), requires_grad=True)
+    nll = theta ** 2
+    term, t = weighted_nll_term(nll, torch.zeros(6), alpha=0.5)
+    assert float(term) == 0.0 and float(t.ess_frac) == pytest.approx(1.0)
+    s = torch.randn(6, generator=gen(16))
+    term, _ = weighted_nll_term(nll, s, alpha=0.5)
+    term.backward()
+    w = F.softmax(s, 0)
+    assert torch.allclose(theta.grad, 0.5 * (w - 1 / 6) * 2 * theta.detach(), atol=1e-6)
+
+
+# ---- constraint modules --------------------------------------------------------------------------
+
+
+def test_symmetry_and_class_consistency_values():
+    x = torch.randn(2, 1, 4, 4, generator=gen(17))
+    sym = (x + x.flip(-1)) / 2
+    assert torch.equal(Symmetry()(sym), torch.zeros(2))
+    assert float(Symmetry()(x)[0]) == pytest.approx(float(-(x[0] - x[0].flip(-1)).pow(2).mean()))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    y = torch.tensor([2, 0])
+    cc = ClassConsistency(net)
+    assert torch.allclose(cc(x, y), F.log_softmax(net(x), -1)[torch.arange(2), y])
+    assert not any(p.requires_grad for p in cc.parameters())
+    bounded = ClassConsistency(net, bound=0.5)
+    assert torch.all(bounded(x * 100, y).abs() <= 0.5)

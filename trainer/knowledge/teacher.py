@@ -1,0 +1,171 @@
+"""Teacher construction as pure functions (posterior regularisation's E-step and the student losses).
+
+Categorical (enumerable y):  log q = log p + score, renormalised; score = lambda f, or for rules
+    -C sum_l lambda_l (1 - r_l); hard rules mask classes to -inf.
+Samples (Glow, GAN generators): self-normalised importance weights w = softmax(lambda f(x_i)) over
+    samples x_i ~ p_theta, in fp32 and over all ranks' samples.
+Learned constraints: the max-ent IRL loss whose autograd gradient is lambda (E_data grad f - E_q grad f).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+# ---- categorical teacher ------------------------------------------------------------------------
+
+
+@dataclass
+class CategoricalTeacher:
+    log_q: torch.Tensor    # (B, K) log teacher probabilities (detached)
+    fallback: torch.Tensor  # (B,) bool: every class was masked, so the row fell back to p
+
+    @property
+    def q(self) -> torch.Tensor:
+        return self.log_q.exp()
+
+
+def rule_score(rules: torch.Tensor, lambdas: torch.Tensor, C: float) -> torch.Tensor:
+    """-C sum_l lambda_l (1 - r_l(x, y)): rules (B, K, L) soft values in [0, 1], lambdas (L,)."""
+    return -C * ((1.0 - rules) * lambdas).sum(-1)
+
+
+def categorical_teacher(logits: torch.Tensor, score: Optional[torch.Tensor] = None,
+                        allowed: Optional[torch.Tensor] = None) -> CategoricalTeacher:
+    """q(y|x) proportional to p(y|x) exp(score(x, y)) with classes where ``allowed`` is False at 0 (hard
+    rules). A row with no allowed class falls back to p (and is flagged, so callers can count it).
+    In fp32 log space so large scores (C = 6, many rules) never overflow."""
+    log_p = F.log_softmax(logits.detach().float(), dim=-1)
+    log_q = log_p if score is None else log_p + score.detach().float()
+    changed = torch.zeros(log_p.shape[0], dtype=torch.bool, device=log_p.device)
+    if score is not None:
+        changed = (score != 0).any(-1)
+    fallback = torch.zeros_like(changed)
+    if allowed is not None:
+        fallback = ~allowed.any(-1)
+        use_mask = allowed | fallback[:, None]  # a fully-masked row keeps every class: q = p
+        log_q = log_q.masked_fill(~use_mask, float("-inf"))
+        changed = changed | (~allowed).any(-1)
+    log_q = torch.where(fallback[:, None], log_p, log_q)
+    # Rows the score and mask leave alone keep log p bit for bit (lambda = 0 reproduces p exactly).
+    changed = changed & ~fallback
+    normed = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
+    return CategoricalTeacher(torch.where(changed[:, None], normed, log_p), fallback)
+
+
+def pi_schedule(images_seen: int, images_per_epoch: int, pi0: float = 0.9, decay: float = 0.95) -> float:
+    """Imitation weight pi_t = min(pi0, 1 - decay^t), t = epochs of images seen (fractional): starts at
+    0 (trust the labels while p is poor) and grows to the cap (Hu et al. 2016's code)."""
+    t = images_seen / max(1, images_per_epoch)
+    return min(pi0, 1.0 - decay ** t)
+
+
+def distill_loss(logits: torch.Tensor, y: Optional[torch.Tensor], log_q: torch.Tensor, pi: float,
+                 labelled: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(1 - pi) CE(y, p) on the labelled rows + pi KL(q || p) on all rows (q detached).
+    KL and soft cross-entropy differ by the teacher's entropy, a constant: same gradient, and KL is 0
+    when q = p. pi = 0 gives exactly the plain cross-entropy."""
+    logits = logits.float()
+    if labelled is None:
+        labelled = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    ce = F.cross_entropy(logits[labelled], y[labelled]) if bool(labelled.any()) else logits.sum() * 0.0
+    if pi == 0.0:
+        return ce
+    kl = F.kl_div(F.log_softmax(logits, -1), log_q.detach(), log_target=True, reduction="batchmean")
+    return (1.0 - pi) * ce + pi * kl
+
+
+# ---- importance-weighted teacher over samples ----------------------------------------------------
+
+
+def world() -> Tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_cat(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """All ranks' ``t`` concatenated along dim 0 (equal sizes per rank), detached, and where this
+    rank's rows start. The teacher's normaliser runs over every rank's samples."""
+    rank, size = world()
+    t = t.detach()
+    if size == 1:
+        return t, 0
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts), rank * t.shape[0]
+
+
+def ess(log_w: torch.Tensor) -> torch.Tensor:
+    """Effective sample size exp(2 LSE(s) - LSE(2 s)) of unnormalised log-weights s (fp32)."""
+    s = log_w.float()
+    return torch.exp(2 * torch.logsumexp(s, 0) - torch.logsumexp(2 * s, 0))
+
+
+@dataclass
+class SampleTeacher:
+    w: torch.Tensor       # (N,) normalised weights over all ranks' samples (per group when grouped)
+    ess_frac: torch.Tensor  # ESS / N (the mean over groups when grouped)
+    log_z: torch.Tensor   # log mean exp(s): the estimate of log Z = log E_p exp(lambda f)
+
+
+def importance_teacher(s: torch.Tensor, groups: Optional[torch.Tensor] = None) -> SampleTeacher:
+    """Self-normalised importance weights w_i proportional to exp(s_i), s = lambda f(x_i), x_i ~ p.
+    ``groups`` (e.g. the requested class of a conditional model) normalises within each group, so
+    q is built per condition."""
+    s = s.detach().float()
+    if groups is None:
+        lse = torch.logsumexp(s, 0)
+        return SampleTeacher(torch.exp(s - lse), ess(s) / s.numel(), lse - math.log(s.numel()))
+    w = torch.zeros_like(s)
+    fracs, log_zs = [], []
+    for g in torch.unique(groups):
+        idx = groups == g
+        t = importance_teacher(s[idx])
+        w[idx] = t.w
+        fracs.append(t.ess_frac)
+        log_zs.append(t.log_z)
+    return SampleTeacher(w, torch.stack(fracs).mean(), torch.stack(log_zs).mean())
+
+
+def weighted_nll_term(nll_local: torch.Tensor, s_local: torch.Tensor, alpha: float,
+                      groups_local: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, SampleTeacher]:
+    """The flow student's extra term alpha sum_i (w_i - 1/N) nll(x_i) over all ranks' samples x_i ~ p.
+    The M-step term alpha E_q nll is estimated with the self-normalised weights; subtracting the
+    uniform-weighted mean (expectation of grad nll under p is 0: an unbiased control variate) makes
+    the term exactly 0 at lambda = 0. Scaled by the world size because DDP averages gradients."""
+    s_all, start = gather_cat(s_local)
+    g_all = gather_cat(groups_local)[0] if groups_local is not None else None
+    teacher = importance_teacher(s_all, g_all)
+    n, size = nll_local.shape[0], world()[1]
+    w = teacher.w[start:start + n]
+    uniform = importance_teacher(torch.zeros_like(s_all), g_all).w[start:start + n]
+    return alpha * size * ((w - uniform) * nll_local).sum(), teacher
+
+
+def reverse_kl_loss(f_fake: torch.Tensor, lam: float, alpha: float = 1.0) -> torch.Tensor:
+    """Implicit models' extra generator loss -alpha lambda mean f(G(z)): the gradient of
+    alpha (KL(p || q) up to terms without theta), q proportional to p exp(lambda f)."""
+    return -alpha * lam * f_fake.float().mean()
+
+
+def irl_loss(f_data: torch.Tensor, f_model: torch.Tensor, lam: float) -> torch.Tensor:
+    """Max-ent IRL loss of a learned constraint: -lambda mean f(x_data) + log mean exp(lambda f(x_model))
+    over all ranks' model samples. Its value is exact; its gradient is lambda (E_q grad f - E_data grad f)
+    with E_q by self-normalised importance weights (a per-rank surrogate, scaled by the world size so
+    that averaging phi's gradients over ranks gives the full-batch gradient)."""
+    s = lam * f_model.float()
+    s_all, start = gather_cat(s)
+    size = world()[1]
+    lse = torch.logsumexp(s_all, 0)
+    w = torch.exp(s_all - lse)[start:start + s.shape[0]]
+    data_term = -lam * f_data.float().mean()
+    surrogate = size * (w * s).sum()  # gradient sum_i w_i lambda grad f_i
+    value = lse - math.log(s_all.numel())
+    return data_term + surrogate + (value - surrogate).detach()
