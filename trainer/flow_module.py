@@ -126,6 +126,7 @@ class FlowModule(L.LightningModule):
         self._init_checked = False  # once per process: a host read of every ActNorm flag
         self._nonfinite_streak = 0
         self._stepped = False
+        self.loss_hooks: list = []  # callables (module, x, y) -> extra loss, e.g. the knowledge callback's
 
     # The names GAN-era callbacks and data modules read (checkpoint cadence, sample grids, resume).
     @property
@@ -238,6 +239,8 @@ class FlowModule(L.LightningModule):
         loss = terms["bpd"].mean()
         if "bits_y" in terms:
             loss = loss + f["weight_y"] * terms["bits_y"].mean()
+        for hook in self.loss_hooks:
+            loss = loss + hook(self, x, y)
         self.iteration += 1
         self.images_seen += x.shape[0] * self._world()
         self._stepped = self._all_finite(loss)

@@ -76,6 +76,7 @@ class GANModule(L.LightningModule):
         self.register_buffer("fixed_z", torch.randn(grid, z_dim, generator=g))
         self.g_stepped = False  # whether the last training_step ended with a G step (callbacks read it)
         self._nonfinite_streak = {"D": 0, "G": 0}
+        self.g_loss_hooks: list = []  # callables (fake, y) -> extra G loss, e.g. the knowledge callback's
         self._t_last: Optional[float] = None
         self._img_s = 0.0
         self._seen_last = 0
@@ -259,7 +260,10 @@ class GANModule(L.LightningModule):
                 y = self.sample_labels(micro, gen)
                 # The regulariser enters unscaled once per step (the backward divides by accum); g/loss
                 # includes it, g/ortho shows it alone.
-                loss = self.loss.g(self._d(self._g(z, y), y).float()) + accum * self._ortho_penalty(k == accum - 1)
+                fake = self._g(z, y)
+                loss = self.loss.g(self._d(fake, y).float()) + accum * self._ortho_penalty(k == accum - 1)
+                for hook in self.g_loss_hooks:
+                    loss = loss + hook(fake, y)
                 self._backward(self.G, loss / accum)
             total = total + loss.detach() / accum
         self._step(self.G, opt, "G", total)
