@@ -8,6 +8,7 @@ import torch
 from launch.cli import main
 from trainer.build import prepare_run, train
 from trainer.checkpointing import load_checkpoint
+from trainer.config import ConfigError
 from trainer.gan_module import NonFiniteLossError
 from trainer.losses import GANLoss, ns_d, ns_g
 
@@ -91,3 +92,24 @@ def test_persistent_nonfinite_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert 8 <= ckpt["genscale"]["iteration"] <= int(run.module.iteration) < 50
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert not list((run.run_dir / "checkpoints").glob(".*tmp*"))
+
+
+def test_gpu_count_that_does_not_match_the_machine_or_allocation(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from trainer.build import check_devices
+    from trainer.config import load_config
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    rc = main(["train", "gan_digits", "trainer.accelerator=gpu", "trainer.devices=2", f"logging.root={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "has 0 CUDA GPU(s)" in err and "trainer.accelerator=cpu" in err
+    assert not (tmp_path / "gan_digits").exists()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ConfigError, match="at most 4"):
+        check_devices(load_config("gan_digits", ["trainer.accelerator=gpu", "trainer.devices=8"]).trainer)
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    with pytest.raises(ConfigError, match="--ntasks-per-node=2"):
+        check_devices(load_config("gan_digits", ["trainer.accelerator=gpu", "trainer.devices=4"]).trainer)
+    check_devices(load_config("gan_digits", ["trainer.accelerator=gpu", "trainer.devices=2"]).trainer)  # matches
