@@ -215,6 +215,35 @@ class EvalConfig:
 
 
 @dataclass
+class KnowledgeConfig:
+    """Knowledge constraints (posterior regularisation, Hu et al. 2016/2018): docs/knowledge_constraints.md."""
+    enabled: bool = f(False, "Build a teacher q proportional to p exp(lambda f) at every step: GANs get the reverse-KL "
+                             "generator term -alpha lambda mean f(G(z)), flows the importance-weighted likelihood "
+                             "term. Off: runs are unchanged.")
+    constraint: str = f("class_consistency", "The constraint f(x): class_consistency (log-probability of the "
+                                             "requested class under a classifier trained on the train split; "
+                                             "class-conditional models) or symmetry (left-right mirror agreement).")
+    learned: bool = f(False, "Update f's parameters phi by the max-ent IRL step on real versus generated images, "
+                             "with its own AdamW optimiser (class_consistency only).")
+    lam: float = f(1.0, "lambda: the teacher's weight on the constraint (0: the plain objective exactly).")
+    alpha: float = f(1.0, "alpha: weight of the student's imitation term.")
+    bound: float = f(5.0, "Constraint values are bound * tanh(f / bound) (0: unbounded), so a learned f cannot "
+                          "collapse the importance weights onto one sample.")
+    phi_lr: float = f(1e-4, "Learned constraint: AdamW learning rate of phi.")
+    phi_weight_decay: float = f(1e-4, "Learned constraint: AdamW weight decay of phi (its regulariser).")
+    phi_every: int = f(1, "Learned constraint: one IRL step every this many G iterations (flow steps).")
+    samples: int = f(0, "Flows: model samples per rank and step for the weighted term (0: the batch per rank).")
+    temperature: float = f(1.0, "Flows: temperature of those samples (1: the model distribution itself).")
+    ess_min: float = f(0.1, "Guard: a step whose teacher weights have effective sample size / N below this skips "
+                            "the flow term (counted as knowledge/ess_skipped); GANs log it.")
+    classifier_epochs: int = f(6, "class_consistency: training epochs of the constraint classifier (trained once, "
+                                  "kept under eval.features_dir/knowledge-seed<S>).")
+    classifier_seed: int = f(1, "class_consistency: seed of the constraint classifier; the evaluation classifier "
+                                "uses seed 0, so class consistency is judged by an independent network.")
+    keep_samples: int = f(64, "Size of the importance-resampled teacher sample set kept for diagnostics.")
+
+
+@dataclass
 class LaunchConfig:
     nodes: int = f(1, "Nodes for `genscale launch`.")
     gpus_per_node: int = f(1, "GPUs (processes) per node for `genscale launch`.")
@@ -239,6 +268,7 @@ class GenscaleConfig:
     logging: LoggingConfig = sub(LoggingConfig, "Run directory and loggers.")
     eval: EvalConfig = sub(EvalConfig, "Evaluation protocol.")
     launch: LaunchConfig = sub(LaunchConfig, "Launchers.")
+    knowledge: KnowledgeConfig = sub(KnowledgeConfig, "Knowledge-constraint training (off by default).")
 
 
 CHOICES = {
@@ -254,6 +284,7 @@ CHOICES = {
     "data.mode": ["resampled", "exact"],
     "flow.coupling": ["affine", "additive"],
     "flow.optimizer": ["adam", "adamax"],
+    "knowledge.constraint": ["class_consistency", "symmetry"],
 }
 
 
@@ -387,6 +418,7 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}.")
     _validate_deepspeed(cfg)
+    _validate_knowledge(cfg)
     if is_flow(cfg):
         _validate_flow(cfg)
     elif cfg.loss.name == "wgan_gp" and cfg.model.d_norm == "batch":
@@ -407,6 +439,18 @@ def _validate_deepspeed(cfg: DictConfig) -> None:
                           f"{t.zero_stage} and precision {t.precision} keeps its own master copy of the weights that "
                           "the clip would not reach. Use trainer.zero_stage=0 with precision 32 or bf16-mixed, or "
                           "trainer.strategy=gan_ddp.")
+
+
+def _validate_knowledge(cfg: DictConfig) -> None:
+    k = cfg.knowledge
+    if not k.enabled:
+        return
+    if k.learned and k.constraint != "class_consistency":
+        raise ConfigError(f"knowledge.learned=true needs a constraint with parameters: knowledge.constraint="
+                          f"{k.constraint} has none. Use knowledge.constraint=class_consistency or learned=false.")
+    if k.lam < 0 or k.alpha < 0 or k.bound < 0 or k.phi_every <= 0 or not 0.0 <= k.ess_min <= 1.0:
+        raise ConfigError(f"knowledge: lam, alpha and bound must be non-negative, phi_every positive and ess_min "
+                          f"in [0, 1] (got {k.lam}, {k.alpha}, {k.bound}, {k.phi_every}, {k.ess_min}).")
 
 
 def is_flow(cfg) -> bool:
