@@ -281,6 +281,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int
                                t.checkpoint.save_top_k, t.checkpoint.monitor)
     samples = SampleGridCallback(run_dir / "samples", t.sample_every)
     callbacks = [ckpt, samples]
+    if cfg.knowledge.enabled:  # first: phi's IRL step lands before this step's checkpoint is written
+        from trainer.callbacks.knowledge import build_knowledge_callback
+
+        callbacks.insert(0, build_knowledge_callback(cfg))
     if cfg.data.name == "shards":
         callbacks.append(DataSkippedCallback(t.log_every))
     flow = is_flow(cfg)

@@ -1,0 +1,190 @@
+"""KnowledgeCallback: the per-step teacher of knowledge-constraint training for GANs and flows.
+
+GANs (implicit density): a hook in GANModule's G step adds -alpha lambda mean f(G(z)) (reverse KL to
+    q proportional to p exp(lambda f)); phi is frozen there. The importance-weighted sample set
+    (w = softmax(lambda f) per requested class, over all ranks) is kept as the teacher for diagnostics.
+Flows (explicit density): a hook in FlowModule's step draws samples x_i ~ p, weights them and adds
+    alpha sum_i (w_i - 1/N) bits/dim(x_i); when ESS/N < ess_min the term is skipped (and counted).
+Learned constraints: after each (phi_every-th) step, one AdamW step of phi on the max-ent IRL loss with
+    the step's real batch as data and the step's model samples, gradients averaged over ranks.
+The callback runs before the checkpoint callback, and its state (phi, its optimiser, lambda, counters)
+goes into every checkpoint, so a resume continues the constraint where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from trainer.knowledge.constraints import ClassConsistency, Constraint, Symmetry
+from trainer.knowledge.teacher import gather_cat, importance_teacher, irl_loss, reverse_kl_loss, weighted_nll_term, world
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """phi receives no gradient from the student's loss (the E-step and M-step are separate)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def _conditional_classes(pl_module) -> int:
+    glow = getattr(pl_module, "glow", None)
+    return int(glow.num_classes) if glow is not None else int(getattr(pl_module, "num_classes", 0))
+
+
+class KnowledgeCallback(L.Callback):
+    def __init__(self, k: dict, constraint: Constraint, log_every: int = 10, seed: int = 0):
+        self.k, self.constraint, self.log_every, self.seed = k, constraint, log_every, seed
+        self.lam = float(k["lam"])
+        self.opt: Optional[torch.optim.Optimizer] = None
+        self.counters = {"phi_steps": 0, "ess_skipped": 0, "teacher_steps": 0}
+        self._pending: Optional[dict] = None
+        self._model_samples: list = []  # (x in [-1, 1], y) of the current step
+        self.teacher_samples: Optional[torch.Tensor] = None
+        self.last_stats: dict = {}
+
+    @property
+    def state_key(self) -> str:
+        return "KnowledgeCallback"
+
+    # ---- wiring -----------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage=None):
+        if isinstance(self.constraint, ClassConsistency) and not _conditional_classes(pl_module):
+            raise ValueError("knowledge.constraint=class_consistency needs a class-conditional model (it scores "
+                             "the requested class); use a conditional model or knowledge.constraint=symmetry.")
+        self.constraint.to(pl_module.device)
+        if self.constraint.learned and self.opt is None:
+            self.opt = torch.optim.AdamW(self.constraint.parameters(), lr=self.k["phi_lr"],
+                                         weight_decay=self.k["phi_weight_decay"])
+        hooks = getattr(pl_module, "g_loss_hooks", None)
+        if hooks is not None and self._gan_term not in hooks:
+            hooks.append(self._gan_term)
+        hooks = getattr(pl_module, "loss_hooks", None)
+        if hooks is not None and self._flow_term not in hooks:
+            hooks.append(self._flow_term)
+        self._apply_pending()
+
+    # ---- teacher terms ----------------------------------------------------------------------
+    def _gan_term(self, fake: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        with frozen(self.constraint):
+            f = self.constraint(fake, y)
+        self._model_samples.append((fake.detach(), y))
+        self._diagnose(fake.detach(), y, f.detach())
+        return reverse_kl_loss(f, self.lam, self.k["alpha"])
+
+    def _flow_term(self, module, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        n = int(self.k["samples"]) or x.shape[0]
+        gen = module.noise_generator(salt=0x4B4E)  # seeded by (seed, rank, step): exact resume
+        classes = _conditional_classes(module)
+        y_s = torch.randint(classes, (n,), generator=gen, device=module.device) if classes else None
+        xs = module.glow.sample(n, self.k["temperature"], y_s, gen).detach()
+        images = 2.0 * xs.float()  # flow space [-0.5, 0.5) -> images in [-1, 1)
+        with torch.no_grad():
+            f = self.constraint(images, y_s)
+        term, teacher = weighted_nll_term(module.losses(xs, y_s)["bpd"], self.lam * f, self.k["alpha"], y_s)
+        self._model_samples.append((images, y_s))
+        self._diagnose(images, y_s, f, teacher)
+        if float(teacher.ess_frac) < self.k["ess_min"]:  # the same on every rank: weights are gathered
+            self.counters["ess_skipped"] += 1
+            return term * 0.0  # keeps the graph, so DDP sees every parameter used
+        return term
+
+    @torch.no_grad()
+    def _diagnose(self, x: torch.Tensor, y: Optional[torch.Tensor], f: torch.Tensor, teacher=None) -> None:
+        """ESS, the constraint under the student p and under the teacher q, and the resampled teacher set."""
+        s = self.lam * f.float()
+        if teacher is None:
+            s_all = gather_cat(s)[0]
+            teacher = importance_teacher(s_all, gather_cat(y)[0] if y is not None else None)
+        local = importance_teacher(s, y).w
+        self.counters["teacher_steps"] += 1
+        self.last_stats = {"knowledge/ess_frac": float(teacher.ess_frac), "knowledge/log_z": float(teacher.log_z),
+                           "knowledge/f_student": float(f.mean()), "knowledge/f_teacher": float((local * f).sum()
+                                                                                               / local.sum()),
+                           "knowledge/lambda": self.lam}
+        gen = torch.Generator(device=x.device).manual_seed(self.seed + self.counters["teacher_steps"])
+        keep = torch.multinomial(local / local.sum(), int(self.k["keep_samples"]), replacement=True, generator=gen)
+        self.teacher_samples = x[keep].cpu()
+
+    # ---- learned constraint -------------------------------------------------------------------
+    def irl_step(self, x_data: torch.Tensor, y_data: Optional[torch.Tensor]) -> float:
+        """One AdamW step of phi on the IRL loss: real images versus this step's model samples."""
+        x_model = torch.cat([m[0] for m in self._model_samples])
+        ys = [m[1] for m in self._model_samples]
+        y_model = torch.cat(ys) if ys[0] is not None else None
+        self.opt.zero_grad(set_to_none=True)
+        loss = irl_loss(self.constraint(x_data, y_data), self.constraint(x_model.float(), y_model), self.lam)
+        loss.backward()
+        size = world()[1]
+        for p in self.constraint.parameters():
+            if size > 1 and p.grad is not None:  # phi is not wrapped by DDP: average it here
+                dist.all_reduce(p.grad)
+                p.grad /= size
+        self.opt.step()
+        self.counters["phi_steps"] += 1
+        return float(loss.detach())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self._model_samples or not getattr(pl_module, "g_stepped", True):
+            return
+        it = int(pl_module.iteration)
+        if self.constraint.learned and it % int(self.k["phi_every"]) == 0:
+            images, labels = batch
+            x_data = images.to(pl_module.device).float().div(127.5).sub(1.0)
+            y_data = labels.to(pl_module.device).long() if _conditional_classes(pl_module) else None
+            self.last_stats["knowledge/irl_loss"] = self.irl_step(x_data, y_data)
+        self._model_samples = []
+        self.last_stats.update({f"knowledge/{k}": float(v) for k, v in self.counters.items()})
+        if (it % self.log_every == 0 or it == 1) and trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics(self.last_stats, step=it)
+
+    # ---- checkpoint state ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"lam": self.lam, "counters": dict(self.counters),
+                "phi": self.constraint.state_dict() if self.constraint.learned else None,
+                "opt": self.opt.state_dict() if self.opt is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = state
+        self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        """Restores once phi's optimiser exists (Lightning may restore callbacks before or after setup)."""
+        state = self._pending
+        if state is None or (state["opt"] is not None and self.opt is None):
+            return
+        self.lam = float(state["lam"])
+        self.counters.update(state["counters"])
+        if state["phi"] is not None:
+            self.constraint.load_state_dict(state["phi"])
+        if state["opt"] is not None:
+            self.opt.load_state_dict(state["opt"])
+        self._pending = None
+
+
+def build_knowledge_callback(cfg) -> KnowledgeCallback:
+    """The callback of the config's knowledge section; class_consistency trains (once) its own classifier
+    with knowledge.classifier_seed, independent of the evaluation classifier."""
+    from trainer.evaluate import load_feature_net, train_feature_net
+
+    k, d = cfg.knowledge, cfg.data
+    if k.constraint == "symmetry":
+        constraint: Constraint = Symmetry(bound=k.bound)
+    else:
+        where = Path(cfg.eval.features_dir) / f"knowledge-seed{k.classifier_seed}"
+        path = train_feature_net(d.name, d.resolution, d.path, features_dir=where, epochs=k.classifier_epochs,
+                                 seed=k.classifier_seed, val_fraction=d.val_fraction)
+        constraint = ClassConsistency(load_feature_net(path)[0], bound=k.bound, learned=k.learned)
+    plain = {key: getattr(k, key) for key in k.keys()}
+    return KnowledgeCallback(plain, constraint, int(cfg.trainer.log_every), int(cfg.trainer.seed))
