@@ -30,6 +30,10 @@ def cmd_train(args) -> int:
         overrides.insert(0, experiment)
         experiment = None
     run = train(experiment, overrides)
+    if run.trainer.is_global_zero:  # stderr: stdout stays one JSON line for scripts
+        from trainer.progress import run_summary
+
+        print(run_summary(run), file=sys.stderr, flush=True)
     ckpt = run.checkpointer.last_path
     print(json.dumps({"run_dir": str(run.run_dir), "iteration": int(run.module.iteration),
                       "kimg": int(run.module.images_seen) / 1000, "checkpoint": str(ckpt) if ckpt else None,
@@ -119,9 +123,13 @@ def cmd_list(args) -> int:
         for k in sorted(FLOWS):
             print(f"  {k:16s} {FLOWS[k]} [flow: settings in flow.*]")
     if what in ("experiments", "all"):
+        from trainer.config import describe_experiment
+
         print("experiments:")
         for k in list_experiments():
-            print(f"  {k}{'  (default)' if k == DEFAULT_EXPERIMENT else ''}")
+            e = describe_experiment(k)
+            print(f"  {k}{'  (default)' if k == DEFAULT_EXPERIMENT else ''}: {e['description']}\n"
+                  f"      model {e['model']}, data {e['data']}, {e['objective']}")
     if what in ("datasets", "all"):
         print("datasets:")
         for k in sorted(DATA):
@@ -324,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="train-features: retrain even if saved")
     e.set_defaults(fn=cmd_eval)
 
-    ls = sp.add_parser("list", help="list models, experiments and datasets")
+    ls = sp.add_parser("list", help="list models, experiments (with description, model, data, objective) and datasets")
     ls.add_argument("what", nargs="?", choices=["models", "experiments", "datasets", "all"])
     ls.set_defaults(fn=cmd_list)
 
@@ -333,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     from launch import sweep
 
     sweep.add_parser(sp)
+    from launch import report, wandb_sync
+
+    report.add_parser(sp)
+    wandb_sync.add_parser(sp)
     _bench_parser(sp)
     return p
 

@@ -10,13 +10,13 @@ from typing import List, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
 from data_pipelines.builtin import load_split
 from data_pipelines.datamodule import ArrayDataModule, ShardDataModule
 from models.registry import build_gan
+from trainer.callbacks.artifacts import CheckpointArtifacts
 from trainer.callbacks.data_stats import DataSkippedCallback
 from trainer.callbacks.ema import EMACallback
 from trainer.callbacks.preemption import PreemptionCallback
@@ -26,7 +26,9 @@ from trainer.csv_log import AppendingCSVLogger
 from trainer.checkpointing import AtomicCheckpointIO, CheckpointError, IterationCheckpoint, load_checkpoint
 from trainer.config import ConfigError, is_flow, load_config, to_dict, to_yaml
 from trainer.gan_module import GANModule, NonFiniteLossError
+from trainer.progress import ThroughputBar
 from trainer.strategies.gan_ddp import STRATEGY_NAME as GAN_DDP, GANDDPStrategy
+from trainer.tracking import make_wandb_logger, wandb_loggers
 
 
 class RunDirError(ValueError):
@@ -155,16 +157,6 @@ def build_datamodule(cfg: DictConfig):
                            seed=cfg.trainer.seed)
 
 
-class ThroughputBar(TQDMProgressBar):
-    """Progress bar whose postfix shows G iteration, kimg and images/s (no Lightning version number)."""
-
-    def get_metrics(self, trainer, pl_module):
-        items = super().get_metrics(trainer, pl_module)
-        items.pop("v_num", None)
-        items["it"] = int(pl_module.iteration)
-        return items
-
-
 def _devices(value: str):
     value = str(value)
     if value == "auto":
@@ -269,25 +261,23 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int
     t = cfg.trainer
     micro = cfg.data.batch_size // max(1, cfg.optim.accumulate) if "optim" in cfg else cfg.data.batch_size
     loggers: List = [AppendingCSVLogger(str(run_dir), keep_through_step=resume_iteration, flush_logs_every_n_steps=10)]
-    if cfg.logging.wandb:
-        from lightning.pytorch.loggers import WandbLogger
-
+    wandb_logger = make_wandb_logger(cfg, run_dir, to_dict(cfg)) if cfg.logging.wandb else None
+    if wandb_logger is not None:
         os.environ.setdefault("WANDB_SILENT", "true")
-        loggers.append(WandbLogger(project=cfg.logging.wandb_project, name=f"{cfg.experiment}/{run_dir.name}",
-                                   id=(cfg.logging.wandb_id or f"{cfg.experiment}-{run_dir.name}").replace("/", "-"),
-                                   save_dir=str(run_dir), offline=cfg.logging.wandb_mode == "offline",
-                                   config=to_dict(cfg), resume="allow"))
+        loggers.append(wandb_logger)
     ckpt = IterationCheckpoint(run_dir / "checkpoints", t.checkpoint.every_n_iters, t.checkpoint.every_n_minutes,
                                t.checkpoint.save_top_k, t.checkpoint.monitor)
-    samples = SampleGridCallback(run_dir / "samples", t.sample_every)
+    flow = is_flow(cfg)
+    samples = SampleGridCallback(run_dir / "samples", t.sample_every, cfg.logging.flow_temperatures if flow else ())
     callbacks = [ckpt, samples]
     if cfg.knowledge.enabled:  # first: phi's IRL step lands before this step's checkpoint is written
         from trainer.callbacks.knowledge import build_knowledge_callback
 
         callbacks.insert(0, build_knowledge_callback(cfg))
+    if wandb_logger is not None and wandb_logger.log_checkpoints:
+        callbacks.append(CheckpointArtifacts(ckpt))
     if cfg.data.name == "shards":
         callbacks.append(DataSkippedCallback(t.log_every))
-    flow = is_flow(cfg)
     if (cfg.eval.every_n_iters > 0 or cfg.eval.at_start) and not flow:
         # Before the checkpoint callback, so a checkpoint at the same iteration is ranked by this value.
         callbacks.insert(0, PeriodicEvalCallback(to_dict(cfg), run_dir, cfg.eval.every_n_iters, cfg.eval.at_start))
@@ -390,6 +380,6 @@ def train(experiment: Optional[str] = None, overrides: Optional[List[str]] = Non
 
 def close_loggers(trainer: L.Trainer) -> None:
     """Flush the W&B run to its files now (Lightning leaves it open until the process exits)."""
-    for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero and logger._experiment is not None:
+    for logger in wandb_loggers(trainer):
+        if trainer.is_global_zero and logger._experiment is not None:
             logger._experiment.finish()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -186,10 +187,21 @@ class LoggingConfig:
     root: str = f("runs", "Runs go to <root>/<experiment>/<run_id>/.")
     run_id: str = f("", "Run id; empty: $SLURM_JOB_ID if set, else a timestamp.")
     wandb: bool = f(True, "Log to Weights & Biases.")
-    wandb_mode: str = f("offline", "offline (sync later with `wandb sync`) or online.")
+    wandb_mode: str = f("offline", "offline (upload later with `genscale sync RUN_DIR`) or online (also chosen by "
+                                   "WANDB_MODE=online; needs an API key and a reachable server, else the run "
+                                   "logs offline with a warning). WANDB_MODE=disabled turns W&B off.")
     wandb_project: str = f("genscale", "W&B project name.")
     wandb_id: str = f("", "W&B run id; empty: <experiment>-<run_id>. `genscale launch slurm` derives it "
                           "from the job id, so a requeued job continues the same W&B run.")
+    wandb_entity: str = f("", "W&B entity (user or team); empty: your default entity.")
+    wandb_group: str = f("", "W&B group; empty: the experiment name (runs of one experiment, e.g. a sweep's "
+                             "trials, group together).")
+    wandb_tags: List[str] = f([], "W&B tags, e.g. [baseline,lr-sweep].")
+    flow_temperatures: List[float] = f([0.5, 1.0], "Flows: besides each sample grid (at flow.sample_temperature), "
+                                                   "grids at these temperatures from the same noise, in "
+                                                   "samples/temperatures/ and on W&B ([]: none).")
+    wandb_log_checkpoints: bool = f(True, "Online runs: upload each checkpoint as a W&B model artifact "
+                                          "(offline runs never do: the checkpoints are in the run directory).")
 
 
 @dataclass
@@ -294,6 +306,25 @@ CHOICES = {
 
 def list_experiments() -> List[str]:
     return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
+
+
+def describe_experiment(name: str) -> dict:
+    """One line of `genscale list`: the first sentence of the experiment file's leading comment, and the
+    model, data and objective of its resolved config."""
+    text = (EXPERIMENT_DIR / f"{name}.yaml").read_text().splitlines()
+    comment = " ".join(ln.lstrip("# ").strip() for ln in text if ln.startswith("#")).split("# ")[0]
+    first = re.split(r"(?<! al)(?<!e\.g)\.\s", comment)[0].strip().rstrip(".")  # not at "et al." / "e.g."
+    cfg = load_config(name)
+    if is_flow(cfg):
+        fl = cfg.flow
+        model = f"{cfg.model.name} (L={fl.levels}, K={fl.steps}, width {fl.hidden}, {fl.coupling})"
+        objective = f"bits/dim on {fl.n_bits}-bit data"
+    else:
+        model = f"{cfg.model.name} (G width {cfg.model.g_width}, D width {cfg.model.d_width})"
+        objective = f"loss {cfg.loss.name}, {cfg.optim.n_critic} D step(s) per G step"
+    data = f"{cfg.data.name} {cfg.data.resolution}px, batch {cfg.data.batch_size}"
+    return {"description": first[:110] + ("..." if len(first) > 110 else ""), "model": model, "data": data,
+            "objective": objective}
 
 
 def _all_keys(node: Any, prefix: str = "") -> List[str]:

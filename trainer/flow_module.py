@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import Callable, Optional
 
 import lightning as L
@@ -270,10 +271,19 @@ class FlowModule(L.LightningModule):
         vals = torch.stack([torch.as_tensor(logged[k], dtype=torch.float32, device=self.device) for k in keys])
         vals = self.trainer.strategy.reduce(vals, reduce_op="mean")
         row = {k: float(v) for k, v in zip(keys, vals.tolist())}
-        row.update({"iteration": float(it), "progress/kimg": float(self.images_seen) / 1000.0})
+        row.update({"iteration": float(it), "progress/kimg": float(self.images_seen) / 1000.0,
+                    "perf/img_per_s": self._throughput()})
+        self.last_logged = row  # the progress bar shows it
         if self.trainer.is_global_zero:
             for lg in self.loggers:
                 lg.log_metrics(row, step=it)
+
+    def _throughput(self) -> float:
+        """Images/s (all ranks) since the previous logged row; 0 for the first."""
+        now, seen = time.perf_counter(), int(self.images_seen)
+        last = getattr(self, "_perf_last", None)
+        self._perf_last = (now, seen)
+        return (seen - last[1]) / max(now - last[0], 1e-9) if last else 0.0
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The EMA update right after the optimiser step: callbacks' on_train_batch_end hooks run before

@@ -319,6 +319,7 @@ class GANModule(L.LightningModule):
             logged = {k: float(v) for k, v in zip(keys, vals.tolist())}
             logged.update({"iteration": float(it), "progress/kimg": kimg, "perf/img_per_s": self._img_s,
                            "train/nonfinite_skipped": float(self.nonfinite_total)})
+            self.last_logged = logged  # the progress bar shows it
             if self.trainer.is_global_zero:
                 for lg in self.loggers:
                     lg.log_metrics(logged, step=it)

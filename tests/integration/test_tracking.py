@@ -1,0 +1,110 @@
+"""Experiment tracking: offline W&B runs hold the expected history keyed by kimg (read back from the binary
+run file), a resume continues the same W&B run id, online without a key or network falls back to
+offline with one warning, `genscale sync` refuses a directory without offline runs, and the console
+prints an end-of-run summary."""
+import warnings
+
+import pytest
+
+from launch.cli import main
+from tests.conftest import tiny
+from trainer.build import train
+from trainer.tracking import WandbFallbackWarning, offline_runs, read_history, read_records, resolve_mode, run_file
+
+
+def wandb_on(tmp_path, *extra):
+    """tiny() with W&B on (tiny turns it off for speed)."""
+    return [o for o in tiny(tmp_path, *extra) if o != "logging.wandb=false"] + ["logging.wandb=true"]
+
+
+def history(run_dir, k=-1):
+    return read_history(run_file(offline_runs(run_dir)[k]))
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    """A 4-iteration offline run (checkpoint at 2 and 4), then a resume from iteration 2 to 6."""
+    tmp = tmp_path_factory.mktemp("wb")
+    common = ["trainer.log_every=1", "trainer.sample_every=2", "trainer.checkpoint.every_n_iters=2",
+              "logging.run_id=r", "logging.wandb_group=grp", "logging.wandb_tags=[t1,t2]", "trainer.cpu_threads=1"]
+    first = train("gan_digits", wandb_on(tmp, *common, "trainer.max_iters=4"))
+    ckpt2 = first.run_dir / "checkpoints" / "iter-0000002.ckpt"
+    second = train(None, wandb_on(tmp, f"resume={ckpt2}", "trainer.max_iters=6"))
+    return first.run_dir, second
+
+
+def test_offline_history_has_losses_throughput_and_images_keyed_by_kimg(resumed_run):
+    run_dir, _ = resumed_run
+    rows = history(run_dir, 0)
+    scalars = [r for r in rows if "g/loss" in r]
+    assert [r["iteration"] for r in scalars] == [1, 2, 3, 4]
+    for key in ("d/loss", "d/real", "d/fake", "perf/img_per_s", "train/nonfinite_skipped"):
+        assert all(key in r for r in scalars), key
+    # 32 images per iteration: kimg is images seen, not Lightning's step (two optimiser steps per iteration)
+    assert [r["progress/kimg"] for r in scalars] == pytest.approx([0.032, 0.064, 0.096, 0.128])
+    grids = [r for r in rows if r.get("samples/_type") == "images/separated"]
+    assert [g["iteration"] for g in grids] == [2, 4] and all("progress/kimg" in g for g in grids)
+    media = offline_runs(run_dir)[0] / "files"
+    assert all((media / g["samples/filenames"][0]).is_file() for g in grids)
+
+
+def test_run_record_has_config_group_tags_and_kimg_axis(resumed_run):
+    run_dir, _ = resumed_run
+    recs = list(read_records(run_file(offline_runs(run_dir)[0])))
+    run = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
+    assert run.run_id == "gan_digits-r" and run.run_group == "grp" and list(run.tags) == ["t1", "t2"]
+    assert run.project == "genscale"
+    config = {u.key for u in run.config.update} | {u.key for r in recs if r.WhichOneof("record_type") == "config"
+                                                   for u in r.config.update}
+    assert {"trainer", "model", "loss", "data", "experiment"} <= config
+    axes = {m.metric.glob_name or m.metric.name: m.metric.step_metric for m in recs
+            if m.WhichOneof("record_type") == "metric"}
+    assert axes.get("*") == "progress/kimg"
+
+
+def test_resume_continues_the_same_wandb_run(resumed_run):
+    run_dir, second = resumed_run
+    dirs = offline_runs(run_dir)
+    assert len(dirs) == 2 and all(d.name.endswith("-gan_digits-r") for d in dirs)
+    ids = {next(r.run.run_id for r in read_records(run_file(d)) if r.WhichOneof("record_type") == "run") for d in dirs}
+    assert ids == {"gan_digits-r"}
+    assert [r["iteration"] for r in history(run_dir, 1) if "g/loss" in r] == [3, 4, 5, 6]
+    assert second.run_dir == run_dir
+
+
+def test_online_without_key_falls_back_to_offline_with_one_warning(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "gan_digits", *wandb_on(tmp_path, "trainer.max_iters=1", "logging.wandb_mode=online",
+                                                      "logging.run_id=o")]) == 0
+    fallback = [w for w in caught if issubclass(w.category, WandbFallbackWarning)]
+    assert len(fallback) == 1 and "no API key" in str(fallback[0].message)
+    run_dir = tmp_path / "runs" / "gan_digits" / "o"
+    assert any("g/loss" in r for r in history(run_dir))  # nothing lost
+    err = capsys.readouterr().err
+    assert "W&B (offline)" in err and f"genscale sync {run_dir}" in err and "genscale report" in err
+
+
+def test_online_with_unreachable_server_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with pytest.warns(WandbFallbackWarning, match="not reachable"):
+        assert resolve_mode("online") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.warns(WandbFallbackWarning):
+        assert resolve_mode("offline") == "offline"  # WANDB_MODE=online asks too
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode("online") == "disabled"
+
+
+def test_sync_needs_offline_runs(tmp_path, capsys, resumed_run):
+    assert main(["sync", str(tmp_path)]) == 2
+    assert "holds no offline W&B runs" in capsys.readouterr().err
+    from launch.wandb_sync import sync_command
+
+    run_dir, _ = resumed_run
+    cmd = sync_command([str(run_dir)], project="p", dry_run=True)
+    assert cmd[1:4] == ["-m", "wandb", "sync"] and "--dry-run" in cmd and cmd[-2:] == [str(d) for d in offline_runs(run_dir)]

@@ -1,0 +1,78 @@
+"""Console output: the training progress bar and the end-of-run summary."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
+
+from trainer.tracking import offline_runs, wandb_loggers
+
+# Scalars worth a place on one console line; everything else is in metrics.csv and W&B.
+_BAR_KEYS = ("d/loss", "g/loss", "train/bpd", "eval/fid", "eval/bpd")
+
+
+class ThroughputBar(TQDMProgressBar):
+    """One bar for the whole run, counted in G iterations up to trainer.max_iters (tqdm's ETA is then the
+    time to the configured length, also after a resume), with images/s, kimg and the latest losses.
+    Lightning's default counts batches of one epoch, which means nothing here."""
+
+    def on_train_epoch_start(self, trainer, pl_module=None, *_) -> None:
+        bar = self.train_progress_bar
+        if bar.total is None or bar.total != pl_module.cfg["trainer"]["max_iters"]:
+            bar.reset(total=pl_module.cfg["trainer"]["max_iters"])
+            bar.initial = int(pl_module.iteration)
+            bar.n = int(pl_module.iteration)
+            bar.set_description(f"{pl_module.cfg.get('experiment') or 'train'}")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = int(pl_module.iteration)
+        if pl_module.g_stepped and self._should_update(n, self.train_progress_bar.total):
+            _update_n(self.train_progress_bar, n)
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass  # the bar spans epochs
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        items["kimg"] = f"{float(pl_module.images_seen) / 1000:.1f}"
+        latest = getattr(pl_module, "last_logged", None) or {}
+        items.update({k.split("/")[-1] if k.startswith(("d/", "g/")) else k: f"{latest[k]:.3g}"
+                      for k in _BAR_KEYS if k in latest})
+        if "d/loss" in latest:  # d/loss and g/loss would both shorten to "loss"
+            items.pop("loss", None)
+            items["D"], items["G"] = f"{latest['d/loss']:.3g}", f"{latest.get('g/loss', float('nan')):.3g}"
+        return items
+
+
+def run_summary(run) -> str:
+    """Where everything of a finished run is, and the commands that come next."""
+    d = run.run_dir
+    ckpt = run.checkpointer.last_path
+    samples = sorted((d / "samples").glob("*.png"))
+    lines = [f"genscale: run finished at iteration {int(run.module.iteration)} "
+             f"({float(run.module.images_seen) / 1000:g} kimg)",
+             f"  run directory  {d}",
+             f"  checkpoints    {d / 'checkpoints'} (last: {ckpt.name if ckpt else 'none'})",
+             f"  samples        {d / 'samples'} ({len(samples)} grids"
+             + (f", last: {samples[-1].name})" if samples else ")"),
+             f"  metrics        {d / 'metrics.csv'}",
+             f"  report         genscale report {shlex.quote(str(d))} --out {shlex.quote(str(d / 'report.html'))}"]
+    lines += _wandb_lines(run)
+    return "\n".join(lines)
+
+
+def _wandb_lines(run) -> list:
+    loggers = wandb_loggers(run.trainer)
+    if not loggers:
+        return ["  W&B            off (logging.wandb=false or WANDB_MODE=disabled)"]
+    lg = loggers[0]
+    if lg.mode == "online" and lg._experiment is not None:
+        return [f"  W&B            online: {getattr(lg._experiment, 'url', '') or lg.name}"]
+    runs = offline_runs(run.run_dir)
+    where = runs[-1] if runs else Path(run.run_dir) / "wandb"
+    return [f"  W&B (offline)  {where}",
+            f"  upload with    genscale sync {shlex.quote(str(run.run_dir))}"]
