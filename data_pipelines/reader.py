@@ -36,6 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipelines.builtin import DataError, resize_uint8
 from data_pipelines.shards import ENCODINGS, INDEX, decode_image, decode_label, read_index
+from data_pipelines.tario import shard_samples
 
 MODES = ("resampled", "exact")
 WARN_FIRST = 5  # per worker and epoch: the first few skipped samples are warned about, then every 100th
@@ -365,7 +366,7 @@ class ShardStream(IterableDataset):
 
         while produced < quota:
             shard_iter, n_shards = self._shard_iter(worker, epoch, mine, pass_no)
-            samples = wds.tarfile_to_samples(handler=on_error)(record(shard_iter))
+            samples = shard_samples(record(shard_iter), _open_url, on_error)
             rng = random.Random(mix(self.seed, self.rank, worker, epoch, pass_no, 0x5B0F))
             if self.shuffle_buffer > 1:  # shuffle raw bytes, before decoding
                 samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
@@ -405,6 +406,13 @@ class ShardStream(IterableDataset):
         if x.shape[-1] != r:
             x = resize_uint8(x, r)
         return x, torch.tensor(labels, dtype=torch.int64)
+
+
+def _open_url(url: str):
+    """Local paths, http(s) and (when allowed, checked earlier) pipe: commands, as webdataset opens them."""
+    import webdataset as wds
+
+    return wds.gopen(url, bufsize=1 << 20)
 
 
 def _missing(encoding: str):
