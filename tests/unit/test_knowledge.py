@@ -201,3 +201,47 @@ def test_symmetry_and_class_consistency_values():
     assert not any(p.requires_grad for p in cc.parameters())
     bounded = ClassConsistency(net, bound=0.5)
     assert torch.all(bounded(x * 100, y).abs() <= 0.5)
+
+
+# ---- rule distillation (digits-sum) ---------------------------------------------------------------
+
+
+def test_pair_sum_teacher_marginals_equal_brute_force_enumeration():
+    from trainer.knowledge.digits_sum import pair_sum_teacher
+
+    logits, s = torch.randn(3, 2, 10, generator=gen(20)), torch.tensor([4, 17, 0])
+    p = F.softmax(logits.double(), -1)
+    got = pair_sum_teacher(logits, s, C=6.0, lam=0.8).exp()
+    for b in range(3):
+        q = torch.zeros(10, 10, dtype=torch.float64)
+        for i in range(10):
+            for j in range(10):
+                q[i, j] = p[b, 0, i] * p[b, 1, j] * math.exp(-6.0 * 0.8 * (i + j != int(s[b])))
+        q /= q.sum()
+        assert torch.allclose(got[b, 0].double(), q.sum(1), atol=1e-6)
+        assert torch.allclose(got[b, 1].double(), q.sum(0), atol=1e-6)
+    hard = pair_sum_teacher(logits, torch.tensor([0, 18, 25]), hard=True).exp()
+    assert torch.allclose(hard[0, :, 0], torch.ones(2), atol=1e-6)  # sum 0: both digits must be 0
+    assert torch.allclose(hard[1, :, 9], torch.ones(2), atol=1e-6)
+    assert torch.allclose(hard[2], F.softmax(logits[2], -1), atol=1e-6)  # no pair sums to 25: falls back to p
+
+
+def test_classifier_module_loss_is_plain_cross_entropy_without_the_rule_and_mixes_with_it():
+    from trainer.classifier_module import ClassifierModule
+    from trainer.knowledge.digits_sum import pair_sum_teacher
+
+    net = nn.Linear(4, 10)
+    x_lab, y_lab = torch.randn(5, 4, generator=gen(21)), torch.randint(10, (5,), generator=gen(22))
+    batch = (torch.randn(3, 2, 4, generator=gen(23)), torch.tensor([3, 9, 12]))
+    m = ClassifierModule(net, pair_sum_teacher, x_lab, y_lab, groups_per_epoch=3, use_rule=False)
+    assert torch.equal(m.training_step(batch, 0), F.cross_entropy(net(x_lab), y_lab))
+    m = ClassifierModule(net, pair_sum_teacher, x_lab, y_lab, groups_per_epoch=3, pi0=0.9)
+    m.groups_seen.fill_(6)  # two epochs: pi = 1 - 0.95^2
+    pi = 1 - 0.95 ** 2
+    lp = F.log_softmax(net(batch[0].flatten(0, 1)), -1)
+    log_q = pair_sum_teacher(net(batch[0].flatten(0, 1)).view(3, 2, 10), batch[1]).flatten(0, 1)
+    kl = (log_q.exp() * (log_q - lp)).sum() / 6
+    want = (1 - pi) * F.cross_entropy(net(x_lab), y_lab) + pi * kl
+    assert float(m.training_step(batch, 0)) == pytest.approx(float(want), abs=1e-5)
+    acc = m.accuracy(batch[0], batch[1], torch.zeros(3, 2, dtype=torch.long))
+    assert set(acc) == {"acc_p", "acc_q"}

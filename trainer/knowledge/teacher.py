@@ -66,17 +66,19 @@ def pi_schedule(images_seen: int, images_per_epoch: int, pi0: float = 0.9, decay
 
 
 def distill_loss(logits: torch.Tensor, y: Optional[torch.Tensor], log_q: torch.Tensor, pi: float,
-                 labelled: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(1 - pi) CE(y, p) on the labelled rows + pi KL(q || p) on all rows (q detached).
-    KL and soft cross-entropy differ by the teacher's entropy, a constant: same gradient, and KL is 0
-    when q = p. pi = 0 gives exactly the plain cross-entropy."""
+                 labelled: Optional[torch.Tensor] = None, taught: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(1 - pi) CE(y, p) averaged over the labelled rows + pi KL(q || p) averaged over the ``taught`` rows
+    (default all; q detached). KL and soft cross-entropy differ by the teacher's entropy, a constant:
+    same gradient, and KL is 0 when q = p. pi = 0 gives exactly the plain cross-entropy."""
     logits = logits.float()
-    if labelled is None:
-        labelled = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    every = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    labelled = every if labelled is None else labelled
+    taught = every if taught is None else taught
     ce = F.cross_entropy(logits[labelled], y[labelled]) if bool(labelled.any()) else logits.sum() * 0.0
     if pi == 0.0:
         return ce
-    kl = F.kl_div(F.log_softmax(logits, -1), log_q.detach(), log_target=True, reduction="batchmean")
+    kl = F.kl_div(F.log_softmax(logits[taught], -1), log_q[taught].detach(), log_target=True,
+                  reduction="batchmean")
     return (1.0 - pi) * ce + pi * kl
 
 
