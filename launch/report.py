@@ -44,6 +44,8 @@ class RunData:
 
     def series(self, key: str):
         pts = [(r["progress/kimg"], r[key]) for r in self.rows if key in r and "progress/kimg" in r]
+        if key.startswith("perf/"):  # 0 marks "no interval measured yet" (the first row), not a speed
+            pts = [p for p in pts if p[1] > 0]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     def final(self, key: str) -> Optional[float]:
