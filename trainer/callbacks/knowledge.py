@@ -77,7 +77,7 @@ class KnowledgeCallback(L.Callback):
     # ---- teacher terms ----------------------------------------------------------------------
     def _gan_term(self, fake: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         with frozen(self.constraint):
-            f = self.constraint(fake, y)
+            f = self.constraint(fake.float(), y)  # fp32: fp16 engines' fakes meet an fp32 constraint
         self._model_samples.append((fake.detach(), y))
         self._diagnose(fake.detach(), y, f.detach())
         return reverse_kl_loss(f, self.lam, self.k["alpha"])
