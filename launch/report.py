@@ -116,9 +116,27 @@ def read_metrics(path: Path) -> List[Dict[str, float]]:
     return rows
 
 
+def fill_kimg(rows: List[Dict[str, float]]) -> None:
+    """Rows logged by callbacks (eval, data, knowledge) carry the iteration but not kimg: interpolated
+    from the training rows, which carry both."""
+    import numpy as np
+
+    known = sorted((r["iteration"], r["progress/kimg"]) for r in rows if "iteration" in r and "progress/kimg" in r)
+    if not known:
+        return
+    its, kimgs = zip(*known)
+    for r in rows:
+        it = r.get("iteration", r.get("step"))
+        if "progress/kimg" not in r and it is not None:
+            inside = its[0] <= it <= its[-1]  # outside: images per iteration of the nearest end
+            r["progress/kimg"] = float(np.interp(it, its, kimgs)) if inside else it * (
+                kimgs[-1] / its[-1] if it > its[-1] else kimgs[0] / max(its[0], 1.0))
+
+
 def load_run(path: Path) -> RunData:
     cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
     rows = read_metrics(path / "metrics.csv")
+    fill_kimg(rows)
     if not rows:
         _fail(path, "it has no metrics.csv rows yet")
     name = f"{cfg.get('experiment') or path.parent.name}/{path.name}"

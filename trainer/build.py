@@ -28,7 +28,7 @@ from trainer.config import ConfigError, is_flow, load_config, to_dict, to_yaml
 from trainer.gan_module import GANModule, NonFiniteLossError
 from trainer.progress import ThroughputBar
 from trainer.strategies.gan_ddp import STRATEGY_NAME as GAN_DDP, GANDDPStrategy
-from trainer.tracking import make_wandb_logger, wandb_loggers
+from trainer.tracking import KimgAxis, make_wandb_logger, wandb_loggers
 
 
 class RunDirError(ValueError):
@@ -274,6 +274,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int
         from trainer.callbacks.knowledge import build_knowledge_callback
 
         callbacks.insert(0, build_knowledge_callback(cfg))
+    if wandb_logger is not None:
+        callbacks.append(KimgAxis())
     if wandb_logger is not None and wandb_logger.log_checkpoints:
         callbacks.append(CheckpointArtifacts(ckpt))
     if cfg.data.name == "shards":

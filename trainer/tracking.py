@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 from urllib.parse import urlparse
 
+import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -82,6 +83,7 @@ class KimgWandbLogger(WandbLogger):
         super().__init__(offline=False, mode=mode, **kwargs)
         self.mode = mode
         self.log_checkpoints = log_checkpoints and mode == "online"
+        self.kimg_now = None  # set by KimgAxis: rows from callbacks (eval, data, knowledge) lack kimg
 
     @property
     @rank_zero_experiment
@@ -112,6 +114,8 @@ class KimgWandbLogger(WandbLogger):
         row = dict(metrics)
         if step is not None and "iteration" not in row:
             row["iteration"] = float(step)
+        if KIMG not in row and self.kimg_now is not None:
+            row[KIMG] = self.kimg_now()
         self.experiment.log(row)
 
     @rank_zero_only
@@ -141,6 +145,15 @@ def make_wandb_logger(cfg, run_dir: Path, config: dict) -> Optional[KimgWandbLog
         mode, log_checkpoints=lg.wandb_log_checkpoints, project=lg.wandb_project, entity=lg.wandb_entity or None,
         group=lg.wandb_group or cfg.experiment or None, tags=list(lg.wandb_tags) or None,
         name=f"{cfg.experiment}/{run_dir.name}", id=run_id, save_dir=str(run_dir), config=config, resume="allow")
+
+
+class KimgAxis(L.Callback):
+    """Gives the W&B loggers the module's images seen, so that every row is placed at its kimg (W&B's
+    step_sync would otherwise repeat the last logged kimg, which lags by up to trainer.log_every)."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        for lg in wandb_loggers(trainer):
+            lg.kimg_now = lambda: float(pl_module.images_seen) / 1000.0
 
 
 def wandb_loggers(trainer) -> List[KimgWandbLogger]:

@@ -1,11 +1,14 @@
 """Only rank 0 of a 2-process job creates the W&B run; its history holds the rank-averaged rows."""
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import tiny
 from tests.distributed import helpers
 from trainer.tracking import offline_runs, read_history, run_file
 
 
+@pytest.mark.slow
 def test_only_rank0_creates_a_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setattr(helpers, "WORKER", Path(helpers.__file__).with_name("tracking_worker.py"))
     overrides = [o for o in tiny(tmp_path, "trainer.accelerator=cpu", "data.batch_size=16", "trainer.max_iters=2",

@@ -109,3 +109,13 @@ def test_report_renders_in_headless_chromium_with_no_missing_image(two_runs):
     broken = tmp / "broken.html"
     broken.write_text(page.replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1))
     assert rendered_images(broken) == (n - 1, n)
+
+
+def test_rows_without_kimg_are_placed_by_iteration():
+    from launch.report import fill_kimg
+
+    rows = [{"iteration": 0.0, "eval/fid": 9.0}, {"iteration": 2.0, "progress/kimg": 0.064},
+            {"iteration": 4.0, "progress/kimg": 0.128}, {"iteration": 3.0, "eval/fid": 5.0},
+            {"iteration": 6.0, "eval/fid": 4.0}]
+    fill_kimg(rows)
+    assert [r["progress/kimg"] for r in rows] == pytest.approx([0.0, 0.064, 0.128, 0.096, 0.192])

@@ -108,3 +108,66 @@ def test_sync_needs_offline_runs(tmp_path, capsys, resumed_run):
     run_dir, _ = resumed_run
     cmd = sync_command([str(run_dir)], project="p", dry_run=True)
     assert cmd[1:4] == ["-m", "wandb", "sync"] and "--dry-run" in cmd and cmd[-2:] == [str(d) for d in offline_runs(run_dir)]
+
+
+def test_callback_rows_get_kimg_and_a_failing_online_init_falls_back(tmp_path, monkeypatch):
+    import wandb
+
+    from trainer.tracking import KimgWandbLogger
+
+    real_init = wandb.init
+
+    def init(**kw):
+        if kw.get("mode") == "online":
+            raise wandb.errors.CommError("simulated: no route to host")
+        return real_init(**kw)
+
+    monkeypatch.setattr(wandb, "init", init)
+    lg = KimgWandbLogger("online", log_checkpoints=True, project="genscale", id="fb", save_dir=str(tmp_path))
+    lg.kimg_now = lambda: 0.16
+    with pytest.warns(WandbFallbackWarning, match="simulated"):
+        lg.log_metrics({"eval/fid": 3.0}, step=5)  # an eval callback's row: no kimg of its own
+    assert lg.mode == "offline" and not lg.log_checkpoints
+    lg.experiment.finish()
+    assert read_history(run_file(offline_runs(tmp_path)[0])) [0] | {"_runtime": 0, "_timestamp": 0} == {
+        "eval/fid": 3.0, "iteration": 5, "progress/kimg": 0.16, "_step": 0, "_runtime": 0, "_timestamp": 0}
+
+
+def test_flow_grids_at_several_temperatures(tmp_path):
+    run = train("glow_digits", wandb_on(tmp_path, "trainer.max_iters=2", "trainer.sample_every=2",
+                                        "logging.flow_temperatures=[0.5,1.0]", "trainer.cpu_threads=1"))
+    temps = run.run_dir / "samples" / "temperatures"
+    assert sorted(p.name for p in temps.iterdir()) == ["iter_0000002_T0.5.png", "iter_0000002_T1.png"]
+    rows = [r for r in history(run.run_dir) if "samples/temperatures/count" in r]
+    assert len(rows) == 1 and rows[0]["samples/temperatures/count"] == 2
+    assert rows[0]["samples/temperatures/captions"] == ["T=0.5", "T=1"] and rows[0]["progress/kimg"] > 0
+
+
+def test_progress_bar_shows_kimg_losses_and_counts_iterations_to_max_iters():
+    from types import SimpleNamespace
+
+    import torch
+
+    from trainer.progress import ThroughputBar
+
+    bar = ThroughputBar()
+    module = SimpleNamespace(images_seen=torch.tensor(6400), iteration=torch.tensor(200), g_stepped=True,
+                             cfg={"trainer": {"max_iters": 1000}, "experiment": "x"},
+                             last_logged={"d/loss": 1.2345, "g/loss": 0.5, "perf/img_per_s": 10.0})
+    trainer = SimpleNamespace(progress_bar_metrics={"img/s": "512"}, loggers=[])
+    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+    bar.train_progress_bar = Tqdm(total=None, disable=True)
+    bar.on_train_epoch_start(trainer, module)
+    # one bar for the run: the ETA is to trainer.max_iters, from the resume point
+    assert bar.train_progress_bar.total == 1000 and bar.train_progress_bar.n == 200
+    items = bar.get_metrics(trainer, module)
+    assert items["kimg"] == "6.4" and items["D"] == "1.23" and items["G"] == "0.5" and items["img/s"] == "512"
+
+
+def test_list_shows_experiment_descriptions_models_and_data(capsys):
+    assert main(["list", "experiments"]) == 0
+    out = capsys.readouterr().out
+    assert "gan_digits: A seconds-long smoke run: vanilla GAN on scikit-learn's 8x8 digits" in out
+    assert "model glow (L=2, K=2, width 16, affine), data digits 8px" in out
+    assert "WGAN-GP (Gulrajani et al. 2017)" in out  # "et al." does not end the sentence
