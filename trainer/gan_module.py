@@ -76,6 +76,9 @@ class GANModule(L.LightningModule):
         self.register_buffer("fixed_z", torch.randn(grid, z_dim, generator=g))
         self.g_stepped = False  # whether the last training_step ended with a G step (callbacks read it)
         self._nonfinite_streak = {"D": 0, "G": 0}
+        self._scalers: dict = {}  # 16-mixed outside DeepSpeed: one GradScaler per network
+        self._pending_scalers: dict = {}  # their states from a checkpoint, loaded at fit start
+        self.overflow_skips = {"D": 0, "G": 0}
         self.g_loss_hooks: list = []  # callables (fake, y) -> extra G loss, e.g. the knowledge callback's
         self._t_last: Optional[float] = None
         self._img_s = 0.0
@@ -130,13 +133,45 @@ class GANModule(L.LightningModule):
         if broadcast is not None:
             broadcast(self.G, self.D)
 
+    # ---- fp16: one loss scaler per network --------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Lightning's 16-mixed plugin has one GradScaler for both optimisers, so its scale would be
+        updated twice per iteration and a G overflow would shrink D's scale too. Each network gets its
+        own scaler instead (checkpointed); Lightning keeps providing autocast. DeepSpeed's fp16
+        engines already scale per network."""
+        plugin = self.trainer.precision_plugin
+        if getattr(plugin, "scaler", None) is None or self._strategy_hook("engine_backward") is not None:
+            return
+        plugin.scaler = None
+        self._scalers = {n: torch.amp.GradScaler(self.device.type) for n in ("G", "D")}
+        for n, state in self._pending_scalers.items():
+            self._scalers[n].load_state_dict(state)
+
+    def _name(self, net: nn.Module) -> str:
+        return "G" if net is self.G else "D"
+
     def _backward(self, net: nn.Module, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch: through ``net``'s DeepSpeed engine when there is one."""
+        """Backward of one micro-batch: through ``net``'s DeepSpeed engine when there is one, scaled by
+        ``net``'s own loss scaler under 16-mixed."""
         engine_backward = self._strategy_hook("engine_backward")
         if engine_backward is not None:
             engine_backward(net, loss)
+        elif self._scalers:
+            self.manual_backward(self._scalers[self._name(net)].scale(loss))
         else:
             self.manual_backward(loss)
+
+    def _scaled_step(self, name: str, opt) -> bool:
+        """scaler.step unscales (gradients already averaged over ranks, so every rank finds the same
+        overflow) and skips on inf/NaN gradients; update() then backs the scale off. Returns whether
+        the optimiser stepped."""
+        scaler = self._scalers[name]
+        before = scaler.get_scale()
+        scaler.step(getattr(opt, "optimizer", opt))
+        scaler.update()
+        applied = scaler.get_scale() >= before
+        self.overflow_skips[name] += int(not applied)
+        return applied
 
     def _step(self, net: nn.Module, opt, name: str, loss: torch.Tensor) -> bool:
         """The phase's update: gradients averaged (or the step skipped on every rank after a
@@ -147,10 +182,12 @@ class GANModule(L.LightningModule):
                 discard(net)
             return False
         engine_step = self._strategy_hook("engine_step")
-        if engine_step is None:
-            opt.step()
-            return True
-        return engine_step(net)  # False: DeepSpeed's fp16 loss scaler skipped an overflow
+        if engine_step is not None:
+            return engine_step(net)  # False: DeepSpeed's fp16 loss scaler skipped an overflow
+        if self._scalers:
+            return self._scaled_step(name, opt)
+        opt.step()
+        return True
 
     @staticmethod
     def _param_dtype(net: nn.Module) -> torch.dtype:
@@ -319,6 +356,9 @@ class GANModule(L.LightningModule):
             logged = {k: float(v) for k, v in zip(keys, vals.tolist())}
             logged.update({"iteration": float(it), "progress/kimg": kimg, "perf/img_per_s": self._img_s,
                            "train/nonfinite_skipped": float(self.nonfinite_total)})
+            for n, scaler in self._scalers.items():
+                logged[f"amp/scale_{n}"] = float(scaler.get_scale())
+                logged[f"amp/overflow_skips_{n}"] = float(self.overflow_skips[n])
             self.last_logged = logged  # the progress bar shows it
             if self.trainer.is_global_zero:
                 for lg in self.loggers:
@@ -335,6 +375,11 @@ class GANModule(L.LightningModule):
             # the data position and per-rank random streams depend on it: a resume must match it
             "world_size": int(self.trainer.world_size) if getattr(self, "_trainer", None) is not None else 1,
         }
+        if self._scalers:
+            checkpoint["genscale"]["scalers"] = {n: s.state_dict() for n, s in self._scalers.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_scalers = dict(checkpoint.get("genscale", {}).get("scalers", {}))
 
     @torch.no_grad()
     def generate(self, z: torch.Tensor, use_ema: bool = True, y: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -64,3 +64,13 @@ def test_bf16_training_iterations_stay_finite(exp, tmp_path):
     key = "train/bpd" if exp.startswith("glow") else "d/loss"
     vals = [float(r[key]) for r in rows if r.get(key)]
     assert len(vals) == 5 and all(math.isfinite(v) for v in vals)
+
+
+def test_fp16_gan_has_one_scaler_per_network(tmp_path):
+    run = train("wgan_gp_mnist5k", CASES["wgan_gp_mnist5k"] + [
+        f"logging.root={tmp_path}", "logging.wandb=false", "trainer.accelerator=gpu", "trainer.devices=1",
+        "trainer.precision=16-mixed", "trainer.max_iters=3", "trainer.sample_every=0", "trainer.progress_bar=false"])
+    m = run.module
+    assert set(m._scalers) == {"G", "D"} and m._scalers["G"] is not m._scalers["D"]
+    assert run.trainer.precision_plugin.scaler is None  # Lightning's shared scaler is off
+    assert all(torch.isfinite(v).all() for v in m.state_dict().values() if v.is_floating_point())
