@@ -129,7 +129,7 @@ def cmd_list(args) -> int:
         for k in list_experiments():
             e = describe_experiment(k)
             print(f"  {k}{'  (default)' if k == DEFAULT_EXPERIMENT else ''}: {e['description']}\n"
-                  f"      model {e['model']}, data {e['data']}, {e['objective']}")
+                  f"      model {e['model']}, data {e['data']}, {e['objective']}, {e['constraints']}")
     if what in ("datasets", "all"):
         print("datasets:")
         for k in sorted(DATA):

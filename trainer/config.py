@@ -323,8 +323,11 @@ def describe_experiment(name: str) -> dict:
         model = f"{cfg.model.name} (G width {cfg.model.g_width}, D width {cfg.model.d_width})"
         objective = f"loss {cfg.loss.name}, {cfg.optim.n_critic} D step(s) per G step"
     data = f"{cfg.data.name} {cfg.data.resolution}px, batch {cfg.data.batch_size}"
+    k = cfg.knowledge
+    constraints = (f"constraint {k.constraint} (lambda {k.lam:g}{', learned' if k.learned else ''})" if k.enabled
+                   else "no constraints")
     return {"description": first[:110] + ("..." if len(first) > 110 else ""), "model": model, "data": data,
-            "objective": objective}
+            "objective": objective, "constraints": constraints}
 
 
 def _all_keys(node: Any, prefix: str = "") -> List[str]:

@@ -169,5 +169,5 @@ def test_list_shows_experiment_descriptions_models_and_data(capsys):
     assert main(["list", "experiments"]) == 0
     out = capsys.readouterr().out
     assert "gan_digits: A seconds-long smoke run: vanilla GAN on scikit-learn's 8x8 digits" in out
-    assert "model glow (L=2, K=2, width 16, affine), data digits 8px" in out
+    assert "model glow (L=2, K=2, width 16, affine), data digits 8px" in out and "no constraints" in out
     assert "WGAN-GP (Gulrajani et al. 2017)" in out  # "et al." does not end the sentence
