@@ -91,12 +91,16 @@ class KnowledgeCallback(L.Callback):
         images = 2.0 * xs.float()  # flow space [-0.5, 0.5) -> images in [-1, 1)
         with torch.no_grad():
             f = self.constraint(images, y_s)
-        term, teacher = weighted_nll_term(module.losses(xs, y_s)["bpd"], self.lam * f, self.k["alpha"], y_s)
+            # An early flow's wild samples can overflow f: weight 0 for them, not a NaN teacher.
+            s = (self.lam * f).masked_fill(~torch.isfinite(f), float("-inf"))
+        nll = module.losses(xs, y_s)["bpd"]
+        term, teacher = weighted_nll_term(nll, s, self.k["alpha"], y_s)
         self._model_samples.append((images, y_s))
-        self._diagnose(images, y_s, f, teacher)
-        if float(teacher.ess_frac) < self.k["ess_min"]:  # the same on every rank: weights are gathered
+        self._diagnose(images, y_s, f.nan_to_num(), teacher)
+        ess_frac = float(teacher.ess_frac)  # the same on every rank: the weights are gathered
+        if not ess_frac >= self.k["ess_min"]:  # also when it is NaN (every sample overflowed)
             self.counters["ess_skipped"] += 1
-            return term * 0.0  # keeps the graph, so DDP sees every parameter used
+            return nll.sum() * 0.0  # keeps the graph, so DDP sees every parameter used
         return term
 
     @torch.no_grad()
@@ -113,8 +117,9 @@ class KnowledgeCallback(L.Callback):
                                                                                                / local.sum()),
                            "knowledge/lambda": self.lam}
         gen = torch.Generator(device=x.device).manual_seed(self.seed + self.counters["teacher_steps"])
-        keep = torch.multinomial(local / local.sum(), int(self.k["keep_samples"]), replacement=True, generator=gen)
-        self.teacher_samples = x[keep].cpu()
+        if bool(torch.isfinite(local).all()) and float(local.sum()) > 0:
+            keep = torch.multinomial(local / local.sum(), int(self.k["keep_samples"]), replacement=True, generator=gen)
+            self.teacher_samples = x[keep].cpu()
 
     # ---- learned constraint -------------------------------------------------------------------
     def irl_step(self, x_data: torch.Tensor, y_data: Optional[torch.Tensor]) -> float:

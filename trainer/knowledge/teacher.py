@@ -147,7 +147,9 @@ def weighted_nll_term(nll_local: torch.Tensor, s_local: torch.Tensor, alpha: flo
     teacher = importance_teacher(s_all, g_all)
     n, size = nll_local.shape[0], world()[1]
     w = teacher.w[start:start + n]
-    uniform = importance_teacher(torch.zeros_like(s_all), g_all).w[start:start + n]
+    # Samples with log-weight -inf (a non-finite constraint value) count in neither average.
+    flat = torch.zeros_like(s_all).masked_fill(torch.isneginf(s_all), float("-inf"))
+    uniform = importance_teacher(flat, g_all).w[start:start + n]
     return alpha * size * ((w - uniform) * nll_local).sum(), teacher
 
 
