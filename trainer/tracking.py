@@ -2,9 +2,14 @@
 reader for offline history files.
 
 x-axis: every row we log carries ``progress/kimg`` and W&B is told (``define_metric``) to plot every
-other key against it. We do not pass W&B's ``step``: it must be an int that never decreases, so rows
-after a resume from an earlier checkpoint (a rewind) would be dropped, and it would tie the charts to
-Lightning's step count (two optimiser steps per GAN iteration) instead of images seen.
+other key against it (kimg is a float; W&B's ``step`` must be an int).
+
+W&B's ``step`` is the G iteration (not Lightning's global_step, which counts two optimiser steps per GAN
+iteration): rows of one iteration (losses, sample grids, eval) merge into one history row, and the
+offline segments of a resumed run carry the iterations they cover. Without it each offline segment
+would number its rows from 0 and a sync could lay the second over the first (wandb #3841, #5865). The
+price: an online resume from an earlier checkpoint re-logs iterations W&B already has, and W&B drops
+those rows (with a warning) and keeps the first values; metrics.csv keeps the re-logged ones.
 """
 from __future__ import annotations
 
@@ -116,11 +121,11 @@ class KimgWandbLogger(WandbLogger):
             row["iteration"] = float(step)
         if KIMG not in row and self.kimg_now is not None:
             row[KIMG] = self.kimg_now()
-        self.experiment.log(row)
+        self.experiment.log(row, step=None if step is None else int(step))
 
     @rank_zero_only
     def log_media(self, media: Dict[str, object], kimg: float, iteration: int) -> None:
-        self.experiment.log({**media, KIMG: kimg, "iteration": float(iteration)})
+        self.experiment.log({**media, KIMG: kimg, "iteration": float(iteration)}, step=int(iteration))
 
     @rank_zero_only
     def log_checkpoint(self, path: str | os.PathLike, iteration: int, kimg: float) -> None:

@@ -38,6 +38,7 @@ def test_offline_history_has_losses_throughput_and_images_keyed_by_kimg(resumed_
     rows = history(run_dir, 0)
     scalars = [r for r in rows if "g/loss" in r]
     assert [r["iteration"] for r in scalars] == [1, 2, 3, 4]
+    assert [r["_step"] for r in rows] == [1, 2, 3, 4]  # W&B's step is the G iteration; grids merge into its row
     for key in ("d/loss", "d/real", "d/fake", "perf/img_per_s", "train/nonfinite_skipped"):
         assert all(key in r for r in scalars), key
     # 32 images per iteration: kimg is images seen, not Lightning's step (two optimiser steps per iteration)
@@ -68,7 +69,9 @@ def test_resume_continues_the_same_wandb_run(resumed_run):
     assert len(dirs) == 2 and all(d.name.endswith("-gan_digits-r") for d in dirs)
     ids = {next(r.run.run_id for r in read_records(run_file(d)) if r.WhichOneof("record_type") == "run") for d in dirs}
     assert ids == {"gan_digits-r"}
-    assert [r["iteration"] for r in history(run_dir, 1) if "g/loss" in r] == [3, 4, 5, 6]
+    rows = history(run_dir, 1)
+    # The segment's steps are the iterations it covers (not 0, 1, ...), so a sync places it after the first
+    assert [r["iteration"] for r in rows if "g/loss" in r] == [r["_step"] for r in rows] == [3, 4, 5, 6]
     assert second.run_dir == run_dir
 
 
@@ -130,7 +133,7 @@ def test_callback_rows_get_kimg_and_a_failing_online_init_falls_back(tmp_path, m
     assert lg.mode == "offline" and not lg.log_checkpoints
     lg.experiment.finish()
     assert read_history(run_file(offline_runs(tmp_path)[0])) [0] | {"_runtime": 0, "_timestamp": 0} == {
-        "eval/fid": 3.0, "iteration": 5, "progress/kimg": 0.16, "_step": 0, "_runtime": 0, "_timestamp": 0}
+        "eval/fid": 3.0, "iteration": 5, "progress/kimg": 0.16, "_step": 5, "_runtime": 0, "_timestamp": 0}
 
 
 def test_flow_grids_at_several_temperatures(tmp_path):
