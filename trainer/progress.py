@@ -42,6 +42,8 @@ class ThroughputBar(TQDMProgressBar):
         latest = getattr(pl_module, "last_logged", None) or {}
         items.update({k.split("/")[-1] if k.startswith(("d/", "g/")) else k: f"{latest[k]:.3g}"
                       for k in _BAR_KEYS if k in latest})
+        if "img/s" not in items and latest.get("perf/img_per_s"):  # flows log it only with their rows
+            items["img/s"] = f"{latest['perf/img_per_s']:.0f}"
         if "d/loss" in latest:  # d/loss and g/loss would both shorten to "loss"
             items.pop("loss", None)
             items["D"], items["G"] = f"{latest['d/loss']:.3g}", f"{latest.get('g/loss', float('nan')):.3g}"
