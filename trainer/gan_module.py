@@ -356,6 +356,10 @@ class GANModule(L.LightningModule):
             logged = {k: float(v) for k, v in zip(keys, vals.tolist())}
             logged.update({"iteration": float(it), "progress/kimg": kimg, "perf/img_per_s": self._img_s,
                            "train/nonfinite_skipped": float(self.nonfinite_total)})
+            # the batch an update sees (data.batch_size, global) and how it is made: ranks x micro-batches
+            world, accum = self.trainer.world_size, self.cfg["optim"]["accumulate"]
+            logged.update({"train/effective_batch": float(self.cfg["data"]["batch_size"]),
+                           "train/micro_batch_per_rank": float(self.cfg["data"]["batch_size"] // (world * accum))})
             for n, scaler in self._scalers.items():
                 logged[f"amp/scale_{n}"] = float(scaler.get_scale())
                 logged[f"amp/overflow_skips_{n}"] = float(self.overflow_skips[n])

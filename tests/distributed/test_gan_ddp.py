@@ -110,8 +110,11 @@ def test_ddp_rank0_alone_writes_and_resume_continues_the_run(ddp_run):
     assert ckpt["genscale"]["world_size"] == 2
     assert ckpt["genscale"]["images_seen"] == 8 * 16  # global batch 16 per D step, n_critic 1
     with open(run_dir / "metrics.csv") as fh:
-        its = [int(float(r["iteration"])) for r in csv.DictReader(fh)]
+        rows = list(csv.DictReader(fh))
+    its = [int(float(r["iteration"])) for r in rows]
     assert its == list(range(1, 9))  # one row per iteration: no rank wrote twice, resume appended
+    # the global batch of an update, and its split: 2 ranks x 1 micro-batch of 8
+    assert {(float(r["train/effective_batch"]), float(r["train/micro_batch_per_rank"])) for r in rows} == {(16.0, 8.0)}
     final = torch.load(out2 / "rank0.pt")
     for k in ("D.features.0.weight", "G_ema.fc.weight", "D.features.3.running_mean"):
         assert torch.equal(final[k], ckpt["state_dict"][k]), k
