@@ -14,7 +14,7 @@ def test_only_rank0_creates_a_wandb_run(tmp_path, monkeypatch):
     overrides = [o for o in tiny(tmp_path, "trainer.accelerator=cpu", "data.batch_size=16", "trainer.max_iters=2",
                                  "trainer.log_every=1", "trainer.sample_every=2", "logging.run_id=ddp")
                  if o != "logging.wandb=false"]
-    helpers.finish_all(helpers.start_ranks(tmp_path / "out", "gan_digits", *overrides), timeout=120)
+    helpers.finish_all(helpers.start_ranks(tmp_path / "out", "gan_digits", *overrides))
     inits = (tmp_path / "out" / "wandb_inits.log").read_text().split()
     assert inits[0::2] == ["0"], f"wandb.init calls by rank: {inits[0::2]}"
     run_dir = tmp_path / "runs" / "gan_digits" / "ddp"
