@@ -28,4 +28,4 @@ def build_gan(name: str, **kwargs) -> Tuple[nn.Module, nn.Module]:
     return fn(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
-from models import biggan, dcgan  # noqa: E402,F401  (registers their builders)
+from models import biggan, dcgan, pgan  # noqa: E402,F401  (registers their builders)
