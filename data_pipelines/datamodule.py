@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import lightning as L
 import torch
@@ -61,6 +61,33 @@ class StreamBatchSampler(Sampler[List[int]]):
             b += 1
 
 
+class ScheduledBatchSampler(StreamBatchSampler):
+    """Like StreamBatchSampler over the same stream of positions, but each global batch's size is
+    ``batch_at(images consumed before it)`` (Progressive GAN: one batch size per resolution). The
+    position is the number of images consumed, so a resume starts at the images the run has seen."""
+
+    def __init__(self, n: int, batch_at: Callable[[int], int], rank: int, world_size: int, seed: int,
+                 start_images: int = 0):
+        super().__init__(n, world_size, rank, world_size, seed)
+        self.batch_at, self.start_images = batch_at, start_images
+
+    def __iter__(self) -> Iterator[List[int]]:
+        pos, epoch, perm = self.start_images, -1, None
+        while True:
+            size = self.batch_at(pos)
+            if size % self.world:
+                raise DataError(f"A batch of {size} (at {pos} images) is not divisible by the world size {self.world}.")
+            per_rank = size // self.world
+            out = []
+            for p in range(pos + self.rank * per_rank, pos + (self.rank + 1) * per_rank):
+                if p // self.n != epoch:
+                    epoch = p // self.n
+                    perm = self._perm(epoch)
+                out.append(int(perm[p % self.n]))
+            yield out
+            pos += size
+
+
 class ArrayDataModule(L.LightningDataModule):
     def __init__(self, name: str, resolution: int, batch_size: int, val_fraction: float = 0.1,
                  path: str = "", num_workers: int = 0, seed: int = 0):
@@ -68,6 +95,9 @@ class ArrayDataModule(L.LightningDataModule):
         self.name, self.resolution, self.batch_size = name, resolution, batch_size
         self.val_fraction, self.path, self.num_workers, self.seed = val_fraction, path, num_workers, seed
         self.batches_consumed = 0  # restored from checkpoints through load_state_dict
+        self.images_consumed = 0
+        # images consumed -> global batch size (set for Progressive GAN); None: batch_size throughout
+        self.batch_schedule: Optional[Callable[[int], int]] = None
         self.train: Optional[ArrayDataset] = None
 
     def prepare(self) -> ArrayDataset:
@@ -82,18 +112,26 @@ class ArrayDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
-        sampler = StreamBatchSampler(len(self.train), self.batch_size, rank, world, self.seed,
-                                     start_batch=self.batches_consumed)
+        if self.batch_schedule is not None:
+            sampler = ScheduledBatchSampler(len(self.train), self.batch_schedule, rank, world, self.seed,
+                                            start_images=self.images_consumed)
+        else:
+            sampler = StreamBatchSampler(len(self.train), self.batch_size, rank, world, self.seed,
+                                         start_batch=self.batches_consumed)
         return DataLoader(_Images(self.train), batch_sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def state_dict(self) -> dict:
         module = self.trainer.lightning_module if self.trainer is not None else None
         consumed = int(module.d_steps) if module is not None and hasattr(module, "d_steps") else 0
-        return {"batches_consumed": consumed}
+        state = {"batches_consumed": consumed}
+        if self.batch_schedule is not None:  # scheduled batches: the position is the images consumed
+            state["images_consumed"] = int(module.images_seen) if module is not None else 0
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_consumed = int(state.get("batches_consumed", 0))
+        self.images_consumed = int(state.get("images_consumed", 0))
 
 
 # ----------------------------------------------------------------------------------------------

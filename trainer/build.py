@@ -128,8 +128,12 @@ def resolve_num_classes(cfg: DictConfig, data_classes: int) -> int:
 def gan_build_args(cfg: dict, channels: int, num_classes: int) -> dict:
     """build_gan's keyword arguments: the whole model section (each builder takes what it knows) plus
     what the data decides."""
-    return {**cfg["model"], "resolution": cfg["data"]["resolution"], "channels": channels,
+    args = {**cfg["model"], "resolution": cfg["data"]["resolution"], "channels": channels,
             "num_classes": num_classes}
+    if cfg["model"]["name"] == "pgan":  # widths, start resolution and mbstd group live in the pgan section
+        args.update({k: v for k, v in cfg["pgan"].items() if k in ("start_resolution", "fmap_base", "fmap_max",
+                                                                     "mbstd_group")})
+    return args
 
 
 def build_module(cfg: DictConfig, channels: int, num_classes: int):
@@ -144,17 +148,45 @@ def build_module(cfg: DictConfig, channels: int, num_classes: int):
         G, D = build_gan(**gan_build_args(to_dict(cfg), channels, num_classes))
     except ValueError as e:  # unsupported resolution, widths, norms: the builder says which values work
         raise ConfigError(f"model.name={cfg.model.name}: {e}") from None
+    if cfg.model.name == "pgan":
+        from trainer.pgan_module import PGANModule
+
+        return PGANModule(G, D, to_dict(cfg), z_dim=cfg.model.z_dim)
     return GANModule(G, D, to_dict(cfg), z_dim=cfg.model.z_dim)
 
 
 def build_datamodule(cfg: DictConfig):
     d = cfg.data
+    if cfg.model.name == "pgan":
+        return _pgan_datamodule(cfg)
     if d.name == "shards":
         return ShardDataModule(d.path, d.resolution, d.batch_size, mode=d.mode, shuffle_buffer=d.shuffle_buffer,
                                epoch_batches=d.epoch_batches, num_workers=d.num_workers, seed=cfg.trainer.seed,
                                allow_pipe=d.allow_pipe)
     return ArrayDataModule(d.name, d.resolution, d.batch_size, d.val_fraction, d.path, d.num_workers,
                            seed=cfg.trainer.seed)
+
+
+def _pgan_datamodule(cfg: DictConfig):
+    """Progressive GAN: the data comes at data.resolution and the module downsamples it on the device
+    to the current level; in-memory data follows the schedule's batch size per resolution."""
+    from trainer.pgan_schedule import schedule_from_config
+
+    sched = schedule_from_config(to_dict(cfg))
+    if cfg.data.name == "shards":
+        if len(set(sched.batch_sizes)) > 1:
+            raise ConfigError(f"pgan.batch_sizes={sched.batch_sizes} change per resolution, which the shard stream "
+                              "(a fixed batch per rank) cannot follow yet. Use one batch size for shards "
+                              "(pgan.batch_sizes=[] and data.batch_size), or in-memory data (npz).")
+        d = cfg.data
+        return ShardDataModule(d.path, d.resolution, sched.batch_sizes[0], mode=d.mode,
+                               shuffle_buffer=d.shuffle_buffer, epoch_batches=d.epoch_batches,
+                               num_workers=d.num_workers, seed=cfg.trainer.seed, allow_pipe=d.allow_pipe)
+    d = cfg.data
+    dm = ArrayDataModule(d.name, d.resolution, sched.batch_sizes[0], d.val_fraction, d.path, d.num_workers,
+                         seed=cfg.trainer.seed)
+    dm.batch_schedule = sched.batch_at
+    return dm
 
 
 def _devices(value: str):
@@ -290,6 +322,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int
     if cfg.ema.enabled and not flow:  # FlowModule keeps its own EMA
         # EMA must run before samples/checkpoints read G_ema at the same step.
         callbacks.insert(0, EMACallback(cfg.ema.decay, cfg.ema.start_iter, cfg.ema.rampup_iters))
+    if cfg.model.name == "pgan":  # before the checkpoint callback: a grid of each finished resolution
+        from trainer.callbacks.pgan import ResolutionGridCallback
+
+        callbacks.insert(0, ResolutionGridCallback(run_dir / "samples" / "resolutions"))
     if t.preemption:
         callbacks.append(PreemptionCallback(ckpt))
     if t.progress_bar:

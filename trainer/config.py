@@ -119,6 +119,22 @@ class ModelConfig:
 
 
 @dataclass
+class PGANConfig:
+    """Progressive GAN growing (model.name=pgan); trainer/pgan_schedule.py defines the schedule."""
+    start_resolution: int = f(4, "Resolution trained first (a power of two >= 4).")
+    final_resolution: int = f(0, "Resolution grown to (0: data.resolution; otherwise it must equal it).")
+    fade_images: List[int] = f([600_000], "Real images of each fade-in (alpha 0 -> 1), one per resolution after "
+                                          "the first, or one value for all (the paper: 800k; its code: 600k).")
+    stable_images: List[int] = f([600_000], "Real images of each stabilisation phase, one per resolution or one "
+                                            "value for all; the final resolution trains on until max_iters.")
+    batch_sizes: List[int] = f([], "Global batch per resolution, one per resolution ([]: data.batch_size for all).")
+    reset_optimizer: bool = f(True, "Reset both optimisers' state (Adam moments) when a layer is added.")
+    fmap_base: int = f(8192, "Feature maps at stage s (resolution 2^(s+1)) are min(fmap_base / 2^s, fmap_max).")
+    fmap_max: int = f(512, "Upper bound on the feature maps of any layer.")
+    mbstd_group: int = f(4, "Group size of D's minibatch standard-deviation layer.")
+
+
+@dataclass
 class LossConfig:
     name: str = f("nonsaturating", "GAN objective: nonsaturating, hinge, wgan (weight clipping) or wgan_gp.")
     gp_weight: float = f(10.0, "Gradient-penalty weight lambda (wgan_gp).")
@@ -281,6 +297,7 @@ class GenscaleConfig:
     eval: EvalConfig = sub(EvalConfig, "Evaluation protocol.")
     launch: LaunchConfig = sub(LaunchConfig, "Launchers.")
     knowledge: KnowledgeConfig = sub(KnowledgeConfig, "Knowledge-constraint training (off by default).")
+    pgan: PGANConfig = sub(PGANConfig, "Progressive GAN growing schedule (model.name=pgan).")
 
 
 CHOICES = {
@@ -453,6 +470,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}.")
     _validate_deepspeed(cfg)
     _validate_knowledge(cfg)
+    _validate_pgan(cfg)
     if is_flow(cfg):
         _validate_flow(cfg)
     elif cfg.loss.name == "wgan_gp" and cfg.model.d_norm == "batch":
@@ -486,6 +504,25 @@ def _validate_knowledge(cfg: DictConfig) -> None:
         raise ConfigError(f"knowledge: lam, alpha and bound must be non-negative, phi_every positive and ess_min "
                           f"in [0, 1] (got {k.lam}, {k.alpha}, {k.bound}, {k.phi_every}, {k.ess_min}).")
 
+
+def _validate_pgan(cfg: DictConfig) -> None:
+    """The growing schedule's lists must fit the resolutions, and every batch must split into micro-batches."""
+    if cfg.model.name != "pgan":
+        return
+    from trainer.pgan_schedule import ScheduleError, schedule_from_config
+
+    p = cfg.pgan
+    if p.final_resolution and p.final_resolution != cfg.data.resolution:
+        raise ConfigError(f"pgan.final_resolution={p.final_resolution} but data.resolution={cfg.data.resolution}: "
+                          "the data is delivered at data.resolution; set both to the same value (or "
+                          "pgan.final_resolution=0).")
+    try:
+        sched = schedule_from_config(to_dict(cfg))
+    except ScheduleError as e:
+        raise ConfigError(str(e)) from None
+    bad = [b for b in sched.batch_sizes if b % cfg.optim.accumulate]
+    if bad:
+        raise ConfigError(f"pgan.batch_sizes {bad} are not divisible by optim.accumulate={cfg.optim.accumulate}.")
 
 def is_flow(cfg) -> bool:
     """Whether model.name names a normalising flow (models.glow.FLOWS) rather than a GAN."""

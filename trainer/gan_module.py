@@ -234,6 +234,14 @@ class GANModule(L.LightningModule):
     def _d(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         return self.D(x) if y is None else self.D(x, y)
 
+    def _d_real_fake(self, r: torch.Tensor, fake: torch.Tensor, y_real: Optional[torch.Tensor],
+                     y_fake: Optional[torch.Tensor]):
+        """D's scores of the real and the fake micro-batch, as float."""
+        y = None if y_fake is None else torch.cat([y_real, y_fake])
+        # One D call on real and fake together: BN/spectral-norm buffers update once.
+        scores = self._d(torch.cat([r, fake.to(r.dtype)]), y).float()
+        return scores[: r.shape[0]], scores[r.shape[0]:]
+
     def _ortho_penalty(self, last: bool) -> torch.Tensor:
         """loss.ortho_reg's term, once per G step (on its last micro-batch), 0 elsewhere."""
         if not (self._ortho and last):
@@ -262,10 +270,7 @@ class GANModule(L.LightningModule):
                     z = self.sample_latents(r.shape[0], gen)
                     y_fake = self.sample_labels(r.shape[0], gen)
                     fake = self._g(z, y_fake)
-                y = None if y_fake is None else torch.cat([y_real[k], y_fake])
-                # One D call on real and fake together: BN/spectral-norm buffers update once.
-                scores = self._d(torch.cat([r, fake.to(r.dtype)]), y).float()
-                s_real, s_fake = scores[: r.shape[0]], scores[r.shape[0]:]
+                s_real, s_fake = self._d_real_fake(r, fake, y_real[k], y_fake)
                 loss = self.loss.d(s_real, s_fake)
                 if self.loss.uses_gp:
                     eps = self.sample_mix(r.shape[0], gen)
@@ -337,6 +342,10 @@ class GANModule(L.LightningModule):
         if int(self.iteration) >= self.cfg["trainer"]["max_iters"]:
             self.trainer.should_stop = True
 
+    def effective_batch(self) -> int:
+        """The global batch of the current step (Progressive GAN changes it per resolution)."""
+        return self.cfg["data"]["batch_size"]
+
     def _log_progress(self, stats: dict) -> None:
         now = time.perf_counter()
         it = int(self.iteration)
@@ -358,8 +367,9 @@ class GANModule(L.LightningModule):
                            "train/nonfinite_skipped": float(self.nonfinite_total)})
             # the batch an update sees (data.batch_size, global) and how it is made: ranks x micro-batches
             world, accum = self.trainer.world_size, self.cfg["optim"]["accumulate"]
-            logged.update({"train/effective_batch": float(self.cfg["data"]["batch_size"]),
-                           "train/micro_batch_per_rank": float(self.cfg["data"]["batch_size"] // (world * accum))})
+            batch = self.effective_batch()
+            logged.update({"train/effective_batch": float(batch),
+                           "train/micro_batch_per_rank": float(batch // (world * accum))})
             for n, scaler in self._scalers.items():
                 logged[f"amp/scale_{n}"] = float(scaler.get_scale())
                 logged[f"amp/overflow_skips_{n}"] = float(self.overflow_skips[n])
