@@ -167,6 +167,9 @@ class ShardLoader(DataLoader):
         return self._run(it, skip)
 
     def _run(self, it, skip: int):
+        if self._dm.batch_schedule is not None:
+            yield from self._scheduled(it)
+            return
         for b, (images, labels) in enumerate(it):
             if b < skip:  # exact mode resumed mid-epoch: drop what the run already trained on
                 continue
@@ -175,6 +178,27 @@ class ShardLoader(DataLoader):
                 images = resize_uint8(images, r)
             self._dm._yielded += 1
             yield images, labels
+
+
+    def _scheduled(self, it):
+        """Single samples from the stream grouped into the schedule's batches: the global batch that
+        starts at ``dm.images_pos`` images is batch_schedule(images_pos), split evenly over ranks."""
+        dm = self._dm
+        world = dm._rank_world()[1]
+        imgs, labels = [], []
+        for images, lab in it:
+            imgs.append(images)
+            labels.append(lab)
+            size = dm.batch_schedule(dm.images_pos)
+            if size % world:
+                raise DataError(f"A batch of {size} (at {dm.images_pos} images) is not divisible by the world "
+                                f"size {world}.")
+            if len(imgs) >= size // world:
+                x, y = torch.cat(imgs), torch.cat(labels)
+                imgs, labels = [], []
+                dm.images_pos += size
+                dm._yielded += 1
+                yield x, y
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -202,6 +226,10 @@ class ShardDataModule(L.LightningDataModule):
         self._epoch_start_dsteps: Optional[int] = None
         self._yielded = 0  # batches handed out in the current epoch (incl. skipped-on-resume ones)
         self._resume: Optional[dict] = None
+        # images consumed -> global batch size (set for Progressive GAN): the stream then reads single
+        # samples that the loader groups; resampled mode only (see build_stream)
+        self.batch_schedule: Optional[Callable[[int], int]] = None
+        self.images_pos = 0  # images handed out (scheduled batches), restored from checkpoints
 
     def prepare(self) -> ShardInfo:
         """Resolves the shards now (so bad paths fail before any work) and returns what the model needs."""
@@ -233,7 +261,11 @@ class ShardDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         if self.batch_size % world:
             raise DataError(f"data.batch_size={self.batch_size} is not divisible by the world size {world}.")
-        self.stream = ShardStream(self.source, rank=rank, world_size=world, batch_size=self.batch_size // world,
+        if self.batch_schedule is not None and self.mode != "resampled":
+            # an exact-mode resume skips batches of the stream, which are single samples here
+            raise DataError("Batch sizes that change during the run (pgan.batch_sizes) need data.mode=resampled.")
+        per_rank = 1 if self.batch_schedule is not None else self.batch_size // world
+        self.stream = ShardStream(self.source, rank=rank, world_size=world, batch_size=per_rank,
                                   mode=self.mode, num_workers=self.num_workers, seed=self.seed,
                                   shuffle_buffer=self.shuffle_buffer, epoch_batches=self.epoch_batches,
                                   resolution=self._requested_resolution)
@@ -292,10 +324,15 @@ class ShardDataModule(L.LightningDataModule):
         d = self._module_dsteps()
         # Lightning fetches a batch ahead, so the loader's count runs ahead of training; d_steps does not.
         done = d - self._epoch_start_dsteps if d is not None and self._epoch_start_dsteps is not None else self._yielded
-        return {"kind": "shards", "mode": self.mode, "seed": self.seed, "epoch": self.epoch,
-                "batches_in_epoch": int(done), "skipped": self.skipped}
+        state = {"kind": "shards", "mode": self.mode, "seed": self.seed, "epoch": self.epoch,
+                 "batches_in_epoch": int(done), "skipped": self.skipped}
+        if self.batch_schedule is not None:  # the loader runs ahead: the module's count is the position
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            state["images_consumed"] = int(module.images_seen) if module is not None else self.images_pos
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        self.images_pos = int(state.get("images_consumed", 0))
         if state.get("mode", self.mode) != self.mode or int(state.get("seed", self.seed)) != self.seed:
             warnings.warn(f"genscale data: the checkpoint's data position was for mode={state.get('mode')} "
                           f"seed={state.get('seed')}; now mode={self.mode} seed={self.seed}: starting a new epoch.")

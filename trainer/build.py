@@ -169,20 +169,22 @@ def build_datamodule(cfg: DictConfig):
 
 def _pgan_datamodule(cfg: DictConfig):
     """Progressive GAN: the data comes at data.resolution and the module downsamples it on the device
-    to the current level; in-memory data follows the schedule's batch size per resolution."""
+    to the current level. Batch sizes per resolution: in-memory data by its sampler, shards (resampled
+    mode) by grouping single samples in the loader."""
     from trainer.pgan_schedule import schedule_from_config
 
     sched = schedule_from_config(to_dict(cfg))
-    if cfg.data.name == "shards":
-        if len(set(sched.batch_sizes)) > 1:
-            raise ConfigError(f"pgan.batch_sizes={sched.batch_sizes} change per resolution, which the shard stream "
-                              "(a fixed batch per rank) cannot follow yet. Use one batch size for shards "
-                              "(pgan.batch_sizes=[] and data.batch_size), or in-memory data (npz).")
-        d = cfg.data
-        return ShardDataModule(d.path, d.resolution, sched.batch_sizes[0], mode=d.mode,
-                               shuffle_buffer=d.shuffle_buffer, epoch_batches=d.epoch_batches,
-                               num_workers=d.num_workers, seed=cfg.trainer.seed, allow_pipe=d.allow_pipe)
     d = cfg.data
+    if d.name == "shards":
+        if d.mode != "resampled" and len(set(sched.batch_sizes)) > 1:
+            raise ConfigError(f"pgan.batch_sizes={sched.batch_sizes} change per resolution, which needs "
+                              "data.mode=resampled with shards (exact mode resumes by skipping stream batches).")
+        dm = ShardDataModule(d.path, d.resolution, sched.batch_sizes[0], mode=d.mode,
+                             shuffle_buffer=d.shuffle_buffer, epoch_batches=d.epoch_batches,
+                             num_workers=d.num_workers, seed=cfg.trainer.seed, allow_pipe=d.allow_pipe)
+        if len(set(sched.batch_sizes)) > 1:
+            dm.batch_schedule = sched.batch_at
+        return dm
     dm = ArrayDataModule(d.name, d.resolution, sched.batch_sizes[0], d.val_fraction, d.path, d.num_workers,
                          seed=cfg.trainer.seed)
     dm.batch_schedule = sched.batch_at

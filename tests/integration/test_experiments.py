@@ -26,11 +26,15 @@ BUILTIN_DATA = ["data.name=digits", "data.path=''", "data.hflip=false"]
 # BigGAN has no 16 px architecture: its smallest (32 px), with ch 4 (16-64 channels).
 BIGGAN_SHRINK = ["model.g_width=4", "model.d_width=4", "model.shared_dim=8", "data.resolution=32",
                  "trainer.precision=32", "trainer.cpu_threads=0", "data.num_workers=0"]
+# Progressive GAN grown 4 -> 8 px, the second step at 8 px (a fade-in), narrow feature maps.
+PGAN_SHRINK = ["pgan.fmap_base=32", "pgan.fmap_max=8", "model.z_dim=8", "data.resolution=8",
+               "pgan.batch_sizes=[16,16]", "pgan.stable_images=[16]", "pgan.fade_images=[32]"]
 
 
 def shrink(experiment: str) -> list:
     cfg = load_config(experiment)
-    extra = FLOW_SHRINK if is_flow(cfg) else BIGGAN_SHRINK if cfg.model.name == "biggan" else GAN_SHRINK
+    extra = (FLOW_SHRINK if is_flow(cfg) else BIGGAN_SHRINK if cfg.model.name == "biggan"
+             else PGAN_SHRINK if cfg.model.name == "pgan" else GAN_SHRINK)
     return extra + (BUILTIN_DATA if cfg.data.name not in ("mnist5k", "digits") else [])
 
 

@@ -95,3 +95,29 @@ def test_fade_reals_blends_like_the_generator():
 def test_mismatched_schedule_is_refused_at_start(extra, msg):
     with pytest.raises(ConfigError, match=msg):
         load_config("pgan_mnist5k", TINY + extra)
+
+
+@pytest.fixture(scope="module")
+def shards8(tmp_path_factory):
+    from launch.cli import main as genscale
+
+    out = tmp_path_factory.mktemp("shards") / "digits8"
+    assert genscale(["data", "write", "--source", "digits", "--out", str(out), "--resolution", "8",
+                     "--shard-maxcount", "500", "--workers", "1"]) == 0
+    return out
+
+
+def test_shards_follow_the_per_resolution_batches(shards8, tmp_path):
+    run = train("pgan_mnist5k", _common(tmp_path, 4) + ["trainer.max_iters=4", "data.name=shards",
+                                                        f"data.path={shards8}"])
+    rows = _rows(run)
+    assert [int(float(r["train/effective_batch"])) for r in rows] == [8, 8, 4, 4]
+    assert [int(float(r["pgan/resolution"])) for r in rows] == [4, 4, 8, 8]
+
+
+def test_target_resolution_above_the_shards_is_refused(shards8, tmp_path):
+    from data_pipelines.builtin import DataError
+
+    with pytest.raises(DataError, match="above the 8 px"):
+        train("pgan_mnist5k", _common(tmp_path, 4) + ["data.resolution=16", "pgan.batch_sizes=[8,4,4]",
+                                                      "data.name=shards", f"data.path={shards8}"])
