@@ -28,7 +28,7 @@ BIGGAN_SHRINK = ["model.g_width=4", "model.d_width=4", "model.shared_dim=8", "da
                  "trainer.precision=32", "trainer.cpu_threads=0", "data.num_workers=0"]
 # Progressive GAN grown 4 -> 8 px, the second step at 8 px (a fade-in), narrow feature maps.
 PGAN_SHRINK = ["pgan.fmap_base=32", "pgan.fmap_max=8", "model.z_dim=8", "data.resolution=8",
-               "pgan.batch_sizes=[16,16]", "pgan.stable_images=[16]", "pgan.fade_images=[32]"]
+               "pgan.batch_sizes=[16,16]", "pgan.stable_images=[16]", "pgan.fade_images=[32]", "data.num_workers=0"]
 
 
 def shrink(experiment: str) -> list:
