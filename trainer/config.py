@@ -482,6 +482,10 @@ def _validate_deepspeed(cfg: DictConfig) -> None:
     t = cfg.trainer
     if t.strategy != "deepspeed":
         return
+    if not is_flow(cfg) and cfg.model.name == "pgan":
+        raise ConfigError("model.name=pgan with trainer.strategy=deepspeed: growing adds layers and resets the "
+                          "optimisers, which DeepSpeed's engines (built once, with their own optimiser state) do not "
+                          "follow. Use trainer.strategy=gan_ddp (the default for several processes).")
     if is_flow(cfg) and t.precision == "16-mixed":
         raise ConfigError("trainer.strategy=deepspeed with a flow supports trainer.precision 32 or bf16-mixed: "
                           "DeepSpeed's fp16 engines make every weight fp16, and Glow keeps its log-determinants "

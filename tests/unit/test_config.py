@@ -304,3 +304,14 @@ def test_describe_fields_has_a_doc_on_every_leaf_line():
 def test_valid_keys_cover_describe_fields():
     keys = set(valid_keys())
     assert {"trainer.max_iters", "trainer.checkpoint.save_top_k", "optim.g.betas", "ema.decay"} <= keys
+
+
+@pytest.mark.parametrize("experiment, overrides, message", [
+    ("wgan_mnist5k", ["trainer.zero_stage=2"], "clips the critic's weights"),
+    ("glow_digits", ["trainer.precision=16-mixed"], "bf16-mixed"),
+    ("pgan_mnist5k", [], "growing adds layers"),
+])
+def test_deepspeed_refuses_what_its_engines_cannot_follow(experiment, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(experiment, ["trainer.strategy=deepspeed", *overrides])
+    load_config("wgan_mnist5k", ["trainer.strategy=deepspeed", "trainer.zero_stage=0"])  # stage 0 fp32 clips fine
