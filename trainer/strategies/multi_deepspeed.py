@@ -215,9 +215,8 @@ class MultiEngineDeepSpeedStrategy(GANDDPStrategy):
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
         info = checkpoint.get("genscale", {}).get("deepspeed")
-        if info is None:
-            raise RuntimeError("This checkpoint was not written by the DeepSpeed strategy: resume it with the "
-                               "strategy that wrote it.")
+        if info is None:  # saved before the first step (no engines yet): nothing to restore;
+            return        # a trained non-DeepSpeed checkpoint was already refused by prepare_run
         ckpt_path = Path(self.lightning_module.trainer.ckpt_path)
         self._pending_load = (ckpt_path.parent / info["dir"], info)
 
