@@ -168,7 +168,32 @@ def _build_generator(cfg: dict, state: dict, data: ArrayDataset, use_ema: bool) 
     except RuntimeError as e:
         raise CheckpointError(f"The checkpoint's generator weights do not fit model '{m['name']}' as its config "
                               f"describes it ({str(e).splitlines()[0][:200]}).") from None
+    if m["name"] == "pgan":
+        G = _pgan_at_checkpoint(G, cfg, state)
     return G.eval(), ema
+
+
+class _AtPhase(torch.nn.Module):
+    """A Progressive GAN generator held at a checkpoint's (level, alpha), its images upsampled
+    (nearest) to the final resolution, as the training grids show them."""
+
+    def __init__(self, G: torch.nn.Module, level: int, alpha: float, size: int):
+        super().__init__()
+        self.G, self.level, self.alpha, self.size = G, level, alpha, size
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.G(z, self.level, self.alpha)
+        return x if x.shape[-1] == self.size else torch.nn.functional.interpolate(x, size=self.size, mode="nearest")
+
+
+def _pgan_at_checkpoint(G: torch.nn.Module, cfg: dict, state: dict) -> torch.nn.Module:
+    """A checkpoint written mid-growth has untrained top layers: sample it where training stood (the
+    phase of the restored images seen), not at the final resolution."""
+    from trainer.pgan_schedule import schedule_from_config
+
+    schedule = schedule_from_config(cfg)
+    phase = schedule.at(int(state.get("images_seen", torch.tensor(0))))
+    return _AtPhase(G, phase.level, float(phase.alpha), schedule.resolutions[-1])
 
 
 def class_labels(G: torch.nn.Module, num: int, label: Optional[int] = None) -> Optional[torch.Tensor]:

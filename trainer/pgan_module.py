@@ -39,6 +39,13 @@ class PGANModule(GANModule):
         self.phase: Phase = self.schedule.at(0)
         self.grown_from: Optional[int] = None  # set for one step when the level changes (the grid callback)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """After weights and counters are loaded (resume, sample, eval), the phase follows the restored
+        images seen; without this a checkpoint would be sampled at the first level (4 px)."""
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.phase = self.schedule.at(int(self.images_seen))
+        return out
+
     @property
     def final_resolution(self) -> int:
         return self.schedule.resolutions[-1]

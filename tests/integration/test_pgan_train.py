@@ -121,3 +121,26 @@ def test_target_resolution_above_the_shards_is_refused(shards8, tmp_path):
     with pytest.raises(DataError, match="above the 8 px"):
         train("pgan_mnist5k", _common(tmp_path, 4) + ["data.resolution=16", "pgan.batch_sizes=[8,4,4]",
                                                       "data.name=shards", f"data.path={shards8}"])
+
+
+def test_a_checkpoint_samples_and_evaluates_at_its_own_level(tmp_path):
+    """sample/eval build G from a checkpoint: mid-growth (8 px, mid fade-in) it must run at that level
+    and alpha, not at the final resolution's untrained layers; the module's phase follows too."""
+    from trainer.evaluate import _build_generator, _run_data
+
+    run = train("pgan_mnist5k", _common(tmp_path, 2) + ["trainer.max_iters=4", "trainer.checkpoint.save_top_k=-1",
+                                                         "logging.run_id=lv", "pgan.stable_images=[16,64]"])
+    ckpt = load_checkpoint(run.run_dir / "checkpoints" / "iter-0000002.ckpt")  # 16 images: 8 px fade starts
+    cfg, state = ckpt["genscale"]["config"], ckpt["state_dict"]
+    G, _ = _build_generator(cfg, state, _run_data(cfg, "val"), use_ema=True)
+    assert (G.level, G.alpha) == (1, 0.0)
+    z = torch.randn(4, 8)
+    with torch.no_grad():
+        low = G.G(z, 0, 1.0)  # alpha 0 right after growing: exactly the 4 px image, upsampled
+        assert torch.equal(G(z), torch.nn.functional.interpolate(low, size=8, mode="nearest"))
+    from trainer.build import build_module
+    from trainer.config import load_config
+
+    module = build_module(load_config(base=cfg), channels=1, num_classes=10)
+    module.load_state_dict(state)
+    assert (module.phase.level, module.phase.alpha) == (1, 0.0)
