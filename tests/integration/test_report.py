@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+from pathlib import Path
 import shutil
 import subprocess
 
@@ -91,7 +92,11 @@ def test_not_a_run_and_unknown_metric_are_clear_errors(two_runs, tmp_path, capsy
 def rendered_images(path):
     """Loads the page in headless chromium; the page's load script writes '<decoded>/<total>' images."""
     chromium = shutil.which("chromium")
-    assert chromium, "chromium is missing: run tests/report/install_chromium.sh (CI does)"
+    if chromium is None:  # as the SLURM fixture starts its cluster: install it (root and apt-get, as on CI)
+        script = Path(__file__).resolve().parents[1] / "report" / "install_chromium.sh"
+        subprocess.run(["bash", str(script)], check=False, capture_output=True, timeout=900)
+        chromium = shutil.which("chromium")
+    assert chromium, "chromium is missing and tests/report/install_chromium.sh could not install it (needs root and apt-get)"
     res = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", path.as_uri()],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr[-2000:]
