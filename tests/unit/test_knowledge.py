@@ -245,3 +245,41 @@ def test_classifier_module_loss_is_plain_cross_entropy_without_the_rule_and_mixe
     assert float(m.training_step(batch, 0)) == pytest.approx(float(want), abs=1e-5)
     acc = m.accuracy(batch[0], batch[1], torch.zeros(3, 2, dtype=torch.long))
     assert set(acc) == {"acc_p", "acc_q"}
+
+
+def test_chain_teacher_marginals_equal_brute_force_enumeration():
+    """Notes oracle 6: forward-backward marginals and log Z of the chain teacher against summing
+    p(y) exp(score(y)) over all K^T label sequences; a hard rule gives its pairs zero mass; a chain with
+    every path forbidden falls back to p."""
+    import itertools
+
+    from trainer.knowledge.teacher import chain_teacher_marginals
+
+    g = torch.Generator().manual_seed(3)
+    B, T, K = 2, 4, 3
+    logits = torch.randn(B, T, K, generator=g)
+    pair = torch.randn(T - 1, K, K, generator=g)
+    unary = torch.randn(B, T, K, generator=g)
+    pair[:, 0, 2] = float("-inf")  # hard rule: label 0 is never followed by label 2
+    q, log_z = chain_teacher_marginals(logits, pair, unary)
+    log_p = torch.log_softmax(logits.double(), -1)
+    for b in range(B):
+        marg = torch.zeros(T, K, dtype=torch.float64)
+        scores = []
+        for ys in itertools.product(range(K), repeat=T):
+            s = sum(log_p[b, t, y] + unary[b, t, y] for t, y in enumerate(ys))
+            s = s + sum(pair[t, ys[t], ys[t + 1]] for t in range(T - 1))
+            scores.append(s)
+            if torch.isfinite(s):
+                for t, y in enumerate(ys):
+                    marg[t, y] += torch.exp(s)
+        z = torch.logsumexp(torch.stack(scores), 0)
+        assert torch.allclose(log_z[b].double(), z, atol=1e-5)
+        assert torch.allclose(q[b].double(), marg / torch.exp(z), atol=1e-6)
+        # no sequence with 0 -> 2 survives: P(y_t = 0, y_t+1 = 2) = 0, so q sums to 1 per position
+        assert torch.allclose(q[b].sum(-1), torch.ones(T), atol=1e-6)
+    dead = torch.full((T - 1, K, K), float("-inf"))
+    q_dead, z_dead = chain_teacher_marginals(logits, dead)
+    assert torch.isinf(z_dead).all() and torch.allclose(q_dead, torch.softmax(logits, -1))
+    q0, _ = chain_teacher_marginals(logits, torch.zeros(T - 1, K, K))  # no rule: q = p exactly
+    assert torch.allclose(q0, torch.softmax(logits, -1), atol=1e-6)

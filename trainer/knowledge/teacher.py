@@ -173,3 +173,34 @@ def irl_loss(f_data: torch.Tensor, f_model: torch.Tensor, lam: float) -> torch.T
     surrogate = size * (w * s).sum()  # gradient sum_i w_i lambda grad f_i
     value = lse - math.log(s_all.numel())
     return data_term + surrogate + (value - surrogate).detach()
+
+
+# ---- chain-structured teacher (sequence labels) -------------------------------------------------
+
+
+def chain_teacher_marginals(logits: torch.Tensor, pair_score: torch.Tensor,
+                            unary_score: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Teacher over label sequences y_1..T whose rules couple neighbours (Hu et al. 2016, NER/BIO):
+
+        log q(y) = sum_t [log p(y_t | x) + u_t(y_t)] + sum_t s_t(y_t, y_t+1) - log Z
+
+    with the student factorised per position. logits (B, T, K), pair_score (T-1, K, K) or (B, T-1, K, K)
+    (e.g. -C lambda (1 - r(y_t, y_t+1)), -inf for a hard rule), unary_score (B, T, K). Returns the
+    per-position marginals q(y_t) (B, T, K), the student's per-token target, and log Z (B,), by
+    forward-backward in fp32 log space: O(T K^2) instead of the K^T of enumeration.
+    A sequence every path of which is forbidden falls back to p (log Z = -inf is reported)."""
+    log_p = F.log_softmax(logits.detach().float(), -1)
+    node = log_p if unary_score is None else log_p + unary_score.detach().float()
+    B, T, K = node.shape
+    pair = pair_score.detach().float().expand(B, T - 1, K, K) if T > 1 else None
+    alpha = [node[:, 0]]
+    for t in range(1, T):  # alpha_t(j) = node_t(j) + LSE_i(alpha_t-1(i) + pair_t-1(i, j))
+        alpha.append(node[:, t] + torch.logsumexp(alpha[-1][:, :, None] + pair[:, t - 1], 1))
+    beta = [torch.zeros_like(node[:, -1])]
+    for t in range(T - 2, -1, -1):  # beta_t(i) = LSE_j(pair_t(i, j) + node_t+1(j) + beta_t+1(j))
+        beta.insert(0, torch.logsumexp(pair[:, t] + (node[:, t + 1] + beta[0])[:, None, :], 2))
+    log_z = torch.logsumexp(alpha[-1], -1)
+    log_marg = torch.stack(alpha, 1) + torch.stack(beta, 1) - log_z[:, None, None]
+    dead = ~torch.isfinite(log_z)
+    q = torch.where(dead[:, None, None], log_p.exp(), log_marg.exp())
+    return q, log_z
