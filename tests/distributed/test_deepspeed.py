@@ -6,6 +6,7 @@
 (c) Save, kill, resume: a run resumed from its iteration-2 DeepSpeed checkpoint (partitioned Adam
     state included) ends where the uninterrupted run ended; the plain export beside it loads for
     sampling; a NaN on one rank skips the step on both; the D loss falls; bf16 autocast runs.
+(d) A learned knowledge constraint trains G, D and phi the same under ZeRO-1 as under gan_ddp.
 """
 import csv
 import json
