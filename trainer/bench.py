@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from trainer.build import _devices, _strategy, build_module
 from trainer.callbacks.ema import EMACallback
 from trainer.config import is_flow, load_config, to_dict
+from trainer.counters import iteration_of, images_of
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN = {"mnist5k": (1, 10), "digits": (1, 10), "cifar10": (3, 10)}
@@ -142,7 +143,7 @@ class BenchTimer(L.Callback):
             torch.cuda.synchronize(module.device)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if int(module.iteration) == self.FLOP_IT - 1 and self._flop_mode is None:
+        if iteration_of(module) == self.FLOP_IT - 1 and self._flop_mode is None:
             self._flop_mode = global_flop_counter()
             self._flop_mode.__enter__()
 
@@ -150,7 +151,7 @@ class BenchTimer(L.Callback):
         self.device = module.device
         if not getattr(module, "g_stepped", True):  # a GAN iteration ends with its G step
             return
-        it = int(module.iteration)
+        it = iteration_of(module)
         if it == self.FLOP_IT and self._flop_mode is not None and self.flops == 0:
             self._flop_mode.__exit__(None, None, None)
             self.flops = int(self._flop_mode.get_total_flops())
@@ -162,10 +163,10 @@ class BenchTimer(L.Callback):
             self._sync(module)
             if module.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(module.device)
-            self._t, self._seen = time.perf_counter(), int(module.images_seen)
+            self._t, self._seen = time.perf_counter(), images_of(module)
         elif it > first:
             self._sync(module)
-            now, seen = time.perf_counter(), int(module.images_seen)
+            now, seen = time.perf_counter(), images_of(module)
             self.times.append(now - self._t)
             self.images.append(seen - self._seen)
             self._t, self._seen = now, seen

@@ -31,11 +31,12 @@ def fade_reals(x: torch.Tensor, resolution: int, alpha: float) -> torch.Tensor:
 
 
 class PGANModule(GANModule):
+    # pgan_level: the level whose layers the optimisers have seen; a new level resets them (exact on resume)
+    COUNTERS = GANModule.COUNTERS + ("pgan_level",)
+
     def __init__(self, G: nn.Module, D: nn.Module, cfg: dict, z_dim: int):
         super().__init__(G, D, cfg, z_dim)
         self.schedule = schedule_from_config(cfg)
-        # the level whose layers the optimisers have seen: a new level resets them (exact on resume)
-        self.register_buffer("pgan_level", torch.zeros((), dtype=torch.long))
         self.phase: Phase = self.schedule.at(0)
         self.grown_from: Optional[int] = None  # set for one step when the level changes (the grid callback)
 
@@ -51,17 +52,17 @@ class PGANModule(GANModule):
         return self.schedule.resolutions[-1]
 
     def _enter_phase(self, batch: int) -> None:
-        p = self.schedule.at(int(self.images_seen))
+        p = self.schedule.at(self.seen)
         if batch != p.batch_size:  # would mean the data and the schedule disagree: never train on it
-            raise RuntimeError(f"PGAN: a batch of {batch} images arrived at {int(self.images_seen)} images seen, "
+            raise RuntimeError(f"PGAN: a batch of {batch} images arrived at {self.seen} images seen, "
                                f"where the schedule wants {p.batch_size} ({p.resolution} px).")
         self.grown_from = None
-        if p.level != int(self.pgan_level):
-            self.grown_from = int(self.pgan_level)
+        if p.level != self.count("pgan_level"):
+            self.grown_from = self.count("pgan_level")
             if self.cfg["pgan"]["reset_optimizer"]:
                 for opt in self.optimizers(use_pl_optimizer=False):
                     opt.state.clear()  # Adam moments of the old layers no longer fit the new network
-            self.pgan_level.fill_(p.level)
+            self.set_count("pgan_level", p.level)
         self.phase = p
 
     def training_step(self, batch, batch_idx):

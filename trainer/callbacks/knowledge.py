@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from trainer.knowledge.constraints import ClassConsistency, Constraint, Symmetry
 from trainer.knowledge.teacher import gather_cat, importance_teacher, irl_loss, reverse_kl_loss, weighted_nll_term, world
+from trainer.counters import iteration_of
 
 
 @contextlib.contextmanager
@@ -142,7 +143,7 @@ class KnowledgeCallback(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not self._model_samples or not getattr(pl_module, "g_stepped", True):
             return
-        it = int(pl_module.iteration)
+        it = iteration_of(pl_module)
         if self.constraint.learned and it % int(self.k["phi_every"]) == 0:
             images, labels = batch
             x_data = images.to(pl_module.device).float().div(127.5).sub(1.0)
