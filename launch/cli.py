@@ -255,7 +255,8 @@ def _bench_parser(sp) -> None:
     t.add_argument("--precision", nargs="+", default=None, choices=["32", "bf16-mixed", "16-mixed"],
                    help="precision(s) to measure (default: the config's)")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the networks (G and D, or the flow) after the FLOP count")
+                   help="torch.compile the networks (G and D, or the flow) after the FLOP count, in the mode "
+                        "trainer.compile names (default when it is off)")
     t.add_argument("--out", default=None, help="append one JSON line per measurement to this file")
     b.set_defaults(fn=cmd_bench)
 

@@ -81,9 +81,11 @@ class HostCounters:
     def setup(self, stage: str) -> None:
         # Before Lightning restores a checkpoint and before any callback's on_fit_start reads a counter.
         self.start_counting()
+        super().setup(stage)
 
     def teardown(self, stage: str) -> None:
         self.stop_counting()
+        super().teardown(stage)
 
 
 def count_of(module, name: str) -> int:

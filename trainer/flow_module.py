@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from models.glow import Glow, build_flow
 from trainer.callbacks.ema import ema_beta, ema_update
 from trainer.counters import HostCounters
+from trainer.speed import SpeedSwitches, nhwc, optimizer_kwargs
 from trainer.gan_module import CHECKPOINT_FORMAT, NonFiniteLossError, mix_seed, set_requires_grad
 
 LN2 = math.log(2.0)
@@ -106,7 +107,7 @@ def glow_from_config(cfg: dict, channels: int, resolution: int, num_classes: int
 # ---- the module ----------------------------------------------------------------------------------
 
 
-class FlowModule(HostCounters, L.LightningModule):
+class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
     COUNTERS = ("iteration", "images_seen", "nonfinite_total")
 
     def __init__(self, glow: Glow, cfg: dict):
@@ -152,9 +153,18 @@ class FlowModule(HostCounters, L.LightningModule):
         kind = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}.get(f["optimizer"])
         if kind is None:
             raise ValueError(f"flow.optimizer must be adam or adamax, got '{f['optimizer']}'.")
+        # Lightning calls this after moving the module to its device, so auto can pick fused on CUDA.
+        impl = optimizer_kwargs(kind, f.get("optimizer_impl", "auto"), self.device,
+                                deepspeed=self.cfg["trainer"].get("strategy") == "deepspeed")
         # lr is overwritten every step by the warmup schedule.
         return kind(self.glow.parameters(), lr=f["lr"], betas=tuple(f["betas"]), eps=f["eps"],
-                    weight_decay=f["weight_decay"])
+                    weight_decay=f["weight_decay"], **impl)
+
+    def train_nets(self) -> dict:
+        return {"glow": self.glow}
+
+    def ema_nets(self) -> list:
+        return [self.glow_ema] if self.glow_ema is not None else []
 
     def deepspeed_pairs(self):
         """The one (name, network, optimiser) engine of the multi-engine DeepSpeed strategy."""
@@ -175,7 +185,7 @@ class FlowModule(HostCounters, L.LightningModule):
     def prep(self, images: torch.Tensor, gen: Optional[torch.Generator] = None) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         noise = torch.rand(images.shape, generator=gen, device=self.device)
-        return dequantize(images, self.n_bits, noise)
+        return nhwc(dequantize(images, self.n_bits, noise), self.channels_last_on)
 
     def _labels(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
         return labels.to(self.device, torch.long) if self.glow.num_classes else None
@@ -202,7 +212,7 @@ class FlowModule(HostCounters, L.LightningModule):
     # ---- training -------------------------------------------------------------------------------
     def losses(self, x: torch.Tensor, y: Optional[torch.Tensor], glow: Optional[Glow] = None) -> dict:
         """Per-example bits/dim and classifier bits (fp32; the flow keeps its own precision)."""
-        logp, logits = (glow or self.glow)(x, y)
+        logp, logits = (glow or self.fast("glow"))(x, y)
         out = {"bpd": bits_per_dim(logp, self.n_dims, self.n_bits)}
         if logits is not None:
             out["bits_y"] = classifier_bits(logits, y)
@@ -241,6 +251,7 @@ class FlowModule(HostCounters, L.LightningModule):
         lr = warmup_lr(f["lr"], seen_after, f["warmup_images"])
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = lr
+        self.new_phase()
         terms = self.losses(x, y)
         loss = terms["bpd"].mean()
         if "bits_y" in terms:

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from trainer.counters import HostCounters
+from trainer.speed import SpeedSwitches, nhwc, optimizer_kwargs
 from trainer.losses import clip_weights, drift_penalty, get_loss, gradient_penalty, ortho_params, ortho_reg
 
 CHECKPOINT_FORMAT = 1
@@ -53,7 +54,7 @@ def critic_steps(iteration: int, n_critic: int, boost_steps: int, boost_first: i
     return n_critic
 
 
-class GANModule(HostCounters, L.LightningModule):
+class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
     COUNTERS = ("iteration", "d_steps", "d_phase", "images_seen", "nonfinite_total")
 
     def __init__(self, G: nn.Module, D: nn.Module, cfg: dict, z_dim: int):
@@ -90,12 +91,20 @@ class GANModule(HostCounters, L.LightningModule):
     def configure_optimizers(self):
         return [self._make_opt(self.G, self.cfg["optim"]["g"]), self._make_opt(self.D, self.cfg["optim"]["d"])]
 
-    @staticmethod
-    def _make_opt(net: nn.Module, o: dict) -> torch.optim.Optimizer:
-        if o["name"] == "adam":
-            return torch.optim.Adam(net.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-                                    weight_decay=o["weight_decay"])
-        return torch.optim.RMSprop(net.parameters(), lr=o["lr"], eps=o["eps"], weight_decay=o["weight_decay"])
+    def _make_opt(self, net: nn.Module, o: dict) -> torch.optim.Optimizer:
+        cls = torch.optim.Adam if o["name"] == "adam" else torch.optim.RMSprop
+        # Lightning calls this after moving the module to its device, so auto can pick fused on CUDA.
+        kw = optimizer_kwargs(cls, o.get("impl", "auto"), self.device,
+                              deepspeed=self.cfg["trainer"].get("strategy") == "deepspeed")
+        if cls is torch.optim.Adam:
+            kw["betas"] = tuple(o["betas"])
+        return cls(net.parameters(), lr=o["lr"], eps=o["eps"], weight_decay=o["weight_decay"], **kw)
+
+    def train_nets(self) -> dict:
+        return {"G": self.G, "D": self.D}
+
+    def ema_nets(self) -> list:
+        return [self.G_ema] if self.G_ema is not None else []
 
     # ---- helpers ---------------------------------------------------------------------------
     def _rng(self) -> torch.Generator:
@@ -109,7 +118,7 @@ class GANModule(HostCounters, L.LightningModule):
         if self.cfg["data"]["hflip"]:
             flip = torch.rand(x.shape[0], device=self.device, generator=gen) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return x
+        return nhwc(x, self.channels_last_on)
 
     def _sync_ctx(self, module: nn.Module, last: bool):
         """Skip DDP's gradient all-reduce on non-final micro-batches."""
@@ -236,10 +245,13 @@ class GANModule(HostCounters, L.LightningModule):
         return torch.randint(self.num_classes, (n,), device=self.device, generator=gen)
 
     def _g(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.G(z) if y is None else self.G(z, y)
+        G = self.fast("G")
+        return G(z) if y is None else G(z, y)
 
-    def _d(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.D(x) if y is None else self.D(x, y)
+    def _d(self, x: torch.Tensor, y: Optional[torch.Tensor], eager: bool = False) -> torch.Tensor:
+        """D's scores; ``eager`` for the gradient penalty, whose double backward compiled graphs lack."""
+        D = self.D if eager else self.fast("D")
+        return D(x) if y is None else D(x, y)
 
     def _d_real_fake(self, r: torch.Tensor, fake: torch.Tensor, y_real: Optional[torch.Tensor],
                      y_fake: Optional[torch.Tensor]):
@@ -268,6 +280,7 @@ class GANModule(HostCounters, L.LightningModule):
         set_requires_grad(self.G, False)
         set_requires_grad(self.D, True)
         opt.zero_grad(set_to_none=True)
+        self.new_phase()
         total = torch.zeros((), device=self.device)
         stats = {"d/real": 0.0, "d/fake": 0.0, "d/gp": 0.0}
         y_real = labels.chunk(accum) if labels is not None else [None] * accum
@@ -281,7 +294,7 @@ class GANModule(HostCounters, L.LightningModule):
                 loss = self.loss.d(s_real, s_fake)
                 if self.loss.uses_gp:
                     eps = self.sample_mix(r.shape[0], gen)
-                    gp = gradient_penalty(lambda x: self._d(x, y_real[k]), r, fake, eps, self._param_dtype(self.D))
+                    gp = gradient_penalty(lambda x: self._d(x, y_real[k], eager=True), r, fake, eps, self._param_dtype(self.D))
                     loss = loss + c["gp_weight"] * gp
                     stats["d/gp"] += gp.detach() / accum
                 if c["drift"] > 0:
@@ -301,6 +314,7 @@ class GANModule(HostCounters, L.LightningModule):
         set_requires_grad(self.G, True)
         set_requires_grad(self.D, False)  # no D gradients are computed or accumulated in G's phase
         opt.zero_grad(set_to_none=True)
+        self.new_phase()
         total = torch.zeros((), device=self.device)
         micro = batch // accum
         for k in range(accum):

@@ -76,10 +76,10 @@ class PGANModule(GANModule):
         return fade_reals(super()._prep(images, gen), self.phase.resolution, self.phase.alpha)
 
     def _g(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.G(z, self.phase.level, self.phase.alpha)
+        return self.fast("G")(z, self.phase.level, self.phase.alpha)
 
-    def _d(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.D(x, self.phase.level, self.phase.alpha)
+    def _d(self, x: torch.Tensor, y: Optional[torch.Tensor], eager: bool = False) -> torch.Tensor:
+        return (self.D if eager else self.fast("D"))(x, self.phase.level, self.phase.alpha)
 
     def _d_real_fake(self, r, fake, y_real, y_fake):
         # Two D calls: the minibatch-stddev groups must not mix reals and fakes (D has no BN buffers).
