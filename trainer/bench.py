@@ -255,3 +255,25 @@ def format_table(rows: List[dict]) -> str:
                      f"{r['s_per_iter_p90']:.4f}) | {r['images_per_s']:.1f} | {r['flops_per_iter'] / 1e12:.3f} | "
                      f"{r['tflops_per_s']:.2f} | {mem} |")
     return "\n".join(lines)
+
+
+def run_variant(experiment: str, overrides: Optional[List[str]], variant: str, **kw) -> dict:
+    """run_train_bench with the variant's extra overrides (a space-separated string), recorded as
+    ``variant``; afterwards the run's networks, optimiser state and compiled graphs are released, so the
+    next variant in the same process starts from an empty device (BigGAN-128 at batch 256 needs
+    more than half of an 80 GB card)."""
+    try:
+        row = run_train_bench(experiment, list(overrides or []) + variant.split(), **kw)
+    finally:
+        release_device_memory()
+    row["variant"] = variant
+    return row
+
+
+def release_device_memory() -> None:
+    import gc
+
+    torch._dynamo.reset()  # compiled graphs (and CUDA-graph pools) hold the networks and their memory
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

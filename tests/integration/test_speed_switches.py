@@ -171,3 +171,36 @@ def test_bench_rows_record_the_switches(tmp_path):
     assert row["channels_last"] is True and row["optimizer_impl"] == "fused/foreach"  # G fused, D auto on CPU
     assert row["compile"] is False and row["compile_mode"] == "off" and row["cudnn_benchmark"] is True
     assert "| no | yes | fused/foreach |" in format_table([row])
+
+
+def test_bench_variants_measure_each_switch_in_one_process_and_free_the_module(tmp_path, monkeypatch):
+    """Two variants in one process: rows in order, each with its switch recorded, and the first run's
+    module is gone before the second starts (on a GPU it would hold tens of GB)."""
+    import gc
+    import json
+    import weakref
+
+    import trainer.bench as bench
+    from launch.cli import main
+
+    built, alive_at_start = [], []
+    real_build = bench.build_module
+
+    def build(*a, **k):
+        alive_at_start.append(sum(r() is not None for r in built))
+        m = real_build(*a, **k)
+        built.append(weakref.ref(m))
+        return m
+
+    monkeypatch.setattr(bench, "build_module", build)
+    out = tmp_path / "rows.jsonl"
+    rc = main(["bench", "train", "gan_digits", f"logging.root={tmp_path}", "trainer.accelerator=cpu",
+               "model.g_width=8", "model.d_width=8", "--batch", "8", "--steps", "2", "--warmup", "0",
+               "--variant", "", "--variant", "trainer.channels_last=true optim.d.impl=plain", "--out", str(out)])
+    assert rc == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["", "trainer.channels_last=true optim.d.impl=plain"]
+    assert [r["channels_last"] for r in rows] == [False, True]
+    assert [r["optimizer_impl"] for r in rows] == ["foreach/foreach", "foreach/plain"]
+    gc.collect()
+    assert alive_at_start == [0, 0] and all(r() is None for r in built)
