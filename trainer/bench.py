@@ -243,6 +243,13 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
 
 
 def format_table(rows: List[dict]) -> str:
+    measured = [r for r in rows if "error" not in r]
+    failed = [f"| {r['experiment']} | batch {r['batch']} | {r['variant'] or 'baseline'} | {r['error']} |"
+              for r in rows if "error" in r]
+    return "\n".join([_timing_table(measured)] + failed)
+
+
+def _timing_table(rows: List[dict]) -> str:
     head = ("| experiment | device | precision | batch | strategy | compile | NHWC | optimiser | s/iter (p10-p90) | "
             "img/s | TFLOP/iter | TFLOP/s | peak mem |")
     lines = [head, "|" + "---|" * 13]
@@ -264,6 +271,11 @@ def run_variant(experiment: str, overrides: Optional[List[str]], variant: str, *
     more than half of an 80 GB card)."""
     try:
         row = run_train_bench(experiment, list(overrides or []) + variant.split(), **kw)
+    except torch.cuda.OutOfMemoryError as e:  # "does batch B fit?" is itself a result worth a row
+        row = {"experiment": experiment, "batch": kw.get("batch"), "precision": kw.get("precision"),
+               "error": "out of memory", "detail": str(e).splitlines()[0][:300], "commit": _commit(),
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "device": _device_name(torch.device("cuda")), "overrides": list(overrides or [])}
     finally:
         release_device_memory()
     row["variant"] = variant

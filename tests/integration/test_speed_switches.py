@@ -69,10 +69,14 @@ def test_auto_impl_is_fused_on_cuda_for_adam_else_foreach():
         optimizer_kwargs(torch.optim.RMSprop, "fused", cuda)
 
 
-@pytest.mark.parametrize("experiment,extra", [("gan_digits", GAN), ("glow_digits", GLOW)])
-def test_channels_last_trains_like_nchw(tmp_path, experiment, extra):
+@pytest.mark.parametrize("experiment,extra,nhwc_extra", [
+    ("gan_digits", GAN, []),
+    ("gan_digits", GAN, ["optim.g.impl=fused", "optim.d.impl=fused"]),  # fused kernels on NHWC weights and state
+    ("glow_digits", GLOW, []),
+])
+def test_channels_last_trains_like_nchw(tmp_path, experiment, extra, nhwc_extra):
     base = _run(tmp_path, experiment, "nchw", *extra)
-    nhwc = _run(tmp_path, experiment, "nhwc", *extra, "trainer.channels_last=true")
+    nhwc = _run(tmp_path, experiment, "nhwc", *extra, "trainer.channels_last=true", *nhwc_extra)
     convs = [p for p in nhwc.module.parameters() if p.dim() == 4 and p.shape[-1] > 1]
     assert convs and all(p.is_contiguous(memory_format=CL) for p in convs)
     states = [s["exp_avg"] for opt in nhwc.trainer.optimizers for s in opt.state.values()
@@ -204,3 +208,18 @@ def test_bench_variants_measure_each_switch_in_one_process_and_free_the_module(t
     assert [r["optimizer_impl"] for r in rows] == ["foreach/foreach", "foreach/plain"]
     gc.collect()
     assert alive_at_start == [0, 0] and all(r() is None for r in built)
+
+
+def test_resume_into_channels_last_with_fused_adam(tmp_path):
+    """A checkpoint written in NCHW resumed with NHWC weights: the restored Adam moments are put into
+    the weights' layout before the fused kernel sees them, and training continues like the NCHW run."""
+    common = [*GAN, "trainer.checkpoint.every_n_iters=2"]
+    full = _run(tmp_path, "gan_digits", "full", *common)
+    _run(tmp_path, "gan_digits", "half", *common[:-1], "trainer.max_iters=2", "trainer.checkpoint.every_n_iters=2")
+    resumed = train(None, [f"resume={tmp_path}/gan_digits/half", "trainer.max_iters=4", "trainer.channels_last=true",
+                           "optim.g.impl=fused", "optim.d.impl=fused"])
+    assert int(resumed.module.iteration) == 4
+    states = [s["exp_avg"] for opt in resumed.trainer.optimizers for s in opt.state.values()
+              if s["exp_avg"].dim() == 4 and s["exp_avg"].shape[-1] > 1]
+    assert states and all(s.is_contiguous(memory_format=CL) for s in states)
+    _assert_close_weights(full, resumed, atol=1e-5)
