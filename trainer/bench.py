@@ -275,7 +275,8 @@ def run_variant(experiment: str, overrides: Optional[List[str]], variant: str, *
         row = {"experiment": experiment, "batch": kw.get("batch"), "precision": kw.get("precision"),
                "error": "out of memory", "detail": str(e).splitlines()[0][:300], "commit": _commit(),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-               "device": _device_name(torch.device("cuda")), "overrides": list(overrides or [])}
+               "device": _device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+               "overrides": list(overrides or [])}
     finally:
         release_device_memory()
     row["variant"] = variant

@@ -223,3 +223,27 @@ def test_resume_into_channels_last_with_fused_adam(tmp_path):
               if s["exp_avg"].dim() == 4 and s["exp_avg"].shape[-1] > 1]
     assert states and all(s.is_contiguous(memory_format=CL) for s in states)
     _assert_close_weights(full, resumed, atol=1e-5)
+
+
+def test_a_variant_out_of_memory_becomes_a_row_and_the_next_still_runs(tmp_path, monkeypatch, capsys):
+    import json
+
+    import trainer.bench as bench
+    from launch.cli import main
+
+    real = bench.run_train_bench
+
+    def run(experiment, overrides, **kw):
+        if "data.batch_size=64" in overrides or kw.get("batch") == 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(experiment, overrides, **kw)
+
+    monkeypatch.setattr(bench, "run_train_bench", run)
+    out = tmp_path / "rows.jsonl"
+    assert main(["bench", "train", "gan_digits", f"logging.root={tmp_path}", "trainer.accelerator=cpu",
+                 "model.g_width=8", "model.d_width=8", "--batch", "64", "8", "--steps", "2", "--warmup", "0",
+                 "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["error"] == "out of memory" and rows[0]["batch"] == 64 and "2.00 GiB" in rows[0]["detail"]
+    assert "error" not in rows[1] and rows[1]["batch"] == 8
+    assert "| gan_digits | batch 64 | baseline | out of memory |" in capsys.readouterr().out
