@@ -10,63 +10,24 @@ What remains, by design (trainer/gan_module.py ``_sync_grads``, trainer/flow_mod
 one read per optimiser phase of whether the loss was finite, because the step must be skipped on every
 rank before the optimiser touches the weights, and a streak of trainer.max_nonfinite must stop the run
 at that step. A GAN iteration with one D step has two phases (D, G); a flow step has one.
+
+Not counted, and checked by reading the code instead: blocking host-to-device copies (a Python number
+logged with self.log is copied to the device and waited for; the step no longer logs Python numbers
+per step), and reads of optimiser step counters, which torch keeps on the host (is_step_counter).
 """
 from __future__ import annotations
 
 import collections
-import traceback
 
 import lightning as L
 import pytest
 import torch
 
+from launch.profile_step import SyncCounter, is_step_counter
 from trainer.build import prepare_run
 
-PATCHED = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
 # Expected reads per training step (one D step + one G step for the GANs, one step for the flow).
 EXPECTED = {"gan": 2, "flow": 1}
-
-
-class SyncCounter:
-    """Counts calls of PATCHED on any tensor while ``active`` except those ``exempt`` says are host
-    tensors on every device; where each came from, for the message."""
-
-    def __init__(self):
-        self.active = False
-        self.exempt = lambda t: False
-        self.count = 0
-        self.where: collections.Counter = collections.Counter()
-        self._orig = {}
-
-    def __enter__(self):
-        for name in PATCHED:
-            orig = getattr(torch.Tensor, name)
-            self._orig[name] = orig
-            setattr(torch.Tensor, name, self._wrap(name, orig))
-        return self
-
-    def __exit__(self, *exc):
-        for name, orig in self._orig.items():
-            setattr(torch.Tensor, name, orig)
-
-    def _wrap(self, name, orig):
-        counter = self
-
-        def wrapped(t, *args, **kwargs):
-            if counter.active and not counter.exempt(t):
-                counter.count += 1
-                frame = next(f for f in reversed(traceback.extract_stack()[:-1]) if "torch/" not in f.filename)
-                counter.where[f"{name} at {frame.filename.split('/work/')[-1]}:{frame.lineno} ({frame.name})"] += 1
-            return orig(t, *args, **kwargs)
-
-        return wrapped
-
-
-def is_step_counter(t: torch.Tensor, optimizers) -> bool:
-    """An optimiser's state["step"]: torch keeps it on the CPU whatever the parameters' device unless
-    the optimiser is fused or capturable (then it stays on the device and is never read on the host),
-    so Adam's .item() of it is not a device sync."""
-    return t.dim() == 0 and any(t is s.get("step") for opt in optimizers for s in opt.state.values())
 
 
 class Window(L.Callback):
