@@ -47,6 +47,16 @@ class PGANModule(GANModule):
         self.phase = self.schedule.at(int(self.images_seen))
         return out
 
+    def compile_networks(self, mode: str) -> None:
+        """G and D take the level (it drives their Python loops) and the fade-in branch, so torch.compile
+        traces one graph per (level, fading) pair; dynamo's default of 8 per function would send the later
+        levels back to eager without a word. Room for every pair, both directions."""
+        if mode != "off":
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(self.schedule.resolutions))
+        super().compile_networks(mode)
+
     @property
     def final_resolution(self) -> int:
         return self.schedule.resolutions[-1]

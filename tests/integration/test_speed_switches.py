@@ -247,3 +247,21 @@ def test_a_variant_out_of_memory_becomes_a_row_and_the_next_still_runs(tmp_path,
     assert rows[0]["error"] == "out of memory" and rows[0]["batch"] == 64 and "2.00 GiB" in rows[0]["detail"]
     assert "error" not in rows[1] and rows[1]["batch"] == 8
     assert "| gan_digits | batch 64 | baseline | out of memory |" in capsys.readouterr().out
+
+
+def test_pgan_compile_leaves_room_for_a_graph_per_level():
+    """PGAN's networks recompile per (level, fade) pair: 9 levels would overrun dynamo's default of 8
+    graphs per function and silently run the later levels eagerly."""
+    import torch._dynamo.config as dynamo_config
+
+    cfg = load_config("pgan_celebahq1024", ["data.resolution=64", "pgan.fmap_base=64", "pgan.fmap_max=8",
+                                            "model.z_dim=8", "pgan.batch_sizes=[]"])
+    module = build_module(cfg, channels=3, num_classes=0)
+    old = dynamo_config.recompile_limit
+    try:
+        dynamo_config.recompile_limit = 8
+        module.compile_networks("default")
+        assert set(module._compiled) == {"G", "D"} and dynamo_config.recompile_limit >= 4 * 5  # 4..64 px
+    finally:
+        dynamo_config.recompile_limit = old
+        torch._dynamo.reset()
