@@ -257,10 +257,10 @@ def _timing_table(rows: List[dict]) -> str:
         mem = f"{r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] else "n/a"
         strat = r["strategy"] + (f" ZeRO-{r['zero_stage']}" if r["zero_stage"] is not None else "")
         lines.append(f"| {r['experiment']} | {r['device']} | {r['precision']} | {r['batch']} | {strat} | "
-                     f"{r.get('compile_mode', 'default') if r['compile'] else 'no'} | {'yes' if r.get('channels_last') else 'no'} | "
-                     f"{r.get('optimizer_impl') or '?'} | {r['s_per_iter_median']:.4f} ({r['s_per_iter_p10']:.4f}-"
-                     f"{r['s_per_iter_p90']:.4f}) | {r['images_per_s']:.1f} | {r['flops_per_iter'] / 1e12:.3f} | "
-                     f"{r['tflops_per_s']:.2f} | {mem} |")
+                     f"{r.get('compile_mode', 'default') if r['compile'] else 'no'} | "
+                     f"{'yes' if r.get('channels_last') else 'no'} | {r.get('optimizer_impl') or '?'} | "
+                     f"{r['s_per_iter_median']:.4f} ({r['s_per_iter_p10']:.4f}-{r['s_per_iter_p90']:.4f}) | "
+                     f"{r['images_per_s']:.1f} | {r['flops_per_iter'] / 1e12:.3f} | {r['tflops_per_s']:.2f} | {mem} |")
     return "\n".join(lines)
 
 

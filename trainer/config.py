@@ -505,10 +505,10 @@ def _validate_deepspeed(cfg: DictConfig) -> None:
         return
     for key, on in (("trainer.channels_last", t.channels_last), ("trainer.compile", t.compile != "off")):
         if on:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} with trainer.strategy=deepspeed: DeepSpeed's engines "
-                              "flatten the weights into their own buffers and wrap the networks, which channels_last "
-                              f"weights and compiled modules do not survive. Leave {key} at its default, or use "
-                              "trainer.strategy=auto/gan_ddp.")
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} with trainer.strategy=deepspeed: DeepSpeed's "
+                              "engines flatten the weights into their own buffers and wrap the networks, which "
+                              f"channels_last weights and compiled modules do not survive. Leave {key} at its "
+                              "default, or use trainer.strategy=auto/gan_ddp.")
     if not is_flow(cfg) and cfg.model.name == "pgan":
         raise ConfigError("model.name=pgan with trainer.strategy=deepspeed: growing adds layers and resets the "
                           "optimisers, which DeepSpeed's engines (built once, with their own optimiser state) do not "

@@ -294,7 +294,8 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
                 loss = self.loss.d(s_real, s_fake)
                 if self.loss.uses_gp:
                     eps = self.sample_mix(r.shape[0], gen)
-                    gp = gradient_penalty(lambda x: self._d(x, y_real[k], eager=True), r, fake, eps, self._param_dtype(self.D))
+                    critic = lambda x: self._d(x, y_real[k], eager=True)  # noqa: E731
+                    gp = gradient_penalty(critic, r, fake, eps, self._param_dtype(self.D))
                     loss = loss + c["gp_weight"] * gp
                     stats["d/gp"] += gp.detach() / accum
                 if c["drift"] > 0:
