@@ -265,3 +265,16 @@ def test_pgan_compile_leaves_room_for_a_graph_per_level():
     finally:
         dynamo_config.recompile_limit = old
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("device,pinned", [("cuda", True), ("cpu", False)])
+def test_batches_are_page_locked_only_for_cuda_training(device, pinned):
+    from types import SimpleNamespace
+
+    from data_pipelines.datamodule import ArrayDataModule
+
+    dm = ArrayDataModule("digits", 8, 16, 0.1, "", 0, seed=0)
+    dm.prepare()
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, lightning_module=None,
+                                 strategy=SimpleNamespace(root_device=torch.device(device)))
+    assert dm.train_dataloader().pin_memory is pinned
