@@ -106,10 +106,13 @@ class SpeedSwitches:
         return compiled[name] if name in compiled else getattr(self, name)
 
     def compile_networks(self, mode: str) -> None:
+        """Compiles the training networks (also called by `genscale bench train` after its eager FLOP count)."""
         self._compiled = compile_modules(self.train_nets(), mode)
+        self._compile_mode = mode
 
     def new_phase(self) -> None:
-        mark_cudagraph_step(self.cfg["trainer"].get("compile", "off") if getattr(self, "_compiled", None) else "off")
+        """At the start of each optimiser phase (GAN: D, G; flow: the step)."""
+        mark_cudagraph_step(getattr(self, "_compile_mode", "off"))
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

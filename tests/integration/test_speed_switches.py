@@ -280,3 +280,20 @@ def test_batches_are_page_locked_only_for_cuda_training(device, pinned):
     dm.trainer = SimpleNamespace(global_rank=0, world_size=1, lightning_module=None,
                                  strategy=SimpleNamespace(root_device=torch.device(device)))
     assert dm.train_dataloader().pin_memory is pinned
+
+
+def test_reduce_overhead_announces_each_phase_to_cuda_graphs(monkeypatch):
+    """A compiled G runs twice per iteration (D's phase, G's phase); with CUDA graphs each phase must start
+    a new graph generation, also when `genscale bench train` compiled the networks itself."""
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    cfg = load_config("gan_digits", ["model.g_width=8", "model.d_width=8"])
+    module = build_module(cfg, channels=1, num_classes=10)
+    module.new_phase()
+    assert calls == []  # eager: nothing to announce
+    module.compile_networks("reduce-overhead")
+    module.new_phase()
+    module.compile_networks("default")
+    module.new_phase()
+    assert calls == [1]
+    torch._dynamo.reset()
