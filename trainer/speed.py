@@ -50,8 +50,9 @@ def nhwc(x: torch.Tensor, on: bool) -> torch.Tensor:
 
 def match_state_layout(opt: torch.optim.Optimizer) -> None:
     """Optimiser state tensors in the memory layout of their parameter. State restored from a
-    checkpoint arrives contiguous; fused and foreach kernels want matching strides (else a slower
-    path, or for fused kernels an error)."""
+    checkpoint arrives contiguous; the multi-tensor (foreach, fused) kernels are written for
+    parameters, gradients and state of matching strides (foreach otherwise falls back to its slow
+    per-tensor path)."""
     for group in opt.param_groups:
         for p in group["params"]:
             state = opt.state.get(p, {})
