@@ -26,8 +26,10 @@ import torch
 from launch.profile_step import SyncCounter, is_step_counter
 from trainer.build import prepare_run
 
-# Expected reads per training step (one D step + one G step for the GANs, one step for the flow).
-EXPECTED = {"gan": 2, "flow": 1}
+# Expected reads per training step (one D step + one G step for the GANs, one step for the flow). With
+# knowledge constraints the flow adds one: whether the importance weights' effective sample size clears
+# knowledge.ess_min decides the step's loss term and the skip counter (KnowledgeCallback._flow_term).
+EXPECTED = {"gan": 2, "flow": 1, "flow_knowledge": 2}
 
 
 class Window(L.Callback):
@@ -87,6 +89,10 @@ CASES = {
     "biggan_mnist5k": ("gan", ["data.name=digits", "model.g_width=4", "model.d_width=4", "model.shared_dim=8",
                                "data.batch_size=8", "trainer.sample_grid=10", "ema.start_iter=2"]),
     "glow_digits": ("flow", ["data.batch_size=16", "ema.enabled=true"]),
+    "gan_digits+knowledge": ("gan", ["model.g_width=8", "model.d_width=8", "data.batch_size=16",
+                                     "knowledge.enabled=true", "knowledge.constraint=symmetry"]),
+    "glow_digits+knowledge": ("flow_knowledge", ["data.batch_size=16", "knowledge.enabled=true",
+                                                 "knowledge.constraint=symmetry"]),
     "pgan_mnist5k": ("gan", ["data.name=digits", "data.resolution=8", "pgan.fmap_base=32", "pgan.fmap_max=8",
                              "data.batch_size=8", "pgan.batch_sizes=[8,8]", "pgan.fade_images=[40]",
                              "pgan.stable_images=[40]", "trainer.sample_grid=4"]),
@@ -96,7 +102,7 @@ CASES = {
 @pytest.mark.parametrize("experiment", list(CASES))
 def test_training_steps_read_nothing_but_the_finite_flag(tmp_path, experiment):
     kind, extra = CASES[experiment]
-    window = count_syncs(experiment, _overrides(tmp_path, *extra), range(3, 9))
+    window = count_syncs(experiment.split("+")[0], _overrides(tmp_path, *extra), range(3, 9))
     assert sorted(window.per_step) == list(range(3, 9))
     expected = EXPECTED[kind]
     assert all(n == expected for n in window.per_step.values()), (
