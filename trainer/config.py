@@ -76,10 +76,10 @@ class TrainerConfig:
     max_nonfinite: int = f(20, "Stop the run after this many consecutive steps with a non-finite loss.")
     progress_bar: bool = f(True, "Show a progress bar with images/s and kimg.")
     channels_last: bool = f(False, "Keep G and D (or the flow), their optimiser state and the real images in "
-                                   "channels_last (NHWC) memory, the layout tensor-core GPU convolutions use natively; "
-                                   "same results. Off by default (its speed is measured per card by launch/bench_gpu.sh); "
-                                   "not with trainer.strategy=deepspeed, "
-                                   "whose flat parameter buffers need contiguous weights.")
+                                   "channels_last (NHWC) memory, the layout tensor-core GPU convolutions use "
+                                   "natively; same results. Off by default (launch/bench_gpu.sh measures it per "
+                                   "card); not with trainer.strategy=deepspeed, whose flat parameter buffers need "
+                                   "contiguous weights.")
     cudnn_benchmark: bool = f(True, "Let cuDNN time its convolution algorithms for each new shape and keep the "
                                     "fastest (torch.backends.cudnn.benchmark; CUDA only, no effect on CPUs). "
                                     "Turned off by trainer.deterministic=true, since the chosen algorithms may vary.")
