@@ -119,7 +119,7 @@ class ArrayDataModule(L.LightningDataModule):
             sampler = StreamBatchSampler(len(self.train), self.batch_size, rank, world, self.seed,
                                          start_batch=self.batches_consumed)
         return DataLoader(_Images(self.train), batch_sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, pin_memory=pin_for(self.trainer))
 
     def state_dict(self) -> dict:
         module = self.trainer.lightning_module if self.trainer is not None else None
@@ -148,6 +148,15 @@ class ShardInfo:
     urls: List[str]
 
 
+def pin_for(trainer) -> bool:
+    """Page-locked batches when training on CUDA: Lightning then copies them to the device with
+    non_blocking=True, which from ordinary (pageable) memory would still hold the host until the copy
+    is staged. Off on CPUs, where pinning is a wasted copy."""
+    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    device = getattr(strategy, "root_device", None)
+    return device is not None and device.type == "cuda"
+
+
 class ShardLoader(DataLoader):
     """A DataLoader over a ShardStream that starts each epoch where the data module says.
 
@@ -157,7 +166,7 @@ class ShardLoader(DataLoader):
 
     def __init__(self, stream, dm: "ShardDataModule", num_workers: int, timeout: float = 0.0):
         super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                         timeout=timeout if num_workers > 0 else 0.0)
+                         timeout=timeout if num_workers > 0 else 0.0, pin_memory=pin_for(dm.trainer))
         self._dm = dm
 
     def __iter__(self):

@@ -199,22 +199,21 @@ def cmd_bench(args) -> int:
 
 
 def cmd_bench_train(args) -> int:
-    from trainer.bench import format_table, run_train_bench
+    from trainer.bench import format_table, run_variant
 
     rows = []
     for batch in args.batch or [None]:
         for precision in args.precision or [None]:
-            rows.append(run_train_bench(args.experiment, args.overrides, batch=batch, steps=args.steps,
+            for variant in args.variant or [""]:
+                rows.append(run_variant(args.experiment, args.overrides, variant, batch=batch, steps=args.steps,
                                         warmup=args.warmup, precision=precision, compile_nets=args.compile,
                                         log=lambda m: print(m, file=sys.stderr, flush=True)))
+                if args.out:  # each row as soon as it is measured: a later one may be cut off by a time limit
+                    with open(args.out, "a") as fh:
+                        fh.write(json.dumps(rows[-1]) + "\n")
     print(format_table(rows))
-    text = json.dumps(rows, indent=1)
-    if args.out:
-        with open(args.out, "a") as fh:  # appended: a sweep over several calls collects in one file
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
-    else:
-        print(text)
+    if not args.out:
+        print(json.dumps(rows, indent=1))
     return 0
 
 
@@ -255,8 +254,13 @@ def _bench_parser(sp) -> None:
     t.add_argument("--precision", nargs="+", default=None, choices=["32", "bf16-mixed", "16-mixed"],
                    help="precision(s) to measure (default: the config's)")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the networks (G and D, or the flow) after the FLOP count")
-    t.add_argument("--out", default=None, help="append one JSON line per measurement to this file")
+                   help="torch.compile the networks (G and D, or the flow) after the FLOP count, in the mode "
+                        "trainer.compile names (default when it is off)")
+    t.add_argument("--variant", action="append", default=None, metavar="'KEY=VALUE ...'",
+                   help="extra overrides measured as one more row in the same process (repeatable; '' is the "
+                        "overrides alone): switches on and off on the same card, without a process start each")
+    t.add_argument("--out", default=None, help="append one JSON line per measurement to this file (appended: a "
+                                               "sweep over several calls collects in one file)")
     b.set_defaults(fn=cmd_bench)
 
 

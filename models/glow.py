@@ -154,13 +154,29 @@ class InvConv1x1LU(nn.Module):
         upper = self.upper.to(dtype) * mask.T + torch.diag(self.sign_s.to(dtype) * torch.exp(self.log_s.to(dtype)))
         return self.p.to(dtype) @ lower @ upper
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        y = F.conv2d(x, self.weight(x.dtype)[:, :, None, None])
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``weight``: this layer's W already assembled (``lu_weights``), else assembled here."""
+        w = self.weight(x.dtype) if weight is None else weight
+        y = F.conv2d(x, w[:, :, None, None])
         return y, (_spatial(x) * self.log_s.to(x.dtype).sum()).expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         w_inv = torch.linalg.inv(self.weight(torch.float64))
         return F.conv2d(y, w_inv.to(y.dtype)[:, :, None, None])
+
+
+def lu_weights(convs: List[InvConv1x1LU], dtype: torch.dtype) -> List[torch.Tensor]:
+    """W = P L U of every layer in ``convs`` (one level: same channel count), assembled with batched
+    ops: about a dozen kernels per level and direction instead of about ten per layer, once per
+    forward pass (with gradient checkpointing too: the steps receive W instead of rebuilding it when
+    they are recomputed). Same arithmetic as ``InvConv1x1LU.weight``, so the same values up to the
+    summation order of the batched matmul."""
+    first = convs[0]
+    mask, eye = first.lower_mask.to(dtype), first.eye.to(dtype)
+    lower = torch.stack([c.lower for c in convs]).to(dtype) * mask + eye
+    diag = torch.stack([c.sign_s for c in convs]).to(dtype) * torch.exp(torch.stack([c.log_s for c in convs]).to(dtype))
+    upper = torch.stack([c.upper for c in convs]).to(dtype) * mask.T + torch.diag_embed(diag)
+    return list((torch.stack([c.p for c in convs]).to(dtype) @ lower @ upper).unbind(0))
 
 
 # ---- couplings ----------------------------------------------------------------------------------
@@ -287,9 +303,10 @@ class FlowStep(nn.Module):
         self.invconv = InvConv1x1LU(channels) if lu else InvConv1x1(channels)
         self.coupling = COUPLINGS[coupling](channels, hidden)
 
-    def forward(self, x: torch.Tensor, amp: Optional[torch.dtype] = None):
+    def forward(self, x: torch.Tensor, amp: Optional[torch.dtype] = None, weight: Optional[torch.Tensor] = None):
+        """``weight``: the LU 1x1 conv's assembled W (``GlowLevel.conv_weights``), or None."""
         x, ld1 = self.actnorm(x)
-        x, ld2 = self.invconv(x)
+        x, ld2 = self.invconv(x) if weight is None else self.invconv(x, weight)
         x, ld3 = self.coupling(x, amp)
         return x, ld1 + ld2 + ld3
 
@@ -310,6 +327,14 @@ class GlowLevel(nn.Module):
         self.steps = nn.ModuleList(FlowStep(channels, hidden, coupling, lu) for _ in range(steps))
         # Zero conv on the kept half -> (mean, logs) of the factored-out half, interleaved.
         self.prior = ZeroConv2d(channels // 2, channels) if split else None
+
+    def conv_weights(self, dtype: torch.dtype) -> List[Optional[torch.Tensor]]:
+        """Each step's 1x1 conv weight, assembled for the whole level at once (LU), or None per step
+        (plain weights need no assembly)."""
+        convs = [step.invconv for step in self.steps]
+        if not all(isinstance(c, InvConv1x1LU) for c in convs):
+            return [None] * len(convs)
+        return lu_weights(convs, dtype)
 
     def split_params(self, z1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         h = self.prior(z1)
@@ -371,10 +396,10 @@ class Glow(nn.Module):
         return self.classifier(z_top.mean(dim=(2, 3))) if self.classifier is not None else None
 
     # ---- forward / inverse ----------------------------------------------------------------------
-    def _run_step(self, step: FlowStep, h: torch.Tensor, amp) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _run_step(self, step: FlowStep, h: torch.Tensor, amp, weight=None) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.checkpointing and torch.is_grad_enabled() and h.requires_grad:
-            return checkpoint(step, h, amp, use_reentrant=False)
-        return step(h, amp)
+            return checkpoint(step, h, amp, weight, use_reentrant=False)
+        return step(h, amp, weight)
 
     def _check_x(self, x: torch.Tensor) -> None:
         expected = (self.in_channels, self.image_size, self.image_size)
@@ -393,8 +418,8 @@ class Glow(nn.Module):
             h = x
             for level in self.levels:
                 h = squeeze2d(h)
-                for step in level.steps:
-                    h, ld = self._run_step(step, h, amp)
+                for step, w in zip(level.steps, level.conv_weights(h.dtype)):
+                    h, ld = self._run_step(step, h, amp, w)
                     logp = logp + ld
                 if level.prior is not None:
                     h, z2 = h.chunk(2, dim=1)

@@ -10,12 +10,14 @@ step). Order of events:
   1. iteration 1 builds what is built lazily (Glow's ActNorm init pass, DeepSpeed engines); iteration 2
      runs under torch.utils.flop_counter.FlopCounterMode (eager), giving FLOPs per iteration
      (forward, backward and the gradient penalty's double backward as they really run);
-  2. then, with --compile, G and D (or the flow) are wrapped by torch.compile;
+  2. then, with --compile or trainer.compile=MODE, G and D (or the flow) are compiled (the module's own
+     compile_networks, as `genscale train` does at its start; --compile alone means mode default);
   3. ``warmup`` iterations (compilation, cuDNN autotuning, allocator growth) are not timed;
   4. ``steps`` iterations are timed one by one, with the device synchronised at each boundary.
 Reported: median, p10 and p90 seconds per iteration, images/s (images per iteration / median),
 TFLOP/s achieved (FLOPs / median), peak device memory in the timed window, device, precision,
-batch, strategy and the commit.
+batch, strategy and the commit, and which speed switches were on (compile mode, channels_last,
+optimiser kernels as resolved on the device, cuDNN autotuning), so rows differing in one switch compare it.
 """
 from __future__ import annotations
 
@@ -31,9 +33,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from trainer.build import _devices, _strategy, build_module
+from trainer.build import _devices, _strategy, build_module, cudnn_benchmark
 from trainer.callbacks.ema import EMACallback
 from trainer.config import is_flow, load_config, to_dict
+from trainer.counters import iteration_of, images_of
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN = {"mnist5k": (1, 10), "digits": (1, 10), "cifar10": (3, 10)}
@@ -92,10 +95,6 @@ def _device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def _networks(module) -> List[str]:
-    return ["glow"] if hasattr(module, "glow") else ["G", "D"]
-
-
 def global_flop_counter():
     """torch's FlopCounterMode without its per-module tracker: the tracker's autograd hooks fail inside
     the gradient penalty's torch.autograd.grad ("A leaf node was passed to _will_engine_execute_node"),
@@ -126,8 +125,9 @@ class BenchTimer(L.Callback):
 
     FLOP_IT = 2
 
-    def __init__(self, warmup: int, steps: int, compile_nets: bool, log: Callable[[str], None]):
-        self.warmup, self.steps, self.compile_nets, self.log = warmup, steps, compile_nets, log
+    def __init__(self, warmup: int, steps: int, compile_mode: str, log: Callable[[str], None]):
+        self.warmup, self.steps, self.compile_mode, self.log = warmup, steps, compile_mode, log
+        self.optimizer_impls: List[str] = []
         self.flops = 0
         self.times: List[float] = []
         self.images: List[int] = []
@@ -141,8 +141,11 @@ class BenchTimer(L.Callback):
         if module.device.type == "cuda":
             torch.cuda.synchronize(module.device)
 
+    def on_train_start(self, trainer, module):
+        self.optimizer_impls = [optimizer_impl(opt) for opt in trainer.optimizers]
+
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if int(module.iteration) == self.FLOP_IT - 1 and self._flop_mode is None:
+        if iteration_of(module) == self.FLOP_IT - 1 and self._flop_mode is None:
             self._flop_mode = global_flop_counter()
             self._flop_mode.__enter__()
 
@@ -150,22 +153,20 @@ class BenchTimer(L.Callback):
         self.device = module.device
         if not getattr(module, "g_stepped", True):  # a GAN iteration ends with its G step
             return
-        it = int(module.iteration)
+        it = iteration_of(module)
         if it == self.FLOP_IT and self._flop_mode is not None and self.flops == 0:
             self._flop_mode.__exit__(None, None, None)
             self.flops = int(self._flop_mode.get_total_flops())
-            if self.compile_nets:
-                for name in _networks(module):
-                    setattr(module, name, torch.compile(getattr(module, name)))
+            module.compile_networks(self.compile_mode)  # "off": nothing
         first = self.FLOP_IT + self.warmup
         if it == first:
             self._sync(module)
             if module.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(module.device)
-            self._t, self._seen = time.perf_counter(), int(module.images_seen)
+            self._t, self._seen = time.perf_counter(), images_of(module)
         elif it > first:
             self._sync(module)
-            now, seen = time.perf_counter(), int(module.images_seen)
+            now, seen = time.perf_counter(), images_of(module)
             self.times.append(now - self._t)
             self.images.append(seen - self._seen)
             self._t, self._seen = now, seen
@@ -173,6 +174,12 @@ class BenchTimer(L.Callback):
                 if module.device.type == "cuda":
                     self.peak_bytes = torch.cuda.max_memory_allocated(module.device)
                 trainer.should_stop = True
+
+
+def optimizer_impl(opt) -> str:
+    """fused, foreach or plain: what the optimiser was built with on its device."""
+    d = getattr(opt, "defaults", {})
+    return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "plain"
 
 
 def _quantile(xs: List[float], q: float) -> float:
@@ -193,13 +200,16 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
     channels, classes = data_shape(cfg)
     module = build_module(cfg, channels=channels, num_classes=classes)
     t = cfg.trainer
-    timer = BenchTimer(warmup, steps, compile_nets, log)
+    compile_mode = str(t.compile) if t.compile != "off" else ("default" if compile_nets else "off")
+    module.cfg["trainer"]["compile"] = "off"  # compiled by the timer after the eager FLOP count instead
+    timer = BenchTimer(warmup, steps, compile_mode, log)
     callbacks: list = [timer]
     if cfg.ema.enabled and not is_flow(cfg):
         callbacks.append(EMACallback(cfg.ema.decay, cfg.ema.start_iter, cfg.ema.rampup_iters))
     micro = cfg.data.batch_size // max(1, cfg.optim.accumulate)
     trainer = L.Trainer(accelerator=t.accelerator, devices=_devices(t.devices), num_nodes=t.num_nodes,
                         strategy=_strategy(t, is_flow(cfg), micro), precision=t.precision, max_epochs=-1,
+                        benchmark=cudnn_benchmark(t),
                         max_steps=-1, logger=False, callbacks=callbacks, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, use_distributed_sampler=False)
@@ -219,7 +229,9 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
         "batch": int(cfg.data.batch_size), "n_critic": n_critic, "images_per_iter": int(per_iter),
         "precision": str(t.precision), "strategy": type(trainer.strategy).__name__,
         "zero_stage": int(t.zero_stage) if str(t.strategy) == "deepspeed" else None,
-        "compile": bool(compile_nets), "world_size": int(trainer.world_size),
+        "compile": compile_mode != "off", "compile_mode": compile_mode, "channels_last": bool(t.channels_last),
+        "optimizer_impl": "/".join(timer.optimizer_impls), "cudnn_benchmark": cudnn_benchmark(t),
+        "world_size": int(trainer.world_size),
         "device": _device_name(timer.device or module.device), "torch": torch.__version__, "commit": _commit(),
         "date": time.strftime("%Y-%m-%d"), "steps": steps, "warmup": warmup,
         "s_per_iter_median": med, "s_per_iter_p10": _quantile(timer.times, 0.1),
@@ -231,13 +243,50 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
 
 
 def format_table(rows: List[dict]) -> str:
-    head = "| experiment | device | precision | batch | strategy | compile | s/iter (p10-p90) | img/s | TFLOP/iter | TFLOP/s | peak mem |"
-    lines = [head, "|" + "---|" * 11]
+    measured = [r for r in rows if "error" not in r]
+    failed = [f"| {r['experiment']} | batch {r['batch']} | {r['variant'] or 'baseline'} | {r['error']} |"
+              for r in rows if "error" in r]
+    return "\n".join([_timing_table(measured)] + failed)
+
+
+def _timing_table(rows: List[dict]) -> str:
+    head = ("| experiment | device | precision | batch | strategy | compile | NHWC | optimiser | s/iter (p10-p90) | "
+            "img/s | TFLOP/iter | TFLOP/s | peak mem |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         mem = f"{r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] else "n/a"
         strat = r["strategy"] + (f" ZeRO-{r['zero_stage']}" if r["zero_stage"] is not None else "")
         lines.append(f"| {r['experiment']} | {r['device']} | {r['precision']} | {r['batch']} | {strat} | "
-                     f"{'yes' if r['compile'] else 'no'} | {r['s_per_iter_median']:.4f} ({r['s_per_iter_p10']:.4f}-"
-                     f"{r['s_per_iter_p90']:.4f}) | {r['images_per_s']:.1f} | {r['flops_per_iter'] / 1e12:.3f} | "
-                     f"{r['tflops_per_s']:.2f} | {mem} |")
+                     f"{r.get('compile_mode', 'default') if r['compile'] else 'no'} | "
+                     f"{'yes' if r.get('channels_last') else 'no'} | {r.get('optimizer_impl') or '?'} | "
+                     f"{r['s_per_iter_median']:.4f} ({r['s_per_iter_p10']:.4f}-{r['s_per_iter_p90']:.4f}) | "
+                     f"{r['images_per_s']:.1f} | {r['flops_per_iter'] / 1e12:.3f} | {r['tflops_per_s']:.2f} | {mem} |")
     return "\n".join(lines)
+
+
+def run_variant(experiment: str, overrides: Optional[List[str]], variant: str, **kw) -> dict:
+    """run_train_bench with the variant's extra overrides (a space-separated string), recorded as
+    ``variant``; afterwards the run's networks, optimiser state and compiled graphs are released, so the
+    next variant in the same process starts from an empty device (BigGAN-128 at batch 256 needs
+    more than half of an 80 GB card)."""
+    try:
+        row = run_train_bench(experiment, list(overrides or []) + variant.split(), **kw)
+    except torch.cuda.OutOfMemoryError as e:  # "does batch B fit?" is itself a result worth a row
+        row = {"experiment": experiment, "batch": kw.get("batch"), "precision": kw.get("precision"),
+               "error": "out of memory", "detail": str(e).splitlines()[0][:300], "commit": _commit(),
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "device": _device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+               "overrides": list(overrides or [])}
+    finally:
+        release_device_memory()
+    row["variant"] = variant
+    return row
+
+
+def release_device_memory() -> None:
+    import gc
+
+    torch._dynamo.reset()  # compiled graphs (and CUDA-graph pools) hold the networks and their memory
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -291,6 +291,11 @@ def _check_strategy_matches(ckpt: dict, cfg: DictConfig) -> None:
             f"{cfg.trainer.zero_stage}. Resume with trainer.zero_stage={ds['stage']}.")
 
 
+def cudnn_benchmark(t) -> bool:
+    """trainer.cudnn_benchmark, unless trainer.deterministic asks for reproducible algorithm choices."""
+    return bool(t.cudnn_benchmark) and not t.deterministic
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int] = None):
     t = cfg.trainer
     micro = cfg.data.batch_size // max(1, cfg.optim.accumulate) if "optim" in cfg else cfg.data.batch_size
@@ -341,7 +346,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_iteration: Optional[int
         accelerator=t.accelerator, devices=_devices(t.devices), num_nodes=t.num_nodes, strategy=_strategy(t, flow, micro),
         precision=t.precision, max_epochs=-1, max_steps=-1, logger=loggers, callbacks=callbacks,
         plugins=plugins, enable_checkpointing=False, enable_progress_bar=t.progress_bar,
-        enable_model_summary=False, log_every_n_steps=1, deterministic=t.deterministic,
+        enable_model_summary=False, log_every_n_steps=1, deterministic=t.deterministic, benchmark=cudnn_benchmark(t),
         num_sanity_val_steps=0, default_root_dir=str(run_dir), use_distributed_sampler=False,
     )
     return trainer, ckpt, samples

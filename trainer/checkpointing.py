@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from trainer.counters import iteration_of
 
 
 class CheckpointError(ValueError):
@@ -78,7 +79,7 @@ class IterationCheckpoint(L.Callback):
         return due
 
     def save(self, trainer, pl_module) -> Path:
-        it = int(pl_module.iteration)
+        it = iteration_of(pl_module)
         path = self.dirpath / f"iter-{it:07d}.ckpt"
         # Registered before writing, so the callback state stored inside this very checkpoint lists
         # it: after a resume from it, it is still pruned like any other.
@@ -108,11 +109,11 @@ class IterationCheckpoint(L.Callback):
             del self.kept[stale]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if pl_module.g_stepped and self._due(trainer, int(pl_module.iteration)):
+        if pl_module.g_stepped and self._due(trainer, iteration_of(pl_module)):
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        it = int(pl_module.iteration)
+        it = iteration_of(pl_module)
         if self.last_path is None or self.last_path.name != f"iter-{it:07d}.ckpt":
             self.save(trainer, pl_module)
 

@@ -75,6 +75,18 @@ class TrainerConfig:
                                "SLURM job (if any) and stop; a requeued job resumes with resume=auto.")
     max_nonfinite: int = f(20, "Stop the run after this many consecutive steps with a non-finite loss.")
     progress_bar: bool = f(True, "Show a progress bar with images/s and kimg.")
+    channels_last: bool = f(False, "Keep G and D (or the flow), their optimiser state and the real images in "
+                                   "channels_last (NHWC) memory, the layout tensor-core GPU convolutions use "
+                                   "natively; same results. Off by default (launch/bench_gpu.sh measures it per "
+                                   "card); not with trainer.strategy=deepspeed, whose flat parameter buffers need "
+                                   "contiguous weights.")
+    cudnn_benchmark: bool = f(True, "Let cuDNN time its convolution algorithms for each new shape and keep the "
+                                    "fastest (torch.backends.cudnn.benchmark; CUDA only, no effect on CPUs). "
+                                    "Turned off by trainer.deterministic=true, since the chosen algorithms may vary.")
+    compile: str = f("off", "torch.compile G and D (or the flow) at the start of training with this mode: off, "
+                            "default, reduce-overhead (CUDA graphs), max-autotune or max-autotune-no-cudagraphs. "
+                            "The gradient penalty's double backward runs D eagerly (compiled graphs have no double "
+                            "backward). Not with trainer.strategy=deepspeed. The first steps are slow (compilation).")
     checkpoint: CheckpointConfig = sub(CheckpointConfig, "When and how many checkpoints are written.")
 
 
@@ -151,6 +163,10 @@ class OptimizerConfig:
     betas: List[float] = f([0.5, 0.999], "Adam betas.")
     eps: float = f(1e-8, "Epsilon.")
     weight_decay: float = f(0.0, "Weight decay.")
+    impl: str = f("auto", "Optimiser kernels: auto (fused on CUDA where torch has a fused version of the "
+                          "optimiser and the strategy is not deepspeed, else foreach), fused (one kernel for all "
+                          "parameters; Adam only), foreach (a few batched kernels) or plain (a loop over "
+                          "parameters). The same update, up to rounding.")
 
 
 @dataclass
@@ -192,6 +208,7 @@ class FlowConfig:
     betas: List[float] = f([0.9, 0.99], "Adam/Adamax betas.")
     eps: float = f(1e-8, "Optimiser epsilon.")
     weight_decay: float = f(0.0, "Weight decay.")
+    optimizer_impl: str = f("auto", "Optimiser kernels, as optim.g.impl: auto, fused (Adam only), foreach or plain.")
     warmup_images: int = f(50_000, "Linear lr warmup over this many training images (0: none).")
     checkpointing: bool = f(False, "Gradient checkpointing per flow step (less memory, about 30% slower).")
     sample_temperature: float = f(0.7, "Temperature of sample grids and the default of "
@@ -313,6 +330,10 @@ CHOICES = {
     "data.mode": ["resampled", "exact"],
     "flow.coupling": ["affine", "additive"],
     "flow.optimizer": ["adam", "adamax"],
+    "flow.optimizer_impl": ["auto", "fused", "foreach", "plain"],
+    "optim.g.impl": ["auto", "fused", "foreach", "plain"],
+    "optim.d.impl": ["auto", "fused", "foreach", "plain"],
+    "trainer.compile": ["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
     "knowledge.constraint": ["class_consistency", "symmetry"],
 }
 
@@ -468,6 +489,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}.")
+    _validate_optimizer_impls(cfg)
     _validate_deepspeed(cfg)
     _validate_knowledge(cfg)
     _validate_pgan(cfg)
@@ -482,6 +504,12 @@ def _validate_deepspeed(cfg: DictConfig) -> None:
     t = cfg.trainer
     if t.strategy != "deepspeed":
         return
+    for key, on in (("trainer.channels_last", t.channels_last), ("trainer.compile", t.compile != "off")):
+        if on:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} with trainer.strategy=deepspeed: DeepSpeed's "
+                              "engines flatten the weights into their own buffers and wrap the networks, which "
+                              f"channels_last weights and compiled modules do not survive. Leave {key} at its "
+                              "default, or use trainer.strategy=auto/gan_ddp.")
     if not is_flow(cfg) and cfg.model.name == "pgan":
         raise ConfigError("model.name=pgan with trainer.strategy=deepspeed: growing adds layers and resets the "
                           "optimisers, which DeepSpeed's engines (built once, with their own optimiser state) do not "
@@ -495,6 +523,17 @@ def _validate_deepspeed(cfg: DictConfig) -> None:
                           f"{t.zero_stage} and precision {t.precision} keeps its own master copy of the weights that "
                           "the clip would not reach. Use trainer.zero_stage=0 with precision 32 or bf16-mixed, or "
                           "trainer.strategy=gan_ddp.")
+
+
+def _validate_optimizer_impls(cfg: DictConfig) -> None:
+    """impl=fused exists for Adam only (torch has no fused RMSprop or Adamax)."""
+    pairs = [("optim.g.impl", "optim.g.name"), ("optim.d.impl", "optim.d.name"),
+             ("flow.optimizer_impl", "flow.optimizer")]
+    for impl_key, name_key in pairs:
+        name = OmegaConf.select(cfg, name_key)
+        if OmegaConf.select(cfg, impl_key) == "fused" and name != "adam":
+            raise ConfigError(f"{impl_key}=fused: torch has a fused kernel for Adam only, but {name_key}={name}. "
+                              f"Use {impl_key}=foreach (or auto), or {name_key}=adam.")
 
 
 def _validate_knowledge(cfg: DictConfig) -> None:

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from models.glow import Glow, build_flow
 from trainer.callbacks.ema import ema_beta, ema_update
+from trainer.counters import HostCounters
+from trainer.speed import SpeedSwitches, nhwc, optimizer_kwargs
 from trainer.gan_module import CHECKPOINT_FORMAT, NonFiniteLossError, mix_seed, set_requires_grad
 
 LN2 = math.log(2.0)
@@ -105,7 +107,9 @@ def glow_from_config(cfg: dict, channels: int, resolution: int, num_classes: int
 # ---- the module ----------------------------------------------------------------------------------
 
 
-class FlowModule(L.LightningModule):
+class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
+    COUNTERS = ("iteration", "images_seen", "nonfinite_total")
+
     def __init__(self, glow: Glow, cfg: dict):
         super().__init__()
         self.glow = glow
@@ -119,8 +123,7 @@ class FlowModule(L.LightningModule):
             self.glow_ema.checkpointing = False
             set_requires_grad(self.glow_ema, False)
         # iteration = training steps (batches) taken, skipped non-finite ones included.
-        for name in ("iteration", "images_seen", "nonfinite_total"):
-            self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        self._init_counters()  # checkpointed buffers with a host mirror (trainer/counters.py)
         # Fixed standard-normal noise for sample grids that are comparable across training.
         g = torch.Generator().manual_seed(mix_seed(cfg["trainer"]["seed"], 0xF1CED))
         self.register_buffer("fixed_z", torch.randn(cfg["trainer"]["sample_grid"], glow.n_dims, generator=g))
@@ -150,9 +153,18 @@ class FlowModule(L.LightningModule):
         kind = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}.get(f["optimizer"])
         if kind is None:
             raise ValueError(f"flow.optimizer must be adam or adamax, got '{f['optimizer']}'.")
+        # Lightning calls this after moving the module to its device, so auto can pick fused on CUDA.
+        impl = optimizer_kwargs(kind, f.get("optimizer_impl", "auto"), self.device,
+                                deepspeed=self.cfg["trainer"].get("strategy") == "deepspeed")
         # lr is overwritten every step by the warmup schedule.
         return kind(self.glow.parameters(), lr=f["lr"], betas=tuple(f["betas"]), eps=f["eps"],
-                    weight_decay=f["weight_decay"])
+                    weight_decay=f["weight_decay"], **impl)
+
+    def train_nets(self) -> dict:
+        return {"glow": self.glow}
+
+    def ema_nets(self) -> list:
+        return [self.glow_ema] if self.glow_ema is not None else []
 
     def deepspeed_pairs(self):
         """The one (name, network, optimiser) engine of the multi-engine DeepSpeed strategy."""
@@ -167,13 +179,13 @@ class FlowModule(L.LightningModule):
     # ---- data -----------------------------------------------------------------------------------
     def noise_generator(self, salt: int = 0) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed(mix_seed(self.cfg["trainer"]["seed"], self._rank(), int(self.iteration), salt))
+        g.manual_seed(mix_seed(self.cfg["trainer"]["seed"], self._rank(), self.it, salt))
         return g
 
     def prep(self, images: torch.Tensor, gen: Optional[torch.Generator] = None) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         noise = torch.rand(images.shape, generator=gen, device=self.device)
-        return dequantize(images, self.n_bits, noise)
+        return nhwc(dequantize(images, self.n_bits, noise), self.channels_last_on)
 
     def _labels(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
         return labels.to(self.device, torch.long) if self.glow.num_classes else None
@@ -200,26 +212,29 @@ class FlowModule(L.LightningModule):
     # ---- training -------------------------------------------------------------------------------
     def losses(self, x: torch.Tensor, y: Optional[torch.Tensor], glow: Optional[Glow] = None) -> dict:
         """Per-example bits/dim and classifier bits (fp32; the flow keeps its own precision)."""
-        logp, logits = (glow or self.glow)(x, y)
+        logp, logits = (glow or self.fast("glow"))(x, y)
         out = {"bpd": bits_per_dim(logp, self.n_dims, self.n_bits)}
         if logits is not None:
             out["bits_y"] = classifier_bits(logits, y)
         return out
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every rank: all ranks then skip (or step) together."""
+        """Whether the loss is finite on every rank: all ranks then skip (or step) together. The one
+        host sync of a step, kept on purpose: the decision must be known before backward and the
+        optimiser step run (a NaN must never reach the weights or Adam's moments), and a streak of
+        trainer.max_nonfinite must stop the run at the step that completes it."""
         bad = (~torch.isfinite(loss.detach())).float()
         bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         return float(bad) == 0.0
 
     def _skip_nonfinite(self) -> None:
-        self.nonfinite_total += 1
+        self.add_count("nonfinite_total", 1)
         self._nonfinite_streak += 1
         limit = self.cfg["trainer"]["max_nonfinite"]
         if self._nonfinite_streak >= limit:
             raise NonFiniteLossError(
                 f"The flow loss was non-finite for {self._nonfinite_streak} consecutive steps (step "
-                f"{int(self.iteration)}, {int(self.nonfinite_total)} skipped in all). Those steps were skipped "
+                f"{self.it}, {self.count('nonfinite_total')} skipped in all). Those steps were skipped "
                 "and the run stopped; the last checkpoint is intact. Lower flow.lr, lengthen "
                 "flow.warmup_images, use trainer.precision=32, or raise trainer.max_nonfinite.")
 
@@ -232,38 +247,39 @@ class FlowModule(L.LightningModule):
         ensure = getattr(self.trainer.strategy, "ensure_engines", None)
         if ensure is not None:
             ensure(self)  # DeepSpeed: engines built after ActNorm's data-dependent init
-        seen_after = int(self.images_seen) + x.shape[0] * self._world()
+        seen_after = self.seen + x.shape[0] * self._world()
         lr = warmup_lr(f["lr"], seen_after, f["warmup_images"])
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = lr
+        self.new_phase()
         terms = self.losses(x, y)
         loss = terms["bpd"].mean()
         if "bits_y" in terms:
             loss = loss + f["weight_y"] * terms["bits_y"].mean()
         for hook in self.loss_hooks:
             loss = loss + hook(self, x, y)
-        self.iteration += 1
-        self.images_seen += x.shape[0] * self._world()
+        self.add_count("iteration", 1)
+        self.add_count("images_seen", x.shape[0] * self._world())
         self._stepped = self._all_finite(loss)
         if not self._stepped:
             self._skip_nonfinite()
             return None  # no backward, no optimiser step: the NaN never reaches the weights
         self._nonfinite_streak = 0
-        logged = {"train/bpd": terms["bpd"].mean().detach(), "train/lr": lr,
-                  "train/nonfinite_skipped": float(self.nonfinite_total)}
+        logged = {"train/bpd": terms["bpd"].mean().detach()}
         if "bits_y" in terms:
             logged["train/bits_y"] = terms["bits_y"].mean().detach()
-        # Kept in callback_metrics for checkpoint ranking; the loggers get rows keyed by iteration.
+        # The device tensors stay in callback_metrics for checkpoint ranking (no host copy per step);
+        # the loggers get rows keyed by iteration, with the host scalars added there.
         self.log_dict(logged, prog_bar=False, logger=False, on_step=True, on_epoch=False)
-        self._log_rows(logged)
-        if int(self.iteration) >= self.cfg["trainer"]["max_iters"]:
+        self._log_rows({**logged, "train/lr": lr, "train/nonfinite_skipped": float(self.count("nonfinite_total"))})
+        if self.it >= self.cfg["trainer"]["max_iters"]:
             self.trainer.should_stop = True
         return loss
 
     def _log_rows(self, logged: dict) -> None:
         """Every trainer.log_every iterations (and the first), rank-averaged, straight to the loggers
         keyed by iteration like GANModule (Lightning's step would not count skipped steps)."""
-        it = int(self.iteration)
+        it = self.it
         every = self.cfg["trainer"].get("log_every", 1)
         if not self.trainer.loggers or (it % every and it != 1):
             return
@@ -271,7 +287,7 @@ class FlowModule(L.LightningModule):
         vals = torch.stack([torch.as_tensor(logged[k], dtype=torch.float32, device=self.device) for k in keys])
         vals = self.trainer.strategy.reduce(vals, reduce_op="mean")
         row = {k: float(v) for k, v in zip(keys, vals.tolist())}
-        row.update({"iteration": float(it), "progress/kimg": float(self.images_seen) / 1000.0,
+        row.update({"iteration": float(it), "progress/kimg": self.seen / 1000.0,
                     "perf/img_per_s": self._throughput()})
         self.last_logged = row  # the progress bar shows it
         if self.trainer.is_global_zero:
@@ -280,7 +296,7 @@ class FlowModule(L.LightningModule):
 
     def _throughput(self) -> float:
         """Images/s (all ranks) since the previous logged row; 0 for the first."""
-        now, seen = time.perf_counter(), int(self.images_seen)
+        now, seen = time.perf_counter(), self.seen
         last = getattr(self, "_perf_last", None)
         self._perf_last = (now, seen)
         return (seen - last[1]) / max(now - last[0], 1e-9) if last else 0.0
@@ -297,7 +313,7 @@ class FlowModule(L.LightningModule):
             return
         e = self.cfg["ema"]
         # `iteration` already counts this step; the schedule uses the step's own index.
-        ema_update(self.glow_ema, self.glow, ema_beta(int(self.iteration) - 1, e["decay"], e["start_iter"],
+        ema_update(self.glow_ema, self.glow, ema_beta(self.it - 1, e["decay"], e["start_iter"],
                                                       e["rampup_iters"]))
 
     # ---- evaluation and sampling ----------------------------------------------------------------
@@ -340,8 +356,8 @@ class FlowModule(L.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "kind": "flow",
             "config": self.cfg,
-            "iteration": int(self.iteration),
-            "images_seen": int(self.images_seen),
+            "iteration": self.it,
+            "images_seen": self.seen,
             # the data position and per-rank noise depend on it: a resume must match it
             "world_size": int(self.trainer.world_size) if getattr(self, "_trainer", None) is not None else 1,
         }

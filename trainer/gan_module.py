@@ -22,6 +22,8 @@ import lightning as L
 import torch
 import torch.nn as nn
 
+from trainer.counters import HostCounters
+from trainer.speed import SpeedSwitches, nhwc, optimizer_kwargs
 from trainer.losses import clip_weights, drift_penalty, get_loss, gradient_penalty, ortho_params, ortho_reg
 
 CHECKPOINT_FORMAT = 1
@@ -52,7 +54,9 @@ def critic_steps(iteration: int, n_critic: int, boost_steps: int, boost_first: i
     return n_critic
 
 
-class GANModule(L.LightningModule):
+class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
+    COUNTERS = ("iteration", "d_steps", "d_phase", "images_seen", "nonfinite_total")
+
     def __init__(self, G: nn.Module, D: nn.Module, cfg: dict, z_dim: int):
         super().__init__()
         self.automatic_optimization = False
@@ -69,8 +73,7 @@ class GANModule(L.LightningModule):
         self.num_classes = int(getattr(G, "num_classes", 0)) if getattr(G, "conditional", False) else 0
         self._ortho = ortho_params(G) if cfg["loss"].get("ortho_reg", 0.0) > 0 else []
         self._ortho_last = torch.zeros(())
-        for name in ("iteration", "d_steps", "d_phase", "images_seen", "nonfinite_total"):
-            self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        self._init_counters()  # checkpointed buffers with a host mirror (trainer/counters.py)
         grid = cfg["trainer"]["sample_grid"]
         g = torch.Generator().manual_seed(mix_seed(cfg["trainer"]["seed"], 0xF1CED))
         self.register_buffer("fixed_z", torch.randn(grid, z_dim, generator=g))
@@ -88,17 +91,25 @@ class GANModule(L.LightningModule):
     def configure_optimizers(self):
         return [self._make_opt(self.G, self.cfg["optim"]["g"]), self._make_opt(self.D, self.cfg["optim"]["d"])]
 
-    @staticmethod
-    def _make_opt(net: nn.Module, o: dict) -> torch.optim.Optimizer:
-        if o["name"] == "adam":
-            return torch.optim.Adam(net.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-                                    weight_decay=o["weight_decay"])
-        return torch.optim.RMSprop(net.parameters(), lr=o["lr"], eps=o["eps"], weight_decay=o["weight_decay"])
+    def _make_opt(self, net: nn.Module, o: dict) -> torch.optim.Optimizer:
+        cls = torch.optim.Adam if o["name"] == "adam" else torch.optim.RMSprop
+        # Lightning calls this after moving the module to its device, so auto can pick fused on CUDA.
+        kw = optimizer_kwargs(cls, o.get("impl", "auto"), self.device,
+                              deepspeed=self.cfg["trainer"].get("strategy") == "deepspeed")
+        if cls is torch.optim.Adam:
+            kw["betas"] = tuple(o["betas"])
+        return cls(net.parameters(), lr=o["lr"], eps=o["eps"], weight_decay=o["weight_decay"], **kw)
+
+    def train_nets(self) -> dict:
+        return {"G": self.G, "D": self.D}
+
+    def ema_nets(self) -> list:
+        return [self.G_ema] if self.G_ema is not None else []
 
     # ---- helpers ---------------------------------------------------------------------------
     def _rng(self) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed(mix_seed(self.cfg["trainer"]["seed"], self.global_rank, int(self.d_steps)))
+        g.manual_seed(mix_seed(self.cfg["trainer"]["seed"], self.global_rank, self.count("d_steps")))
         return g
 
     def _prep(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -107,7 +118,7 @@ class GANModule(L.LightningModule):
         if self.cfg["data"]["hflip"]:
             flip = torch.rand(x.shape[0], device=self.device, generator=gen) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return x
+        return nhwc(x, self.channels_last_on)
 
     def _sync_ctx(self, module: nn.Module, last: bool):
         """Skip DDP's gradient all-reduce on non-final micro-batches."""
@@ -122,7 +133,12 @@ class GANModule(L.LightningModule):
 
     def _sync_grads(self, net: nn.Module, loss: torch.Tensor) -> bool:
         """Averages ``net``'s gradients over ranks (gan_ddp; a no-op in one process). Returns whether
-        the loss was finite on every rank, so that all ranks step or all skip together."""
+        the loss was finite on every rank, so that all ranks step or all skip together.
+
+        The bool() is the phase's one host sync, kept on purpose: whether to step must be known on
+        the host before the optimiser (or GradScaler, or DeepSpeed engine) touches the weights and
+        Adam's moments, gan_ddp's all-reduce carries the flag to the other ranks, and a streak of
+        trainer.max_nonfinite must stop the run at the step that completes it, not later."""
         finite = bool(torch.isfinite(loss))
         reduce = self._strategy_hook("all_reduce_grads")
         return reduce(net, finite) if reduce is not None else finite
@@ -207,13 +223,13 @@ class GANModule(L.LightningModule):
             self._nonfinite_streak[net] = 0
             return True
         opt.zero_grad(set_to_none=True)
-        self.nonfinite_total += 1
+        self.add_count("nonfinite_total", 1)
         self._nonfinite_streak[net] += 1
         limit = self.cfg["trainer"]["max_nonfinite"]
         if self._nonfinite_streak[net] >= limit:
             raise NonFiniteLossError(
                 f"The {net} loss was non-finite for {self._nonfinite_streak[net]} consecutive steps "
-                f"(iteration {int(self.iteration)}, {int(self.nonfinite_total)} skipped in all). "
+                f"(iteration {self.it}, {self.count('nonfinite_total')} skipped in all). "
                 "Those steps were skipped and the run stopped; the last checkpoint written before them "
                 "is intact. Lower the learning rates, use trainer.precision=32, or raise "
                 "trainer.max_nonfinite if the spikes are transient.")
@@ -229,10 +245,13 @@ class GANModule(L.LightningModule):
         return torch.randint(self.num_classes, (n,), device=self.device, generator=gen)
 
     def _g(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.G(z) if y is None else self.G(z, y)
+        G = self.fast("G")
+        return G(z) if y is None else G(z, y)
 
-    def _d(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.D(x) if y is None else self.D(x, y)
+    def _d(self, x: torch.Tensor, y: Optional[torch.Tensor], eager: bool = False) -> torch.Tensor:
+        """D's scores; ``eager`` for the gradient penalty, whose double backward compiled graphs lack."""
+        D = self.D if eager else self.fast("D")
+        return D(x) if y is None else D(x, y)
 
     def _d_real_fake(self, r: torch.Tensor, fake: torch.Tensor, y_real: Optional[torch.Tensor],
                      y_fake: Optional[torch.Tensor]):
@@ -261,6 +280,7 @@ class GANModule(L.LightningModule):
         set_requires_grad(self.G, False)
         set_requires_grad(self.D, True)
         opt.zero_grad(set_to_none=True)
+        self.new_phase()
         total = torch.zeros((), device=self.device)
         stats = {"d/real": 0.0, "d/fake": 0.0, "d/gp": 0.0}
         y_real = labels.chunk(accum) if labels is not None else [None] * accum
@@ -274,7 +294,8 @@ class GANModule(L.LightningModule):
                 loss = self.loss.d(s_real, s_fake)
                 if self.loss.uses_gp:
                     eps = self.sample_mix(r.shape[0], gen)
-                    gp = gradient_penalty(lambda x: self._d(x, y_real[k]), r, fake, eps, self._param_dtype(self.D))
+                    critic = lambda x: self._d(x, y_real[k], eager=True)  # noqa: E731
+                    gp = gradient_penalty(critic, r, fake, eps, self._param_dtype(self.D))
                     loss = loss + c["gp_weight"] * gp
                     stats["d/gp"] += gp.detach() / accum
                 if c["drift"] > 0:
@@ -294,6 +315,7 @@ class GANModule(L.LightningModule):
         set_requires_grad(self.G, True)
         set_requires_grad(self.D, False)  # no D gradients are computed or accumulated in G's phase
         opt.zero_grad(set_to_none=True)
+        self.new_phase()
         total = torch.zeros((), device=self.device)
         micro = batch // accum
         for k in range(accum):
@@ -314,7 +336,7 @@ class GANModule(L.LightningModule):
 
     def n_critic_now(self) -> int:
         o = self.cfg["optim"]
-        return critic_steps(int(self.iteration), o["n_critic"], o["critic_boost_steps"],
+        return critic_steps(self.it, o["n_critic"], o["critic_boost_steps"],
                             o["critic_boost_first"], o["critic_boost_every"])
 
     def training_step(self, batch, batch_idx):
@@ -327,20 +349,26 @@ class GANModule(L.LightningModule):
         real = self._prep(images, gen)
         labels = labels.to(self.device, torch.long) if self.num_classes else None
         stats = self.d_step(real, gen, opt_d, labels)
-        self.d_steps += 1
-        self.d_phase += 1
-        self.images_seen += real.shape[0] * self.trainer.world_size
+        self.add_count("d_steps", 1)
+        self.add_count("d_phase", 1)
+        self.add_count("images_seen", real.shape[0] * self.trainer.world_size)
         self.g_stepped = False
-        if int(self.d_phase) >= self.n_critic_now():
+        if self.count("d_phase") >= self.n_critic_now():
             stats.update(self.g_step(real.shape[0], gen, opt_g))
-            self.iteration += 1
-            self.d_phase.zero_()
+            self.add_count("iteration", 1)
+            self.set_count("d_phase", 0)
             self.g_stepped = True
         self._sync_buffers()
         if self.g_stepped:
             self._log_progress(stats)
-        if int(self.iteration) >= self.cfg["trainer"]["max_iters"]:
+        if self.it >= self.cfg["trainer"]["max_iters"]:
             self.trainer.should_stop = True
+
+    @property
+    def img_per_s(self) -> float:
+        """Images/s (all ranks) between the last two G steps, for the progress bar (a host float: a
+        per-step self.log would copy it to the device every step)."""
+        return self._img_s
 
     def effective_batch(self) -> int:
         """The global batch of the current step (Progressive GAN changes it per resolution)."""
@@ -348,13 +376,11 @@ class GANModule(L.LightningModule):
 
     def _log_progress(self, stats: dict) -> None:
         now = time.perf_counter()
-        it = int(self.iteration)
-        seen = int(self.images_seen)
+        it, seen = self.it, self.seen
         if self._t_last is not None:
             self._img_s = (seen - self._seen_last) / max(now - self._t_last, 1e-9)
         self._t_last, self._seen_last = now, seen
-        kimg = float(self.images_seen) / 1000.0
-        self.log_dict({"kimg": kimg, "img/s": self._img_s}, prog_bar=True, logger=False)
+        kimg = seen / 1000.0
         every = self.cfg["trainer"]["log_every"]
         if it % every == 0 or it == 1:
             # Straight to the loggers, keyed by G iteration: self.log would repeat cached values on
@@ -364,7 +390,7 @@ class GANModule(L.LightningModule):
             vals = self.trainer.strategy.reduce(vals, reduce_op="mean")
             logged = {k: float(v) for k, v in zip(keys, vals.tolist())}
             logged.update({"iteration": float(it), "progress/kimg": kimg, "perf/img_per_s": self._img_s,
-                           "train/nonfinite_skipped": float(self.nonfinite_total)})
+                           "train/nonfinite_skipped": float(self.count("nonfinite_total"))})
             # the batch an update sees (data.batch_size, global) and how it is made: ranks x micro-batches
             world, accum = self.trainer.world_size, self.cfg["optim"]["accumulate"]
             batch = self.effective_batch()
@@ -384,8 +410,8 @@ class GANModule(L.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "kind": "gan",
             "config": self.cfg,
-            "iteration": int(self.iteration),
-            "images_seen": int(self.images_seen),
+            "iteration": self.it,
+            "images_seen": self.seen,
             # the data position and per-rank random streams depend on it: a resume must match it
             "world_size": int(self.trainer.world_size) if getattr(self, "_trainer", None) is not None else 1,
         }

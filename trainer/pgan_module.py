@@ -31,11 +31,12 @@ def fade_reals(x: torch.Tensor, resolution: int, alpha: float) -> torch.Tensor:
 
 
 class PGANModule(GANModule):
+    # pgan_level: the level whose layers the optimisers have seen; a new level resets them (exact on resume)
+    COUNTERS = GANModule.COUNTERS + ("pgan_level",)
+
     def __init__(self, G: nn.Module, D: nn.Module, cfg: dict, z_dim: int):
         super().__init__(G, D, cfg, z_dim)
         self.schedule = schedule_from_config(cfg)
-        # the level whose layers the optimisers have seen: a new level resets them (exact on resume)
-        self.register_buffer("pgan_level", torch.zeros((), dtype=torch.long))
         self.phase: Phase = self.schedule.at(0)
         self.grown_from: Optional[int] = None  # set for one step when the level changes (the grid callback)
 
@@ -46,22 +47,32 @@ class PGANModule(GANModule):
         self.phase = self.schedule.at(int(self.images_seen))
         return out
 
+    def compile_networks(self, mode: str) -> None:
+        """G and D take the level (it drives their Python loops) and the fade-in branch, so torch.compile
+        traces one graph per (level, fading) pair; dynamo's default of 8 per function would send the later
+        levels back to eager without a word. Room for every pair, both directions."""
+        if mode != "off":
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(self.schedule.resolutions))
+        super().compile_networks(mode)
+
     @property
     def final_resolution(self) -> int:
         return self.schedule.resolutions[-1]
 
     def _enter_phase(self, batch: int) -> None:
-        p = self.schedule.at(int(self.images_seen))
+        p = self.schedule.at(self.seen)
         if batch != p.batch_size:  # would mean the data and the schedule disagree: never train on it
-            raise RuntimeError(f"PGAN: a batch of {batch} images arrived at {int(self.images_seen)} images seen, "
+            raise RuntimeError(f"PGAN: a batch of {batch} images arrived at {self.seen} images seen, "
                                f"where the schedule wants {p.batch_size} ({p.resolution} px).")
         self.grown_from = None
-        if p.level != int(self.pgan_level):
-            self.grown_from = int(self.pgan_level)
+        if p.level != self.count("pgan_level"):
+            self.grown_from = self.count("pgan_level")
             if self.cfg["pgan"]["reset_optimizer"]:
                 for opt in self.optimizers(use_pl_optimizer=False):
                     opt.state.clear()  # Adam moments of the old layers no longer fit the new network
-            self.pgan_level.fill_(p.level)
+            self.set_count("pgan_level", p.level)
         self.phase = p
 
     def training_step(self, batch, batch_idx):
@@ -75,10 +86,10 @@ class PGANModule(GANModule):
         return fade_reals(super()._prep(images, gen), self.phase.resolution, self.phase.alpha)
 
     def _g(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.G(z, self.phase.level, self.phase.alpha)
+        return self.fast("G")(z, self.phase.level, self.phase.alpha)
 
-    def _d(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.D(x, self.phase.level, self.phase.alpha)
+    def _d(self, x: torch.Tensor, y: Optional[torch.Tensor], eager: bool = False) -> torch.Tensor:
+        return (self.D if eager else self.fast("D"))(x, self.phase.level, self.phase.alpha)
 
     def _d_real_fake(self, r, fake, y_real, y_fake):
         # Two D calls: the minibatch-stddev groups must not mix reals and fakes (D has no BN buffers).

@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
 
 from trainer.tracking import offline_runs, wandb_loggers
+from trainer.counters import iteration_of, images_of
 
 # Scalars worth a place on one console line; everything else is in metrics.csv and W&B.
 _BAR_KEYS = ("d/loss", "g/loss", "train/bpd", "eval/fid", "eval/bpd")
@@ -22,12 +23,12 @@ class ThroughputBar(TQDMProgressBar):
         bar = self.train_progress_bar
         if bar.total is None or bar.total != pl_module.cfg["trainer"]["max_iters"]:
             bar.reset(total=pl_module.cfg["trainer"]["max_iters"])
-            bar.initial = int(pl_module.iteration)
-            bar.n = int(pl_module.iteration)
+            bar.initial = iteration_of(pl_module)
+            bar.n = iteration_of(pl_module)
             bar.set_description(f"{pl_module.cfg.get('experiment') or 'train'}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        n = int(pl_module.iteration)
+        n = iteration_of(pl_module)  # the host mirror: no device sync on steps the bar does not redraw
         if pl_module.g_stepped and self._should_update(n, self.train_progress_bar.total):
             _update_n(self.train_progress_bar, n)
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
@@ -38,7 +39,9 @@ class ThroughputBar(TQDMProgressBar):
     def get_metrics(self, trainer, pl_module):
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
-        items["kimg"] = f"{float(pl_module.images_seen) / 1000:.1f}"
+        items["kimg"] = f"{images_of(pl_module) / 1000:.1f}"
+        if getattr(pl_module, "img_per_s", 0.0):
+            items["img/s"] = f"{pl_module.img_per_s:.1f}"
         latest = getattr(pl_module, "last_logged", None) or {}
         items.update({k.split("/")[-1] if k.startswith(("d/", "g/")) else k: f"{latest[k]:.3g}"
                       for k in _BAR_KEYS if k in latest})
@@ -55,8 +58,8 @@ def run_summary(run) -> str:
     d = run.run_dir
     ckpt = run.checkpointer.last_path
     samples = sorted((d / "samples").glob("*.png"))
-    lines = [f"genscale: run finished at iteration {int(run.module.iteration)} "
-             f"({float(run.module.images_seen) / 1000:g} kimg)",
+    lines = [f"genscale: run finished at iteration {iteration_of(run.module)} "
+             f"({images_of(run.module) / 1000:g} kimg)",
              f"  run directory  {d}",
              f"  checkpoints    {d / 'checkpoints'} (last: {ckpt.name if ckpt else 'none'})",
              f"  samples        {d / 'samples'} ({len(samples)} grids"

@@ -27,6 +27,7 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from trainer.counters import images_of
 
 KIMG = "progress/kimg"
 
@@ -158,7 +159,7 @@ class KimgAxis(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         for lg in wandb_loggers(trainer):
-            lg.kimg_now = lambda: float(pl_module.images_seen) / 1000.0
+            lg.kimg_now = lambda: images_of(pl_module) / 1000.0
 
 
 def wandb_loggers(trainer) -> List[KimgWandbLogger]:

@@ -384,3 +384,43 @@ def test_sampling_from_given_noise_uses_it_scaled_by_temperature():
     zs, ps = glow.encode(x, return_priors=True)
     got = torch.cat([((z - m) / logs.exp()).flatten(1) for z, (m, logs) in zip(zs, ps)], 1)
     assert torch.allclose(got, 0.6 * eps, atol=1e-9)
+
+
+# ---- LU weights assembled once per level --------------------------------------------------------
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lu_weights_are_assembled_once_per_level_and_match_the_layers(monkeypatch, checkpointing):
+    """The level assembles every step's W = P L U in one batched pass (also when gradient checkpointing
+    recomputes the steps); values and parameter gradients equal the per-layer assembly's."""
+    import models.glow as glow_mod
+
+    torch.manual_seed(0)
+    g = Glow(1, 8, levels=2, steps=3, hidden=8).double()
+    perturb(g)
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64) - 0.5
+
+    def grads_of(model):
+        model.zero_grad(set_to_none=True)
+        model.log_prob(x).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    per_layer = copy.deepcopy(g)
+    for level in per_layer.levels:  # the old path: each step builds its own W in its forward
+        level.conv_weights = lambda dtype, n=len(level.steps): [None] * n
+    calls = {"level": 0, "layer": 0}
+    real_lu, real_weight = glow_mod.lu_weights, InvConv1x1LU.weight
+    monkeypatch.setattr(glow_mod, "lu_weights", lambda *a: (calls.__setitem__("level", calls["level"] + 1),
+                                                             real_lu(*a))[1])
+    monkeypatch.setattr(InvConv1x1LU, "weight", lambda self, *a: (calls.__setitem__("layer", calls["layer"] + 1),
+                                                                   real_weight(self, *a))[1])
+    g.checkpointing = checkpointing
+    batched = grads_of(g)
+    assert calls == {"level": 2, "layer": 0}  # two levels, no per-layer rebuild (not even in recomputation)
+    calls.update(level=0, layer=0)
+    reference = grads_of(per_layer)
+    assert calls == {"level": 0, "layer": 6}
+    torch.testing.assert_close(g.log_prob(x), per_layer.log_prob(x), rtol=1e-12, atol=1e-10)
+    assert batched.keys() == reference.keys() and any(".lower" in n for n in batched)
+    for n in batched:
+        torch.testing.assert_close(batched[n], reference[n], rtol=1e-10, atol=1e-12, msg=lambda m: f"{n}: {m}")

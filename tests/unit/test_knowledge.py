@@ -283,3 +283,30 @@ def test_chain_teacher_marginals_equal_brute_force_enumeration():
     assert torch.isinf(z_dead).all() and torch.allclose(q_dead, torch.softmax(logits, -1))
     q0, _ = chain_teacher_marginals(logits, torch.zeros(T - 1, K, K))  # no rule: q = p exactly
     assert torch.allclose(q0, torch.softmax(logits, -1), atol=1e-6)
+
+
+def test_teacher_set_is_resampled_on_the_device_and_kept_when_the_weights_are_unusable():
+    """The diagnostic teacher set is drawn without a host read: usable weights replace it, NaN or all-zero
+    weights leave the previous one (as the host-side check used to), and it is read only on access."""
+    from trainer.callbacks.knowledge import build_knowledge_callback
+    from trainer.config import load_config
+
+    cfg = load_config("gan_digits", ["knowledge.enabled=true", "knowledge.constraint=symmetry",
+                                     "knowledge.keep_samples=4", "logging.wandb=false"])
+    cb = build_knowledge_callback(cfg)
+    x = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 1, 2, 2).contiguous()
+    assert cb.teacher_samples is None
+    cb._resample(x, torch.full((6,), float("nan")))
+    assert cb.teacher_samples is None  # nothing usable yet
+    one_hot = torch.zeros(6)
+    one_hot[4] = 1.0
+    cb._resample(x, one_hot)
+    first = cb.teacher_samples
+    assert first.shape == (4, 1, 2, 2) and torch.all(first == 4.0)  # all mass on sample 4
+    cb._resample(x, torch.full((6,), float("nan")))
+    cb._resample(x, torch.zeros(6))
+    assert torch.equal(cb.teacher_samples, first)
+    other = torch.zeros(6)
+    other[1] = 1.0
+    cb._resample(x, other)
+    assert torch.all(cb.teacher_samples == 1.0)

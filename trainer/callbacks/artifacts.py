@@ -4,6 +4,7 @@ from __future__ import annotations
 import lightning as L
 
 from trainer.tracking import wandb_loggers
+from trainer.counters import iteration_of, images_of
 
 
 class CheckpointArtifacts(L.Callback):
@@ -17,7 +18,7 @@ class CheckpointArtifacts(L.Callback):
             return
         self._logged = path
         for lg in wandb_loggers(trainer):
-            lg.log_checkpoint(path, int(pl_module.iteration), float(pl_module.images_seen) / 1000.0)
+            lg.log_checkpoint(path, iteration_of(pl_module), images_of(pl_module) / 1000.0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._maybe_log(trainer, pl_module)

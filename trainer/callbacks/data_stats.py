@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from trainer.counters import iteration_of
 
 
 class DataSkippedCallback(L.Callback):
@@ -13,7 +14,7 @@ class DataSkippedCallback(L.Callback):
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "skipped") or not getattr(pl_module, "g_stepped", False):
             return
-        it = int(pl_module.iteration)
+        it = iteration_of(pl_module)
         if it % self.every and it != 1:
             return
         # Collective (every rank reaches it at the same iteration), then logged by rank 0.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn as nn
+from trainer.counters import iteration_of
 
 
 def ema_beta(iteration: int, decay: float, start_iter: int = 0, rampup_iters: int = 0) -> float:
@@ -40,5 +41,5 @@ class EMACallback(L.Callback):
         if pl_module.G_ema is None or not pl_module.g_stepped:
             return
         # `iteration` already counts the step just taken; the schedule uses the step's own index.
-        it = int(pl_module.iteration) - 1
+        it = iteration_of(pl_module) - 1
         ema_update(pl_module.G_ema, pl_module.G, ema_beta(it, self.decay, self.start_iter, self.rampup_iters))

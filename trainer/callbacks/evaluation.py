@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from trainer.counters import iteration_of, images_of
 
 
 class PeriodicEvalCallback(L.Callback):
@@ -21,7 +22,7 @@ class PeriodicEvalCallback(L.Callback):
     def _evaluate(self, trainer, module) -> None:
         from trainer.evaluate import GeneratorEvaluator
 
-        it = int(module.iteration)
+        it = iteration_of(module)
         values = torch.zeros(3, dtype=torch.float64, device=module.device)
         if trainer.is_global_zero:
             if self.evaluator is None:
@@ -29,7 +30,7 @@ class PeriodicEvalCallback(L.Callback):
             use_ema = self.cfg["eval"]["use_ema"] and module.G_ema is not None
             net = module.G_ema if use_ema else module.G
             result = self.evaluator(net, self.cfg["eval"]["num_samples"], seed=0, ema=use_ema)
-            result.update({"iteration": it, "kimg": int(module.images_seen) / 1000.0, "checkpoint": None})
+            result.update({"iteration": it, "kimg": images_of(module) / 1000.0, "checkpoint": None})
             with open(self.run_dir / "eval.jsonl", "a") as fh:
                 fh.write(json.dumps(result) + "\n")
             values = torch.tensor([result["fid"], result["kid_mean"], result["kid_std"]],
@@ -43,9 +44,9 @@ class PeriodicEvalCallback(L.Callback):
                 logger.log_metrics({**metrics, "iteration": float(it)}, step=it)
 
     def on_train_start(self, trainer, pl_module):
-        if self.at_start and int(pl_module.iteration) == 0:
+        if self.at_start and iteration_of(pl_module) == 0:
             self._evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.every > 0 and pl_module.g_stepped and int(pl_module.iteration) % self.every == 0:
+        if self.every > 0 and pl_module.g_stepped and iteration_of(pl_module) % self.every == 0:
             self._evaluate(trainer, pl_module)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from trainer.counters import iteration_of, images_of
 
 
 class FlowEvalCallback(L.Callback):
@@ -20,7 +21,7 @@ class FlowEvalCallback(L.Callback):
     def _evaluate(self, trainer, module) -> None:
         from trainer.evaluate import _run_data
 
-        it = int(module.iteration)
+        it = iteration_of(module)
         value = torch.zeros((), dtype=torch.float64, device=module.device)
         if trainer.is_global_zero:
             if self.val is None:
@@ -31,7 +32,7 @@ class FlowEvalCallback(L.Callback):
             bpd = module.evaluate_bpd(self.val.images[:n], self.val.labels[:n], use_ema=ema, seed=0)
             result = {"bpd": bpd, "protocol": {"n_bits": module.n_bits, "split": "val", "num_images": n,
                                                "ema": ema, "dequantisation_seed": 0},
-                      "iteration": it, "kimg": int(module.images_seen) / 1000.0, "checkpoint": None,
+                      "iteration": it, "kimg": images_of(module) / 1000.0, "checkpoint": None,
                       "seconds": round(time.perf_counter() - t0, 3)}
             with open(self.run_dir / "eval.jsonl", "a") as fh:
                 fh.write(json.dumps(result) + "\n")
@@ -43,9 +44,9 @@ class FlowEvalCallback(L.Callback):
                 logger.log_metrics({"eval/bpd": float(value), "iteration": float(it)}, step=it)
 
     def on_train_start(self, trainer, pl_module):
-        if self.at_start and int(pl_module.iteration) == 0:
+        if self.at_start and iteration_of(pl_module) == 0:
             self._evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.every > 0 and int(pl_module.iteration) % self.every == 0:
+        if self.every > 0 and iteration_of(pl_module) % self.every == 0:
             self._evaluate(trainer, pl_module)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from trainer.knowledge.constraints import ClassConsistency, Constraint, Symmetry
 from trainer.knowledge.teacher import gather_cat, importance_teacher, irl_loss, reverse_kl_loss, weighted_nll_term, world
+from trainer.counters import iteration_of
 
 
 @contextlib.contextmanager
@@ -50,8 +51,26 @@ class KnowledgeCallback(L.Callback):
         self.counters = {"phi_steps": 0, "ess_skipped": 0, "teacher_steps": 0}
         self._pending: Optional[dict] = None
         self._model_samples: list = []  # (x in [-1, 1], y) of the current step
-        self.teacher_samples: Optional[torch.Tensor] = None
-        self.last_stats: dict = {}
+        # Diagnostics stay on the device until logged (last_stats, teacher_samples read them): a host
+        # read per step would make the GPU drain its queue every step.
+        self._stats: dict = {}
+        self._device_stats: dict = {}
+        self._teacher: Optional[tuple] = None  # (resampled teacher set, whether any set was usable yet)
+
+    @property
+    def last_stats(self) -> dict:
+        """The latest diagnostics as floats (read from the device here: on logging steps, not every step)."""
+        if self._device_stats:
+            self._stats.update({k: float(v) for k, v in self._device_stats.items()})
+            self._device_stats = {}
+        return self._stats
+
+    @property
+    def teacher_samples(self) -> Optional[torch.Tensor]:
+        """The latest teacher set resampled from usable weights (on the CPU); None before the first."""
+        if self._teacher is None or not bool(self._teacher[1]):
+            return None
+        return self._teacher[0].cpu()
 
     @property
     def state_key(self) -> str:
@@ -97,7 +116,9 @@ class KnowledgeCallback(L.Callback):
         term, teacher = weighted_nll_term(nll, s, self.k["alpha"], y_s)
         self._model_samples.append((images, y_s))
         self._diagnose(images, y_s, f.nan_to_num(), teacher)
-        ess_frac = float(teacher.ess_frac)  # the same on every rank: the weights are gathered
+        # A host read, kept: the term and the skip counter depend on it (the same on every rank: the
+        # weights are gathered).
+        ess_frac = float(teacher.ess_frac)
         if not ess_frac >= self.k["ess_min"]:  # also when it is NaN (every sample overflowed)
             self.counters["ess_skipped"] += 1
             return nll.sum() * 0.0  # keeps the graph, so DDP sees every parameter used
@@ -112,17 +133,27 @@ class KnowledgeCallback(L.Callback):
             teacher = importance_teacher(s_all, gather_cat(y)[0] if y is not None else None)
         local = importance_teacher(s, y).w
         self.counters["teacher_steps"] += 1
-        self.last_stats = {"knowledge/ess_frac": float(teacher.ess_frac), "knowledge/log_z": float(teacher.log_z),
-                           "knowledge/f_student": float(f.mean()), "knowledge/f_teacher": float((local * f).sum()
-                                                                                               / local.sum()),
-                           "knowledge/lambda": self.lam}
+        self._device_stats = {"knowledge/ess_frac": teacher.ess_frac, "knowledge/log_z": teacher.log_z,
+                              "knowledge/f_student": f.mean(), "knowledge/f_teacher": (local * f).sum() / local.sum()}
+        self._stats = {"knowledge/lambda": self.lam}  # a new step's diagnostics replace the last one's
+        self._resample(x, local)
+
+    def _resample(self, x: torch.Tensor, local: torch.Tensor) -> None:
+        """The teacher set drawn from the weights; when they are unusable (not finite, zero sum) the
+        previous set stays. Decided on the device (no host read): unusable weights draw uniformly and
+        the draw is discarded by a select."""
         gen = torch.Generator(device=x.device).manual_seed(self.seed + self.counters["teacher_steps"])
-        if bool(torch.isfinite(local).all()) and float(local.sum()) > 0:
-            keep = torch.multinomial(local / local.sum(), int(self.k["keep_samples"]), replacement=True, generator=gen)
-            self.teacher_samples = x[keep].cpu()
+        usable = torch.isfinite(local).all() & (local.sum() > 0)
+        probs = torch.where(usable, local / local.sum(), torch.ones_like(local))
+        drawn = x[torch.multinomial(probs, int(self.k["keep_samples"]), replacement=True, generator=gen)]
+        if self._teacher is None or self._teacher[0].shape != drawn.shape:  # first step, or a new resolution
+            self._teacher = (drawn, usable)
+        else:
+            old, had = self._teacher
+            self._teacher = (torch.where(usable, drawn, old), had | usable)
 
     # ---- learned constraint -------------------------------------------------------------------
-    def irl_step(self, x_data: torch.Tensor, y_data: Optional[torch.Tensor]) -> float:
+    def irl_step(self, x_data: torch.Tensor, y_data: Optional[torch.Tensor]) -> torch.Tensor:
         """One AdamW step of phi on the IRL loss: real images versus this step's model samples."""
         x_model = torch.cat([m[0] for m in self._model_samples])
         ys = [m[1] for m in self._model_samples]
@@ -137,19 +168,19 @@ class KnowledgeCallback(L.Callback):
                 p.grad /= size
         self.opt.step()
         self.counters["phi_steps"] += 1
-        return float(loss.detach())
+        return loss.detach()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not self._model_samples or not getattr(pl_module, "g_stepped", True):
             return
-        it = int(pl_module.iteration)
+        it = iteration_of(pl_module)
         if self.constraint.learned and it % int(self.k["phi_every"]) == 0:
             images, labels = batch
             x_data = images.to(pl_module.device).float().div(127.5).sub(1.0)
             y_data = labels.to(pl_module.device).long() if _conditional_classes(pl_module) else None
-            self.last_stats["knowledge/irl_loss"] = self.irl_step(x_data, y_data)
+            self._device_stats["knowledge/irl_loss"] = self.irl_step(x_data, y_data)
         self._model_samples = []
-        self.last_stats.update({f"knowledge/{k}": float(v) for k, v in self.counters.items()})
+        self._stats.update({f"knowledge/{k}": float(v) for k, v in self.counters.items()})
         if (it % self.log_every == 0 or it == 1) and trainer.is_global_zero:
             for lg in trainer.loggers:
                 lg.log_metrics(self.last_stats, step=it)

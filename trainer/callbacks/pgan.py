@@ -12,6 +12,7 @@ import lightning as L
 
 from trainer.images import save_grid
 from trainer.tracking import log_images
+from trainer.counters import count_of, images_of, iteration_of
 
 
 class ResolutionGridCallback(L.Callback):
@@ -23,13 +24,14 @@ class ResolutionGridCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         res = module.schedule.resolutions[level]
-        it, kimg = int(module.iteration), float(module.images_seen) / 1000.0
+        it, kimg = iteration_of(module), images_of(module) / 1000.0
         images = module.generate(module.fixed_z, level=level, alpha=1.0)
         path = save_grid(images, self.out_dir / f"res_{res:04d}px_iter_{it:07d}.png")
         self.paths.append(path)
         log_images(trainer, "samples/resolution", [path], [f"{res} px, iteration {it}, {kimg:g} kimg"], kimg, it)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        level = pl_module.schedule.at(int(pl_module.images_seen)).level
-        if level != int(pl_module.pgan_level):  # the module grows in this step's training_step
-            self.write(trainer, pl_module, int(pl_module.pgan_level))
+        level = pl_module.schedule.at(images_of(pl_module)).level
+        grown = count_of(pl_module, "pgan_level")
+        if level != grown:  # the module grows in this step's training_step
+            self.write(trainer, pl_module, grown)

@@ -16,6 +16,7 @@ import sys
 import lightning as L
 import torch
 import torch.distributed as dist
+from trainer.counters import iteration_of
 
 
 class PreemptionCallback(L.Callback):
@@ -38,9 +39,12 @@ class PreemptionCallback(L.Callback):
         self._previous.clear()
 
     def _agreed(self, pl_module) -> bool:
+        if not (dist.is_available() and dist.is_initialized()):
+            return bool(self.received)  # one process: nothing to agree on, no device round trip
+        # Several processes must agree at the same step (a signal reaches ranks at different times):
+        # one tiny collective and its host read per step, the price of a checkpoint at a step boundary.
         flag = torch.tensor([1.0 if self.received else 0.0], device=pl_module.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -51,7 +55,7 @@ class PreemptionCallback(L.Callback):
         job = os.environ.get("SLURM_JOB_ID")
         if trainer.is_global_zero:
             print(f"genscale: signal {self.received or 'on another rank'}: checkpoint {path} written at "
-                  f"iteration {int(pl_module.iteration)}" + (f"; requeueing SLURM job {job}" if job and self.requeue else ""),
+                  f"iteration {iteration_of(pl_module)}" + (f"; requeueing SLURM job {job}" if job and self.requeue else ""),
                   file=sys.stderr, flush=True)
             if job and self.requeue:
                 subprocess.run(["scontrol", "requeue", job], check=False)

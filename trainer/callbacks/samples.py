@@ -12,6 +12,7 @@ import lightning as L
 
 from trainer.images import save_grid
 from trainer.tracking import log_images
+from trainer.counters import iteration_of, images_of
 
 
 class SampleGridCallback(L.Callback):
@@ -23,8 +24,8 @@ class SampleGridCallback(L.Callback):
     def _write(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        it = int(pl_module.iteration)
-        kimg = float(pl_module.images_seen) / 1000.0
+        it = iteration_of(pl_module)
+        kimg = images_of(pl_module) / 1000.0
         images = pl_module.generate(pl_module.fixed_z)
         self.last_path = save_grid(images, self.out_dir / f"iter_{it:07d}.png")
         log_images(trainer, "samples", [self.last_path], [f"iteration {it}, {kimg:g} kimg"], kimg, it)
@@ -37,11 +38,11 @@ class SampleGridCallback(L.Callback):
         return save_grid(x, self.out_dir / "temperatures" / f"iter_{it:07d}_T{temperature:g}.png")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        it = int(pl_module.iteration)
+        it = iteration_of(pl_module)
         if pl_module.g_stepped and self.every > 0 and it % self.every == 0:
             self._write(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        it = int(pl_module.iteration)
+        it = iteration_of(pl_module)
         if self.every <= 0 or it % self.every != 0:
             self._write(trainer, pl_module)

@@ -1,0 +1,89 @@
+"""`-m gpu`: the speed work on CUDA. Device synchronisations per training step, as CUDA itself reports
+them (torch.cuda.set_sync_debug_mode), equal what tests/integration/test_host_syncs.py counts on CPU;
+and the switches on (fused Adam, channels_last, cuDNN autotuning) train like the plain path. Skipped
+without a GPU; run with `python -m pytest -m gpu tests/gpu`."""
+import warnings
+
+import lightning as L
+import pytest
+import torch
+
+from trainer.build import prepare_run, train
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+GPU = ["trainer.accelerator=gpu", "trainer.devices=1", "logging.wandb=false", "trainer.progress_bar=false"]
+CASES = {  # experiment: (device syncs per step, overrides)
+    "gan_digits": (2, ["model.g_width=8", "model.d_width=8", "data.batch_size=16"]),
+    "biggan_mnist5k": (2, ["data.name=digits", "model.g_width=4", "model.d_width=4", "model.shared_dim=8",
+                           "data.batch_size=8", "trainer.sample_grid=10"]),
+    "glow_digits": (1, ["data.batch_size=16", "ema.enabled=true"]),
+}
+
+
+class SyncWindow(L.Callback):
+    """Counts CUDA's sync warnings between the first callback's batch start and the last one's batch end
+    of steps 3..8 (no logging, checkpoint or sample step among them)."""
+
+    def __init__(self, record: list):
+        self.record, self.per_step, self.i, self.mark = record, {}, -1, None
+        self.sources: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.i += 1
+        if 3 <= self.i <= 8:
+            torch.cuda.synchronize()
+            self.mark = len(self.record)
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def close(self):
+        if self.mark is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            syncs = [w for w in self.record[self.mark:] if "synchronizing" in str(w.message)]
+            self.per_step[self.i] = len(syncs)
+            self.sources += [f"step {self.i}: {w.filename}:{w.lineno}" for w in syncs]
+            self.mark = None
+
+
+class CloseWindow(L.Callback):
+    def __init__(self, window: SyncWindow):
+        self.window = window
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.window.close()
+
+
+@pytest.mark.parametrize("exp", list(CASES))
+def test_device_syncs_per_step_on_cuda(exp, tmp_path):
+    expected, extra = CASES[exp]
+    run = prepare_run(exp, GPU + extra + [f"logging.root={tmp_path}", "trainer.log_every=1000", "trainer.max_iters=10",
+                                          "trainer.sample_every=0", "trainer.checkpoint.every_n_iters=0"])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        window = SyncWindow(record)
+        run.trainer.callbacks.insert(0, window)
+        run.trainer.callbacks.append(CloseWindow(window))
+        try:
+            run.trainer.fit(run.module, datamodule=run.datamodule)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert sorted(window.per_step) == list(range(3, 9))
+    assert all(n == expected for n in window.per_step.values()), (window.per_step, window.sources)
+
+
+def test_switches_on_cuda_train_like_the_plain_path(tmp_path):
+    old_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions on both sides, so rounding is all that differs
+    try:
+        common = GPU + ["model.g_width=8", "model.d_width=8", "data.batch_size=16", "trainer.max_iters=4",
+                        "trainer.sample_every=0", "trainer.checkpoint.every_n_iters=0", f"logging.root={tmp_path}"]
+        plain = train("gan_digits", common + ["logging.run_id=plain", "trainer.cudnn_benchmark=false",
+                                              "optim.g.impl=plain", "optim.d.impl=plain"])
+        fast = train("gan_digits", common + ["logging.run_id=fast", "trainer.channels_last=true"])
+    finally:
+        torch.backends.cudnn.allow_tf32 = old_tf32
+    assert fast.trainer.optimizers[0].defaults["fused"] is True  # impl auto on CUDA
+    sa, sb = plain.module.state_dict(), fast.module.state_dict()
+    for k, v in sa.items():
+        if torch.is_floating_point(v) and k != "fixed_z":
+            torch.testing.assert_close(sb[k], v, rtol=1e-3, atol=1e-3, msg=lambda m: f"{k}: {m}")
