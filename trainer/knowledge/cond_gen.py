@@ -10,7 +10,8 @@ Each (variant, seed) is a real `genscale train` run of ``biggan_mnist5k`` (all o
 consistency judged by the evaluation classifier (seed 0, never used as a constraint). CPU seconds of
 each training run (user + system of this process) are recorded, so the budget is stated honestly.
 
-    python -m trainer.knowledge.cond_gen --seeds 0 1 2 --iters 600 --root runs/kc --out docs/knowledge_cond_gen.json
+    python -m trainer.knowledge.cond_gen --seeds 0 1 2 --iters 1000 --root runs/kc --out docs/knowledge_cond_gen.json
+    (or one process per seed with its own --out, then --merge A.json B.json ... --out ALL.json)
 """
 from __future__ import annotations
 
@@ -68,6 +69,18 @@ def summarise(rows: List[dict]) -> Dict[str, dict]:
     return out
 
 
+def merge(paths: List[str], out: str) -> dict:
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    if len({p["iters"] for p in parts}) > 1 or len({tuple(p["overrides"]) for p in parts}) > 1:
+        raise SystemExit("cond_gen --merge: the files were run with different --iters or overrides.")
+    rows = sorted((r for p in parts for r in p["per_run"]), key=lambda r: (r["seed"], list(VARIANTS).index(r["variant"])))
+    result = {"per_run": rows, "summary": summarise(rows), "iters": parts[0]["iters"], "overrides": parts[0]["overrides"]}
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    print(json.dumps(result["summary"], indent=1, ensure_ascii=False))
+    return result
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -76,8 +89,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--num-eval", type=int, default=2000)
     ap.add_argument("--root", default="runs/knowledge_cond_gen")
     ap.add_argument("--out", default="")
+    ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                    help="combine the results files of sweeps run in parallel (other seeds) into --out; no training")
     ap.add_argument("overrides", nargs="*", help="key=value overrides shared by every run")
     a = ap.parse_args(argv)
+    if a.merge:
+        return merge(a.merge, a.out)
     rows = []
     if a.out and Path(a.out).exists():  # resumable: keep finished (variant, seed) rows
         rows = json.loads(Path(a.out).read_text())["per_run"]
