@@ -34,31 +34,43 @@ def symmetry(images: torch.Tensor) -> float:
 
 def run_one(lam: float, seed: int, iters: int, root: str, extra: List[str], num_samples: int) -> dict:
     from trainer.build import train
-    from trainer.evaluate import _run_data
-    from trainer.flow_eval import evaluate_flow_checkpoint, load_flow_module
 
     knowledge = ["knowledge.enabled=true", "knowledge.constraint=symmetry", f"knowledge.lam={lam}",
                  "knowledge.bound=0", "knowledge.samples=32"] if lam > 0 else []
     overrides = [f"trainer.seed={seed}", f"trainer.max_iters={iters}", f"logging.root={root}",
-                 f"logging.run_id=lam{lam:g}-s{seed}", "trainer.progress_bar=false", "logging.wandb=false",
+                 f"logging.run_id={_run_id(lam, seed)}", "trainer.progress_bar=false", "logging.wandb=false",
                  "trainer.sample_every=0", f"trainer.checkpoint.every_n_iters={iters}", *knowledge, *extra]
     cpu0 = _cpu_seconds()
     run = train("glow_digits", overrides)
     cpu = _cpu_seconds() - cpu0
-    ckpt = run.run_dir / "checkpoints" / "last.ckpt"
+    k = _knowledge_counters(run)
+    row = {"lam": lam, "seed": seed, "iters": iters, "ess_frac_last": k.get("knowledge/ess_frac"),
+           "ess_skipped": k.get("knowledge/ess_skipped"), "train_cpu_s": round(cpu, 1)}
+    row.update(score(run.run_dir, num_samples))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _run_id(lam: float, seed: int) -> str:
+    return f"lam{lam:g}-s{seed}"
+
+
+def score(run_dir: Path, num_samples: int) -> dict:
+    """Held-out bits/dim, and the mean symmetry of samples at T = 1 from fixed noise. An undertrained
+    flow's inverse can overflow on a few samples: those are left out of the mean and counted."""
+    from trainer.evaluate import _run_data
+    from trainer.flow_eval import evaluate_flow_checkpoint, load_flow_module
+
+    ckpt = Path(run_dir) / "checkpoints" / "last.ckpt"
     bpd = evaluate_flow_checkpoint(ckpt)["bpd"]
     module = load_flow_module(ckpt)
     eps = torch.randn(num_samples, module.n_dims, generator=torch.Generator().manual_seed(1234))
     with torch.no_grad():
         samples = module.sample_images(num_samples, 1.0, None, use_ema=True, eps=eps).cpu()
-    val = _run_data(module.cfg, "val")
-    k = _knowledge_counters(run)
-    row = {"lam": lam, "seed": seed, "iters": iters, "val_bpd": round(bpd, 4),
-           "sample_symmetry": round(symmetry(samples), 4), "real_symmetry": round(symmetry(val.images), 4),
-           "ess_frac_last": k.get("knowledge/ess_frac"), "ess_skipped": k.get("knowledge/ess_skipped"),
-           "train_cpu_s": round(cpu, 1)}
-    print(json.dumps(row), flush=True)
-    return row
+    finite = torch.isfinite(samples.flatten(1)).all(1)
+    return {"val_bpd": round(bpd, 4), "sample_symmetry": round(symmetry(samples[finite]), 4),
+            "nonfinite_samples": int((~finite).sum()),
+            "real_symmetry": round(symmetry(_run_data(module.cfg, "val").images), 4)}
 
 
 def _knowledge_counters(run) -> dict:
@@ -93,6 +105,9 @@ def main(argv=None) -> dict:
     rows = []
     if a.out and Path(a.out).exists() and "per_run" in json.loads(Path(a.out).read_text()):
         rows = json.loads(Path(a.out).read_text())["per_run"]
+    for r in rows:  # rows from an earlier version without the non-finite count: score again, no training
+        if "nonfinite_samples" not in r:
+            r.update(score(Path(a.root) / "glow_digits" / _run_id(r["lam"], r["seed"]), a.num_samples))
     for seed in a.seeds:
         for lam in a.lams:
             if any(r["lam"] == lam and r["seed"] == seed for r in rows):
