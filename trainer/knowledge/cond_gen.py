@@ -44,6 +44,8 @@ def run_one(variant: str, seed: int, iters: int, root: str, extra: List[str], nu
                  f"trainer.checkpoint.every_n_iters={iters}", *VARIANTS[variant], *extra]
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     run = train("biggan_mnist5k", overrides)
+    if run.module.it < iters:  # a SIGTERM (preemption, a killed sweep) stops a run early and cleanly
+        raise SystemExit(f"{run.run_dir} stopped at iteration {run.module.it} of {iters}: not recorded.")
     cpu, wall = _cpu_seconds() - cpu0, time.perf_counter() - wall0
     ev = evaluate_checkpoint(run.run_dir / "checkpoints" / "last.ckpt", num_samples=num_eval)
     row = {"variant": variant, "seed": seed, "iters": iters, "fid": ev["fid"], "kid_mean": ev["kid_mean"],

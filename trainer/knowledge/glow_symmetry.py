@@ -42,6 +42,8 @@ def run_one(lam: float, seed: int, iters: int, root: str, extra: List[str], num_
                  "trainer.sample_every=0", f"trainer.checkpoint.every_n_iters={iters}", *knowledge, *extra]
     cpu0 = _cpu_seconds()
     run = train("glow_digits", overrides)
+    if run.module.it < iters:  # a SIGTERM (preemption, a killed sweep) stops a run early and cleanly
+        raise SystemExit(f"{run.run_dir} stopped at iteration {run.module.it} of {iters}: not recorded.")
     cpu = _cpu_seconds() - cpu0
     k = _knowledge_counters(run)
     row = {"lam": lam, "seed": seed, "iters": iters, "ess_frac_last": k.get("knowledge/ess_frac"),
