@@ -21,7 +21,10 @@ import resource
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
 
 VARIANTS: Dict[str, List[str]] = {
     "base": [],
@@ -55,6 +58,64 @@ def run_one(variant: str, seed: int, iters: int, root: str, extra: List[str], nu
     return row
 
 
+def train_mlp_judge(cfg: dict, seed: int = 7, epochs: int = 20) -> Tuple[torch.nn.Module, float]:
+    """A judge of another family than the constraint and the evaluation classifier (both the domain CNN):
+    an MLP on raw pixels (1024 -> 256 -> 256 -> 10), trained on the train split. Returns it and its
+    accuracy on the held-out split."""
+    from trainer.evaluate import _run_data, _to_float
+
+    torch.manual_seed(seed)
+    train, val = _run_data(cfg, "train"), _run_data(cfg, "val")
+    x, y = _to_float(train.images).flatten(1), train.labels.long()
+    net = nn.Sequential(nn.Linear(x.shape[1], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                        nn.Linear(256, int(y.max()) + 1))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    net.eval()
+    return net, _accuracy(net, val.images, val.labels)
+
+
+@torch.no_grad()
+def _accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    from trainer.evaluate import _to_float
+
+    return float((net(_to_float(images).flatten(1)).argmax(1) == labels.long()).float().mean())
+
+
+def judge_row(row: dict, judge: nn.Module, num: int, seed: int = 0) -> float:
+    """Class consistency of a run's G_ema under the judge: `num` samples cycling through the classes,
+    latents from `seed` (the protocol of evaluate_checkpoint)."""
+    from trainer.checkpointing import load_checkpoint
+    from trainer.evaluate import _build_generator, _run_data, class_labels, generate_uint8
+
+    ckpt = load_checkpoint(Path(row["run_dir"]) / "checkpoints" / "last.ckpt")
+    cfg = ckpt["genscale"]["config"]
+    G, _ = _build_generator(cfg, ckpt["state_dict"], _run_data(cfg, "val"), use_ema=True)
+    labels = class_labels(G, num)
+    images = generate_uint8(G, cfg["model"]["z_dim"], num, seed, torch.device("cpu"), 0.0, labels)
+    return _accuracy(judge, images, labels)
+
+
+def add_mlp_judge(path: str, num: int) -> dict:
+    """Scores every run in a results file with the MLP judge (no training of the GANs) and rewrites it."""
+    from trainer.checkpointing import load_checkpoint
+
+    result = json.loads(Path(path).read_text())
+    first = load_checkpoint(Path(result["per_run"][0]["run_dir"]) / "checkpoints" / "last.ckpt")
+    judge, acc = train_mlp_judge(first["genscale"]["config"])
+    for row in result["per_run"]:
+        row["class_consistency_mlp"] = judge_row(row, judge, num)
+    result["mlp_judge_val_accuracy"] = acc
+    result["summary"] = summarise(result["per_run"])
+    Path(path).write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    print(json.dumps(result["summary"], indent=1, ensure_ascii=False), f"(MLP judge held-out accuracy {acc:.3f})")
+    return result
+
+
 def _spread(values) -> str:
     if len(values) > 1:
         return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
@@ -66,7 +127,9 @@ def summarise(rows: List[dict]) -> Dict[str, dict]:
     for v in VARIANTS:
         rs = [r for r in rows if r["variant"] == v]
         if rs:
-            out[v] = {k: _spread([r[k] for r in rs]) for k in ("fid", "class_consistency", "train_cpu_s")}
+            keys = ["fid", "class_consistency", "train_cpu_s"] + (
+                ["class_consistency_mlp"] if all("class_consistency_mlp" in r for r in rs) else [])
+            out[v] = {k: _spread([r[k] for r in rs]) for k in keys}
             out[v]["seeds"] = len(rs)
     return out
 
@@ -93,8 +156,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="")
     ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
                     help="combine the results files of sweeps run in parallel (other seeds) into --out; no training")
+    ap.add_argument("--judge-mlp", action="store_true",
+                    help="score the runs in --out with an MLP judge on pixels (another model family); no training")
     ap.add_argument("overrides", nargs="*", help="key=value overrides shared by every run")
     a = ap.parse_args(argv)
+    if a.judge_mlp:
+        return add_mlp_judge(a.out, a.num_eval)
     if a.merge:
         return merge(a.merge, a.out)
     rows = []
