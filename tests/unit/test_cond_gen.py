@@ -30,3 +30,19 @@ def test_merge_orders_rows_and_refuses_different_settings(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(b))
     with pytest.raises(SystemExit, match="different --iters"):
         merge([str(tmp_path / "a.json"), str(tmp_path / "b.json")], "")
+
+
+def test_mlp_judge_reads_real_digits_and_not_shuffled_labels():
+    """The judge of another family really classifies: high held-out accuracy on real digits, chance
+    level when the labels it is scored against are permuted."""
+    import torch
+
+    from trainer.evaluate import _run_data
+    from trainer.knowledge.cond_gen import _accuracy, train_mlp_judge
+
+    cfg = {"data": {"name": "digits", "resolution": 32, "val_fraction": 0.1, "path": ""}}
+    judge, acc = train_mlp_judge(cfg, epochs=3)
+    val = _run_data(cfg, "val")
+    assert acc > 0.85 and acc == _accuracy(judge, val.images, val.labels)
+    shuffled = val.labels[torch.randperm(len(val.labels), generator=torch.Generator().manual_seed(0))]
+    assert _accuracy(judge, val.images, shuffled) < 0.3
