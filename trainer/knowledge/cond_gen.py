@@ -116,10 +116,12 @@ def add_mlp_judge(path: str, num: int) -> dict:
     return result
 
 
-def _spread(values) -> str:
+def _spread(values, digits: int = 3) -> str:
+    """Mean ± sample standard deviation over seeds (the value alone for one seed)."""
+    values = list(values)
     if len(values) > 1:
-        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-    return f"{values[0]:.3f}"
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return f"{values[0]:.{digits}f}"
 
 
 def summarise(rows: List[dict]) -> Dict[str, dict]:

@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 from pathlib import Path
 from typing import List
 
 import torch
 
-
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+from trainer.knowledge.cond_gen import _cpu_seconds, _spread
 
 
 def symmetry(images: torch.Tensor) -> float:
@@ -88,8 +83,7 @@ def summarise(rows: List[dict]) -> dict:
     out = {}
     for lam in sorted({r["lam"] for r in rows}):
         rs = [r for r in rows if r["lam"] == lam]
-        out[f"{lam:g}"] = {k: (f"{statistics.mean(r[k] for r in rs):.4f} ± {statistics.stdev(r[k] for r in rs):.4f}"
-                              if len(rs) > 1 else f"{rs[0][k]:.4f}") for k in ("val_bpd", "sample_symmetry")}
+        out[f"{lam:g}"] = {k: _spread((r[k] for r in rs), 4) for k in ("val_bpd", "sample_symmetry")}
         out[f"{lam:g}"]["seeds"] = len(rs)
     return out
 
