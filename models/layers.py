@@ -34,7 +34,9 @@ class SpectralNormMixin:
                 u = F.normalize(W.to(u.dtype) @ v, dim=0, eps=self.sn_eps)
             if self.training:
                 self.u.copy_(u)
-        sigma = torch.dot(u.to(W.dtype), W @ v.to(W.dtype))
+        # W @ v runs in autocast's low precision; the dot is taken in u's precision, as CUDA autocast
+        # promotes it (CPU autocast does not promote, and torch.dot refuses mixed dtypes).
+        sigma = torch.dot(u, (W @ v.to(W.dtype)).to(u.dtype))
         return self.weight / sigma
 
 

@@ -111,6 +111,20 @@ def test_spectral_norm_is_one_after_enough_power_iterations():
         assert float(torch.linalg.matrix_norm(w, ord=2)) == pytest.approx(1.0, abs=2e-3), m
 
 
+def test_spectral_norm_under_cpu_bf16_autocast_matches_fp32():
+    """CPU autocast runs W @ v in bf16 and, unlike CUDA, does not promote torch.dot: sigma must be
+    taken in u's precision (this raised 'expected both vectors to have same dtype' before)."""
+    torch.manual_seed(0)
+    layer = SNConv2d(8, 16).eval()
+    with torch.no_grad():
+        layer.weight.normal_()
+    ref = layer.sn_weight()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = layer.sn_weight()
+    assert w.dtype == torch.float32  # weight / sigma stays in the weight's precision
+    torch.testing.assert_close(w, ref, rtol=2e-2, atol=1e-3)
+
+
 def test_u_updates_only_in_training_mode():
     layer = SNConv2d(4, 6, eps=1e-6)
     u0 = layer.u.clone()
