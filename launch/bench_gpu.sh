@@ -3,77 +3,88 @@
 #   bash launch/bench_gpu.sh OUTDIR [BUDGET_S]
 # One JSON line per measurement in OUTDIR/bench.jsonl (`genscale bench train --out`; each row records
 # its `variant` overrides and the switches: compile_mode, channels_last, optimizer_impl, cudnn_benchmark),
-# the console tables and the GPU tests' result in OUTDIR/bench.log. Run from the repository root; `python3 -m launch.cli` needs no install.
+# the tables in OUTDIR/bench.log, every command's whole output in OUTDIR/bench_raw.log and the GPU tests'
+# in OUTDIR/gpu_tests.log. Run from the repository root; `python3 -m launch.cli` needs no install.
 #
 # Time: the whole script stays within BUDGET_S seconds (default 540 = 9 minutes, of a 15-minute device
 # allowance that also pays for the machine's start). Each command runs under its own limit, cut to what
-# is left of the budget; a command with under 25 s left is skipped and says so. The commands are in
-# priority order, the least certain (compiling Glow's 96 flow steps) last; it gets what the others leave
-# (their limits sum to 510 s). Guesses, not measurements: BigGAN eager ~30 s per variant (building the
-# 158M-parameter networks, the FLOP-count iteration, cuDNN autotuning, 10 iterations), BigGAN compiled
-# ~140 s (the earlier compiled row fitted in 150 s), Glow eager ~12 s per row, PGAN ~15 s per row.
+# is left of the budget; a command with under 25 s left is skipped and says so. Output goes to files,
+# not pipes: a timed-out compile leaves inductor's worker processes behind, and they held a pipe open
+# until the device call's own limit (run of f2ef648). Measured on an H100 at f2ef648 (BENCHMARKS.md):
+# BigGAN eager, 4 variants: 92 s; BigGAN compiled: 154 s; Glow eager, 6 rows: 64 s; PGAN eager, 4
+# rows: 67 s; tests/gpu: 51 s; Glow reduce-overhead at batch 64: under 185 s (batch 256 did not finish).
 #
 # Baseline = the training path as it was before these switches: cuDNN autotuning off (torch's default,
 # which Lightning left alone), foreach Adam/Adamax (torch's CUDA default), NCHW, eager. The host-sync
-# removal (trainer/counters.py) has no switch and is in every row; the rows of BENCHMARKS.md's first
-# GPU table (commit 68d3004, launch/bench_gpu_v1.sh) are the before for it, on another H100 session.
+# removal (trainer/counters.py) has no switch and is in every row. Several variants share one process,
+# so the allocator runs with expandable segments: at f2ef648 the second BigGAN variant found 36 GB
+# reserved but fragmented and ran out of memory.
 set -u
 OUT=${1:-bench-out}
 BUDGET=${2:-540}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 G="python3 -m launch.cli"
 J="$OUT/bench.jsonl"
 LOG="$OUT/bench.log"
+RAW="$OUT/bench_raw.log"
+touch "$RAW"
+limit_for() {  # limit_for WANTED_S: WANTED_S cut to what is left of the budget; 0 if under 25 s are left
+  local left=$((BUDGET - SECONDS)) want=$1
+  if [ "$left" -lt 25 ]; then echo 0; elif [ "$want" -gt "$left" ]; then echo "$left"; else echo "$want"; fi
+}
 bench() {  # bench LIMIT_S EXPERIMENT ARGS...: one process, its rows appended to $J as they are measured
-  local limit=$1 exp=$2; shift 2
-  local left=$((BUDGET - SECONDS))
-  if [ "$left" -lt 25 ]; then
+  local limit exp=$2 from; limit=$(limit_for "$1"); shift 2
+  if [ "$limit" -eq 0 ]; then
     echo "=== SKIPPED (budget of ${BUDGET}s spent): bench $exp $*" | tee -a "$LOG"; return
   fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  echo "=== bench $exp $* (limit ${limit}s, at ${SECONDS}s, $(date +%T))" | tee -a "$LOG"
-  timeout "$limit" $G bench train "$exp" trainer.accelerator=gpu trainer.devices=1 "$@" --out "$J" 2>&1 \
-    | grep -E "^\||Error|error:|out of memory" | tee -a "$LOG" | tail -12
-  echo "=== exit ${PIPESTATUS[0]} at ${SECONDS}s" | tee -a "$LOG"
+  echo "=== bench $exp $* (limit ${limit}s, at ${SECONDS}s, $(date +%T))" | tee -a "$LOG" "$RAW"
+  from=$(wc -l < "$RAW")
+  timeout -k 10 "$limit" $G bench train "$exp" trainer.accelerator=gpu trainer.devices=1 "$@" --out "$J" >> "$RAW" 2>&1
+  local rc=$?
+  tail -n +$((from + 1)) "$RAW" | grep -E "^\||Error|Exception|error:|out of memory" | tee -a "$LOG" | tail -12
+  echo "=== exit $rc at ${SECONDS}s" | tee -a "$LOG"
 }
 nvidia-smi -L | tee -a "$LOG"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$LOG"
 
-OLD="trainer.cudnn_benchmark=false optim.g.impl=foreach optim.d.impl=foreach"   # the path before the switches
-FOREACH="optim.g.impl=foreach optim.d.impl=foreach"
+EAGER="trainer.compile=off trainer.channels_last=false"   # biggan_imagenet128 ships with both on
+OLD="$EAGER trainer.cudnn_benchmark=false optim.g.impl=foreach optim.d.impl=foreach"   # before the switches
+FOREACH="$EAGER optim.g.impl=foreach optim.d.impl=foreach"
 
-# 1. BigGAN-128 ch96 bf16 batch 256 (1 D + 1 G step): baseline, +cuDNN autotuning, +channels_last,
-#    +fused Adam (impl auto = fused on CUDA), in one process
+# 1. BigGAN-128 ch96 bf16 batch 256 (1 D + 1 G step), eager: baseline, +cuDNN autotuning,
+#    +channels_last, +fused Adam (impl auto = fused on CUDA), in one process
 BIG="biggan_imagenet128 data.batch_size=256 optim.accumulate=1 model.num_classes=1000"
 bench 150 $BIG --steps 8 --warmup 2 --variant "$OLD" --variant "$FOREACH" \
-  --variant "$FOREACH trainer.channels_last=true" --variant "trainer.channels_last=true"
-# 2. ... +torch.compile of G and D (all of the above on)
-bench 170 $BIG trainer.channels_last=true trainer.compile=default --steps 8 --warmup 4
+  --variant "$FOREACH trainer.channels_last=true" --variant "$EAGER trainer.channels_last=true"
+# 2. ... as shipped: all of the above and torch.compile of G and D
+bench 200 $BIG --steps 8 --warmup 4
 
-# 3. Glow CIFAR-10 (K=32, L=3, width 512, affine, LU, Adamax: no fused kernel) fp32 at batch 64 and 256:
-#    baseline, +cuDNN autotuning, +channels_last
-OLDF="trainer.cudnn_benchmark=false flow.optimizer_impl=foreach"
-bench 100 glow_cifar10 --batch 64 256 --precision 32 --steps 12 --warmup 3 \
-  --variant "$OLDF" --variant "flow.optimizer_impl=foreach" --variant "trainer.channels_last=true"
+# 3. Glow CIFAR-10 (K=32, L=3, width 512, affine, LU, Adamax: no fused kernel) fp32 as shipped: CUDA graphs
+#    (compile reduce-overhead), batch 256 first (not measured at f2ef648), then 64
+bench 200 glow_cifar10 --batch 256 64 --precision 32 --steps 15 --warmup 5
 
 # 4. Progressive GAN grown to 256 px (the paper's network), timed in the 256 px stable phase: phases of
 #    1 image put every step after the first at 256 px, alpha 1, so FLOPs are counted at 256 px too.
-#    WGAN-GP, bf16 (the reference's faster row), batch 16 and 64 (64 did not fit the reference in
-#    80 GB; out of memory is recorded as a row): baseline and all switches
+#    WGAN-GP, bf16, batch 16 and 64: compiled G and D (the gradient penalty runs D eagerly)
 PG="pgan_celebahq1024 data.resolution=256 pgan.fade_images=[1] pgan.stable_images=[1] pgan.batch_sizes=[]"
-bench 90 $PG --batch 16 64 --precision bf16-mixed --steps 8 --warmup 3 --variant "$OLD" --variant "trainer.channels_last=true"
+bench 150 $PG --batch 16 64 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
 
 # 5. The GPU tests (tests/gpu: bf16 against fp32, finite bf16 iterations, one fp16 scaler per network,
-#    device syncs per step as CUDA reports them, the switches against the plain path; ~50 s)
-left=$((BUDGET - SECONDS)); [ "$left" -gt 100 ] && left=100
-if [ "$left" -ge 25 ]; then
-  echo "=== pytest -m gpu tests/gpu (limit ${left}s, at ${SECONDS}s)" | tee -a "$LOG"
-  timeout "$left" python3 -m pytest -q -p no:cacheprovider -rA -m gpu tests/gpu 2>&1 | tail -40 | tee -a "$LOG"
+#    device syncs per step as CUDA reports them, the switches against the plain path)
+limit=$(limit_for 100)
+if [ "$limit" -gt 0 ]; then
+  echo "=== pytest -m gpu tests/gpu (limit ${limit}s, at ${SECONDS}s)" | tee -a "$LOG"
+  timeout -k 10 "$limit" python3 -m pytest -q -p no:cacheprovider -rA -m gpu tests/gpu > "$OUT/gpu_tests.log" 2>&1
+  grep -E "^(PASSED|FAILED|ERROR)|passed|failed|skipped|^E " "$OUT/gpu_tests.log" | tail -30 | tee -a "$LOG"
 else
   echo "=== SKIPPED (budget of ${BUDGET}s spent): tests/gpu" | tee -a "$LOG"
 fi
 
-# 6. Glow with torch.compile mode reduce-overhead (CUDA graphs), batch 64 then 256: what is left
-bench 240 glow_cifar10 --batch 64 256 --precision 32 --steps 15 --warmup 5 --variant "trainer.compile=reduce-overhead"
+# 6. Eager rows measured at f2ef648, if time is left: Glow baseline, +cuDNN autotuning, +channels_last;
+#    PGAN baseline and all eager switches
+OLDF="trainer.compile=off trainer.cudnn_benchmark=false flow.optimizer_impl=foreach"
+bench 70 glow_cifar10 --batch 64 256 --precision 32 --steps 12 --warmup 3 \
+  --variant "$OLDF" --variant "trainer.compile=off flow.optimizer_impl=foreach" --variant "trainer.compile=off trainer.channels_last=true"
+bench 70 $PG --batch 16 64 --precision bf16-mixed --steps 8 --warmup 3 --variant "$OLD" --variant "trainer.channels_last=true"
 echo "=== done at ${SECONDS}s ($(date +%T))" | tee -a "$LOG"

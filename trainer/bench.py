@@ -132,6 +132,7 @@ class BenchTimer(L.Callback):
         self.times: List[float] = []
         self.images: List[int] = []
         self.peak_bytes = 0
+        self.reserved_bytes = 0  # the allocator's pool: CUDA graphs' memory is reserved once, before timing
         self._flop_mode = None
         self.device: Optional[torch.device] = None  # read during training: fit moves the module back to the CPU
         self._t = None
@@ -173,6 +174,7 @@ class BenchTimer(L.Callback):
             if it == first + self.steps:
                 if module.device.type == "cuda":
                     self.peak_bytes = torch.cuda.max_memory_allocated(module.device)
+                    self.reserved_bytes = torch.cuda.max_memory_reserved(module.device)
                 trainer.should_stop = True
 
 
@@ -238,6 +240,7 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
         "s_per_iter_p90": _quantile(timer.times, 0.9), "images_per_s": per_iter / med,
         "flops_per_iter": timer.flops, "tflops_per_s": timer.flops / med / 1e12,
         "peak_mem_gb": timer.peak_bytes / 2 ** 30 if timer.peak_bytes else None,
+        "peak_reserved_gb": timer.reserved_bytes / 2 ** 30 if timer.reserved_bytes else None,
         "overrides": list(overrides or []),
     }
 
@@ -255,6 +258,8 @@ def _timing_table(rows: List[dict]) -> str:
     lines = [head, "|" + "---|" * 13]
     for r in rows:
         mem = f"{r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] else "n/a"
+        if r.get("peak_reserved_gb"):
+            mem += f" ({r['peak_reserved_gb']:.1f} reserved)"
         strat = r["strategy"] + (f" ZeRO-{r['zero_stage']}" if r["zero_stage"] is not None else "")
         lines.append(f"| {r['experiment']} | {r['device']} | {r['precision']} | {r['batch']} | {strat} | "
                      f"{r.get('compile_mode', 'default') if r['compile'] else 'no'} | "

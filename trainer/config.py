@@ -454,13 +454,36 @@ def load_config(experiment: Optional[str] = None, overrides: Optional[List[str]]
     layers = [("saved run config", OmegaConf.create(base))] if base is not None else []
     if base is None:
         layers += _load_experiment(experiment or DEFAULT_EXPERIMENT)
-    layers += _parse_overrides(overrides or [])
-    for source, layer in layers:
+    command_line = _parse_overrides(overrides or [])
+    for source, layer in layers + command_line:
         cfg = _merge_layer(cfg, layer, source)
+    _undo_yaml_booleans(cfg)
+    _deepspeed_overrules_experiment_speed_switches(cfg, [layer for _, layer in command_line])
     validate(cfg)
     OmegaConf.set_readonly(cfg, False)
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def _undo_yaml_booleans(cfg: DictConfig) -> None:
+    """YAML 1.1 reads off/no/false as False (and on/yes/true as True), which a string field stores as
+    'False': trainer.compile=off would then be refused. Restore the word for choices that have it."""
+    for key, choices in CHOICES.items():
+        val = str(OmegaConf.select(cfg, key))
+        if val in ("False", "True") and "off" in choices:
+            OmegaConf.update(cfg, key, "off" if val == "False" else "on")
+
+
+def _deepspeed_overrules_experiment_speed_switches(cfg: DictConfig, command_line: List[DictConfig]) -> None:
+    """The GPU experiments ship with trainer.compile and trainer.channels_last on, which DeepSpeed's
+    engines do not survive. Under trainer.strategy=deepspeed the experiment's values give way to the
+    defaults, so `genscale train biggan_imagenet128 trainer.strategy=deepspeed` just works; the same
+    switches asked for on the command line are still refused (_validate_deepspeed)."""
+    if cfg.trainer.strategy != "deepspeed":
+        return
+    for key, off in (("trainer.compile", "off"), ("trainer.channels_last", False)):
+        if not any(OmegaConf.select(layer, key, default=None) is not None for layer in command_line):
+            OmegaConf.update(cfg, key, off)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -508,8 +531,9 @@ def _validate_deepspeed(cfg: DictConfig) -> None:
         if on:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} with trainer.strategy=deepspeed: DeepSpeed's "
                               "engines flatten the weights into their own buffers and wrap the networks, which "
-                              f"channels_last weights and compiled modules do not survive. Leave {key} at its "
-                              "default, or use trainer.strategy=auto/gan_ddp.")
+                              f"channels_last weights and compiled modules do not survive. Add {key}="
+                              f"{'false' if key.endswith('channels_last') else 'off'} to the command, or use "
+                              "trainer.strategy=auto/gan_ddp.")
     if not is_flow(cfg) and cfg.model.name == "pgan":
         raise ConfigError("model.name=pgan with trainer.strategy=deepspeed: growing adds layers and resets the "
                           "optimisers, which DeepSpeed's engines (built once, with their own optimiser state) do not "

@@ -21,6 +21,9 @@ FLOW_SHRINK = ["flow.levels=2", "flow.steps=1", "flow.hidden=8", "data.resolutio
 # Experiments on data that is not built in (shards written from CIFAR-10, ImageNet, CelebA-HQ) train
 # here on the built-in digits instead; they still load and validate as shipped (test below).
 BUILTIN_DATA = ["data.name=digits", "data.path=''", "data.hflip=false"]
+# The GPU experiments ship with torch.compile on; compiling each on a 2-core CPU would cost minutes, and
+# compile is tested against the eager path in test_speed_switches.py.
+NO_COMPILE = ["trainer.compile=off"]
 
 
 # BigGAN has no 16 px architecture: its smallest (32 px), with ch 4 (16-64 channels).
@@ -35,7 +38,7 @@ def shrink(experiment: str) -> list:
     cfg = load_config(experiment)
     extra = (FLOW_SHRINK if is_flow(cfg) else BIGGAN_SHRINK if cfg.model.name == "biggan"
              else PGAN_SHRINK if cfg.model.name == "pgan" else GAN_SHRINK)
-    return extra + (BUILTIN_DATA if cfg.data.name not in ("mnist5k", "digits") else [])
+    return extra + NO_COMPILE + (BUILTIN_DATA if cfg.data.name not in ("mnist5k", "digits") else [])
 
 
 @pytest.mark.parametrize("experiment", list_experiments())

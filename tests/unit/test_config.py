@@ -315,3 +315,23 @@ def test_deepspeed_refuses_what_its_engines_cannot_follow(experiment, overrides,
     with pytest.raises(ConfigError, match=message):
         load_config(experiment, ["trainer.strategy=deepspeed", *overrides])
     load_config("wgan_mnist5k", ["trainer.strategy=deepspeed", "trainer.zero_stage=0"])  # stage 0 fp32 clips fine
+
+
+def test_experiment_speed_switches_give_way_to_deepspeed_but_command_line_ones_are_refused():
+    shipped = load_config("biggan_imagenet128")
+    assert shipped.trainer.compile == "default" and shipped.trainer.channels_last is True
+    ds = load_config("biggan_imagenet128", ["trainer.strategy=deepspeed"])
+    assert ds.trainer.compile == "off" and ds.trainer.channels_last is False
+    assert load_config("glow_cifar10", ["trainer.strategy=deepspeed"]).trainer.compile == "off"
+    with pytest.raises(ConfigError, match="Add trainer.compile=off to the command"):
+        load_config("biggan_imagenet128", ["trainer.strategy=deepspeed", "trainer.compile=default"])
+    with pytest.raises(ConfigError, match="Add trainer.channels_last=false"):
+        load_config("gan_digits", ["trainer.strategy=deepspeed", "trainer.channels_last=true"])
+
+
+@pytest.mark.parametrize("word", ["off", "false", "no"])
+def test_compile_off_survives_yaml_reading_it_as_a_boolean(word, tmp_path):
+    assert load_config("biggan_imagenet128", [f"trainer.compile={word}"]).trainer.compile == "off"
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"extends: glow_cifar10\ntrainer:\n  compile: {word}\n")
+    assert load_config(str(exp)).trainer.compile == "off"
