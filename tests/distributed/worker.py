@@ -85,7 +85,8 @@ def main() -> None:
     torch.save({k: v.detach().cpu().clone() for k, v in run.module.state_dict().items()}, out / f"rank{rank}.pt")
     (out / f"rank{rank}.json").write_text(json.dumps({
         "run_dir": str(run.run_dir), "world_size": run.trainer.world_size, "iteration": int(run.module.iteration),
-        "strategy": type(run.trainer.strategy).__name__, "nonfinite": int(run.module.nonfinite_total)}))
+        "strategy": type(run.trainer.strategy).__name__, "nonfinite": int(run.module.nonfinite_total),
+        "compiled": sorted(getattr(run.module, "_compiled", None) or {})}))
 
 
 if __name__ == "__main__":
