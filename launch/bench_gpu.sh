@@ -63,6 +63,9 @@ bench 200 $BIG --steps 8 --warmup 4
 # 3. Glow CIFAR-10 (K=32, L=3, width 512, affine, LU, Adamax: no fused kernel) fp32 as shipped: CUDA graphs
 #    (compile reduce-overhead), batch 256 first (not measured at f2ef648), then 64
 bench 200 glow_cifar10 --batch 256 64 --precision 32 --steps 15 --warmup 5
+# 3b. ... and in bf16-mixed: eager bf16 was slower than fp32 (launch-bound, 68d3004); with the launches
+#     gone into graphs, the convolutions' precision may matter
+bench 150 glow_cifar10 --batch 64 --precision bf16-mixed --steps 15 --warmup 5
 
 # 4. Progressive GAN grown to 256 px (the paper's network), timed in the 256 px stable phase: phases of
 #    1 image put every step after the first at 256 px, alpha 1, so FLOPs are counted at 256 px too.
