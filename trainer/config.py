@@ -466,12 +466,11 @@ def load_config(experiment: Optional[str] = None, overrides: Optional[List[str]]
 
 
 def _undo_yaml_booleans(cfg: DictConfig) -> None:
-    """YAML 1.1 reads off/no/false as False (and on/yes/true as True), which a string field stores as
-    'False': trainer.compile=off would then be refused. Restore the word for choices that have it."""
+    """YAML 1.1 reads off/no/false as False, which a string field stores as 'False': trainer.compile=off
+    would then be refused. Restore the word for choices that have it."""
     for key, choices in CHOICES.items():
-        val = str(OmegaConf.select(cfg, key))
-        if val in ("False", "True") and "off" in choices:
-            OmegaConf.update(cfg, key, "off" if val == "False" else "on")
+        if "off" in choices and str(OmegaConf.select(cfg, key)) == "False":
+            OmegaConf.update(cfg, key, "off")
 
 
 def _deepspeed_overrules_experiment_speed_switches(cfg: DictConfig, command_line: List[DictConfig]) -> None:
