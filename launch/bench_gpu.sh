@@ -10,7 +10,7 @@
 # allowance that also pays for the machine's start). Each command runs under its own limit, cut to what
 # is left of the budget; a command with under 25 s left is skipped and says so. Output goes to files,
 # not pipes: a timed-out compile leaves inductor's worker processes behind, and they held a pipe open
-# until the device call's own limit (run of f2ef648). Measured on an H100 at f2ef648 (BENCHMARKS.md):
+# until the device call's own limit (run of f2ef648). Times on an H100 at f2ef648 (BENCHMARKS.md):
 # BigGAN eager, 4 variants: 92 s; BigGAN compiled: 154 s; Glow eager, 6 rows: 64 s; PGAN eager, 4
 # rows: 67 s; tests/gpu: 51 s; Glow reduce-overhead at batch 64: under 185 s (batch 256 did not finish).
 #
@@ -51,30 +51,13 @@ python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightnin
 EAGER="trainer.compile=off trainer.channels_last=false"   # biggan_imagenet128 ships with both on
 OLD="$EAGER trainer.cudnn_benchmark=false optim.g.impl=foreach optim.d.impl=foreach"   # before the switches
 FOREACH="$EAGER optim.g.impl=foreach optim.d.impl=foreach"
-
-# 1. BigGAN-128 ch96 bf16 batch 256 (1 D + 1 G step), eager: baseline, +cuDNN autotuning,
-#    +channels_last, +fused Adam (impl auto = fused on CUDA), in one process
 BIG="biggan_imagenet128 data.batch_size=256 optim.accumulate=1 model.num_classes=1000"
-bench 150 $BIG --steps 8 --warmup 2 --variant "$OLD" --variant "$FOREACH" \
-  --variant "$FOREACH trainer.channels_last=true" --variant "$EAGER trainer.channels_last=true"
-# 2. ... as shipped: all of the above and torch.compile of G and D
-bench 200 $BIG --steps 8 --warmup 4
-
-# 3. Glow CIFAR-10 (K=32, L=3, width 512, affine, LU, Adamax: no fused kernel) fp32 as shipped: CUDA graphs
-#    (compile reduce-overhead), batch 256 first (not measured at f2ef648), then 64
-bench 200 glow_cifar10 --batch 256 64 --precision 32 --steps 15 --warmup 5
-# 3b. ... and in bf16-mixed: eager bf16 was slower than fp32 (launch-bound, 68d3004); with the launches
-#     gone into graphs, the convolutions' precision may matter
-bench 150 glow_cifar10 --batch 64 --precision bf16-mixed --steps 15 --warmup 5
-
-# 4. Progressive GAN grown to 256 px (the paper's network), timed in the 256 px stable phase: phases of
-#    1 image put every step after the first at 256 px, alpha 1, so FLOPs are counted at 256 px too.
-#    WGAN-GP, bf16, batch 16 and 64: compiled G and D (the gradient penalty runs D eagerly)
 PG="pgan_celebahq1024 data.resolution=256 pgan.fade_images=[1] pgan.stable_images=[1] pgan.batch_sizes=[]"
-bench 150 $PG --batch 16 64 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
+# In priority order: what f2ef648's run left unknown first (the rows it measured are in BENCHMARKS.md).
 
-# 5. The GPU tests (tests/gpu: bf16 against fp32, finite bf16 iterations, one fp16 scaler per network,
-#    device syncs per step as CUDA reports them, the switches against the plain path)
+# 1. The GPU tests (tests/gpu: bf16 against fp32, finite bf16 iterations, one fp16 scaler per network,
+#    device syncs per step as CUDA reports them, the switches against the plain path; 45 s at f2ef648,
+#    when the gan_digits sync count failed with its text lost)
 limit=$(limit_for 100)
 if [ "$limit" -gt 0 ]; then
   echo "=== pytest -m gpu tests/gpu (limit ${limit}s, at ${SECONDS}s)" | tee -a "$LOG"
@@ -84,10 +67,24 @@ else
   echo "=== SKIPPED (budget of ${BUDGET}s spent): tests/gpu" | tee -a "$LOG"
 fi
 
-# 6. Eager rows measured at f2ef648, if time is left: Glow baseline, +cuDNN autotuning, +channels_last;
-#    PGAN baseline and all eager switches
-OLDF="trainer.compile=off trainer.cudnn_benchmark=false flow.optimizer_impl=foreach"
-bench 70 glow_cifar10 --batch 64 256 --precision 32 --steps 12 --warmup 3 \
-  --variant "$OLDF" --variant "trainer.compile=off flow.optimizer_impl=foreach" --variant "trainer.compile=off trainer.channels_last=true"
-bench 70 $PG --batch 16 64 --precision bf16-mixed --steps 8 --warmup 3 --variant "$OLD" --variant "trainer.channels_last=true"
+# 2. Glow CIFAR-10 (K=32, L=3, width 512, affine, LU, Adamax: no fused kernel) fp32 as shipped, with CUDA
+#    graphs (compile reduce-overhead), at batch 256 (batch 64: 815 img/s at f2ef648)
+bench 150 glow_cifar10 --batch 256 --precision 32 --steps 15 --warmup 5
+
+# 3. Progressive GAN grown to 256 px (the paper's network), timed in the 256 px stable phase: phases of
+#    1 image put every step after the first at 256 px, alpha 1, so FLOPs are counted at 256 px too.
+#    WGAN-GP, bf16, batch 16: compiled G and D (the gradient penalty runs D eagerly)
+bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
+
+# 4. BigGAN-128 ch96 bf16 batch 256 (1 D + 1 G step), eager: baseline and cuDNN autotuning alone (the
+#    row that ran out of memory at f2ef648, so its +10% with channels_last was not split)
+bench 90 $BIG --steps 8 --warmup 2 --variant "$OLD" --variant "$FOREACH"
+
+# 5. Glow with CUDA graphs in bf16-mixed: eager bf16 was slower than fp32 (launch-bound, 68d3004); with
+#    the launches gone into graphs, the convolutions' precision may matter
+bench 150 glow_cifar10 --batch 64 --precision bf16-mixed --steps 15 --warmup 5
+
+# 6. If time is left: PGAN compiled at batch 64; BigGAN as shipped (compiled, channels_last: 737 img/s)
+bench 120 $PG --batch 64 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
+bench 200 $BIG --steps 8 --warmup 4
 echo "=== done at ${SECONDS}s ($(date +%T))" | tee -a "$LOG"
