@@ -253,9 +253,10 @@ def _bench_parser(sp) -> None:
     t.add_argument("--warmup", type=int, default=5, help="untimed iterations after the FLOP-count iteration")
     t.add_argument("--precision", nargs="+", default=None, choices=["32", "bf16-mixed", "16-mixed"],
                    help="precision(s) to measure (default: the config's)")
-    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the networks (G and D, or the flow) after the FLOP count, in the mode "
-                        "trainer.compile names (default when it is off)")
+                        "trainer.compile names (default when it is off); --no-compile times them eagerly. "
+                        "Neither: as the experiment ships (biggan_imagenet128 and glow_cifar10 compile)")
     t.add_argument("--variant", action="append", default=None, metavar="'KEY=VALUE ...'",
                    help="extra overrides measured as one more row in the same process (repeatable; '' is the "
                         "overrides alone): switches on and off on the same card, without a process start each")

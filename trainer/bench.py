@@ -190,7 +190,7 @@ def _quantile(xs: List[float], q: float) -> float:
 
 
 def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batch: Optional[int] = None,
-                    steps: int = 20, warmup: int = 5, precision: Optional[str] = None, compile_nets: bool = False,
+                    steps: int = 20, warmup: int = 5, precision: Optional[str] = None, compile_nets: Optional[bool] = None,
                     log: Callable[[str], None] = lambda m: None) -> dict:
     ov = list(overrides or [])
     if batch is not None:
@@ -202,7 +202,9 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
     channels, classes = data_shape(cfg)
     module = build_module(cfg, channels=channels, num_classes=classes)
     t = cfg.trainer
-    compile_mode = str(t.compile) if t.compile != "off" else ("default" if compile_nets else "off")
+    # compile_nets None: as configured; True: compile (in the configured mode, default if off); False: eager
+    compile_mode = "off" if compile_nets is False else (
+        str(t.compile) if t.compile != "off" else ("default" if compile_nets else "off"))
     module.cfg["trainer"]["compile"] = "off"  # compiled by the timer after the eager FLOP count instead
     timer = BenchTimer(warmup, steps, compile_mode, log)
     callbacks: list = [timer]

@@ -179,6 +179,15 @@ def test_bench_rows_record_the_switches(tmp_path):
     assert "| no | yes | fused/foreach |" in format_table([row])
 
 
+def test_bench_no_compile_times_an_experiment_that_ships_compiled_eagerly(tmp_path):
+    from trainer.bench import run_train_bench
+
+    row = run_train_bench("gan_digits", [f"logging.root={tmp_path}", "trainer.accelerator=cpu", "model.g_width=8",
+                                         "model.d_width=8", "trainer.compile=reduce-overhead"],
+                          batch=8, steps=1, warmup=0, compile_nets=False)
+    assert row["compile"] is False and row["compile_mode"] == "off"
+
+
 def test_bench_variants_measure_each_switch_in_one_process_and_free_the_module(tmp_path, monkeypatch):
     """Two variants in one process: rows in order, each with its switch recorded, and the first run's
     module is gone before the second starts (on a GPU it would hold tens of GB)."""
