@@ -18,12 +18,13 @@ bench() {  # bench LIMIT_S ARGS...: one measurement, cut off at LIMIT_S seconds
 }
 nvidia-smi -L; python3 -c "import torch, deepspeed, lightning; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'lightning', lightning.__version__)"
 
-BIG="biggan_imagenet128 data.batch_size=256 optim.accumulate=1 model.num_classes=1000"
+# The experiments as they were then: eager, NCHW (biggan_imagenet128 and glow_cifar10 now ship compiled)
+BIG="biggan_imagenet128 data.batch_size=256 optim.accumulate=1 model.num_classes=1000 trainer.compile=off trainer.channels_last=false"
 # 1. BigGAN-128 ch96 batch 256 bf16: Lightning single device, then our DeepSpeed engines, ZeRO 0/1/2
 bench 90 $BIG --steps 10 --warmup 3
 for z in 0 1 2; do bench 90 $BIG trainer.strategy=deepspeed trainer.zero_stage=$z --steps 10 --warmup 3; done
 # 2. Glow CIFAR-10 (K=32, L=3, width 512, affine, LU) at batch 64 and 256, fp32 and bf16
-for b in 64 256; do bench 75 glow_cifar10 --batch $b --precision 32 bf16-mixed --steps 15 --warmup 3; done
+for b in 64 256; do bench 75 glow_cifar10 trainer.compile=off --batch $b --precision 32 bf16-mixed --steps 15 --warmup 3; done
 # 3. WGAN-GP DCGAN at 64 px (width 64), fp32 and bf16
 bench 60 wgan_gp_mnist5k data.resolution=64 model.g_width=64 model.d_width=64 --batch 64 --precision 32 bf16-mixed --steps 20 --warmup 3
 # 4. DeepSpeed fp16 engines (one dynamic loss scaler per network) on BigGAN-128
