@@ -87,4 +87,6 @@ bench 150 glow_cifar10 --batch 64 --precision bf16-mixed --steps 15 --warmup 5
 # 6. If time is left: PGAN compiled at batch 64; BigGAN as shipped (compiled, channels_last: 737 img/s)
 bench 120 $PG --batch 64 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
 bench 200 $BIG --steps 8 --warmup 4
+# 7. The largest BigGAN-128 batch per GPU, eager (47.5 GB at 256): a batch that does not fit is a row
+bench 90 $BIG --batch 384 512 --steps 4 --warmup 2 --variant "$EAGER"
 echo "=== done at ${SECONDS}s ($(date +%T))" | tee -a "$LOG"
