@@ -6,6 +6,7 @@ is chosen in the config, so `genscale bench train` can measure it on and off on 
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -126,4 +127,9 @@ class SpeedSwitches:
         super().on_train_start()
         if self.channels_last_on:  # optimiser state restored from a checkpoint arrives NCHW
             apply_channels_last_to_optimizers(self.trainer.optimizers)
-        self.compile_networks(self.cfg["trainer"].get("compile", "off"))
+        mode = self.cfg["trainer"].get("compile", "off")
+        if mode != "off" and getattr(self, "global_rank", 0) == 0:
+            # Otherwise a shipped experiment that compiles looks hung for its first minutes.
+            print(f"genscale: torch.compile (mode {mode}) of {', '.join(self.train_nets())}: the first iterations "
+                  "compile, minutes for large networks; trainer.compile=off trains eagerly", file=sys.stderr, flush=True)
+        self.compile_networks(mode)

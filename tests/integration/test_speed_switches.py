@@ -109,12 +109,13 @@ def test_compile_with_gradient_penalty_trains_like_eager(tmp_path):
     _assert_close_weights(eager, compiled, atol=1e-4)
 
 
-def test_compile_glow_gives_eager_log_density_and_gradients(tmp_path):
+def test_compile_glow_gives_eager_log_density_and_gradients(tmp_path, capsys):
     """After real compiled training steps, the compiled flow's log p(x) and gradients on a fresh batch
     equal the eager flow's on the same weights. (Weights after several Adam steps are no test here:
     Adam moves a parameter with a near-zero gradient by ~lr whatever its sign, so rounding-level
     gradient differences become lr-sized weight differences in the first steps.)"""
     run = _run(tmp_path, "glow_digits", "compiled", *GLOW, "trainer.compile=default")
+    assert "torch.compile (mode default) of glow: the first iterations compile" in capsys.readouterr().err
     m = run.module
     assert set(m._compiled) == {"glow"} and m.it == 4
     x = m.prep(torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8), torch.Generator().manual_seed(1))
