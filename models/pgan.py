@@ -13,7 +13,7 @@ Feature maps at stage s (resolution 2^(s+1)) are min(fmap_base / 2^s, fmap_max),
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -90,9 +90,19 @@ def _lrelu(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x, 0.2)
 
 
-def _fade(old: torch.Tensor, new: torch.Tensor, alpha: float) -> torch.Tensor:
-    # old + alpha * (new - old) is exactly old at alpha = 0; alpha >= 1 skips the blend (exactly new)
-    return new if alpha >= 1.0 else old + alpha * (new - old)
+Alpha = Union[float, torch.Tensor]
+
+
+def fading(alpha: Alpha) -> bool:
+    """Whether the new block is still blended in. A float alpha >= 1 means faded in (exactly the new
+    path). A tensor alpha (0-dim, what training passes during a fade-in) always blends: torch.compile
+    then keeps one graph per (level, fade) instead of specialising on each step's float value."""
+    return torch.is_tensor(alpha) or alpha < 1.0
+
+
+def _fade(old: torch.Tensor, new: torch.Tensor, alpha: Alpha) -> torch.Tensor:
+    # old + alpha * (new - old) is exactly old at alpha = 0; a faded-in block skips the blend (exactly new)
+    return old + alpha * (new - old) if fading(alpha) else new
 
 
 class PGANGenerator(nn.Module):
@@ -127,8 +137,9 @@ class PGANGenerator(nn.Module):
             h = pixel_norm(_lrelu(conv(h)))
         return h
 
-    def forward(self, z: torch.Tensor, level: Optional[int] = None, alpha: float = 1.0) -> torch.Tensor:
-        """Images at resolution start * 2^level (default: the final one, fully faded in)."""
+    def forward(self, z: torch.Tensor, level: Optional[int] = None, alpha: Alpha = 1.0) -> torch.Tensor:
+        """Images at resolution start * 2^level (default: the final one, fully faded in); ``alpha`` a float
+        or a 0-dim tensor (see ``fading``)."""
         level = self.levels - 1 if level is None else int(level)
         h = self._base(z)
         for i in range(1, level):
@@ -136,7 +147,7 @@ class PGANGenerator(nn.Module):
         if level == 0:
             return self.to_rgb[0](h)
         new = self.to_rgb[level](self._block(level, h))
-        if alpha >= 1.0:
+        if not fading(alpha):
             return new
         return _fade(F.interpolate(self.to_rgb[level - 1](h), scale_factor=2, mode="nearest"), new, alpha)
 
@@ -170,13 +181,14 @@ class PGANDiscriminator(nn.Module):
         h = _lrelu(self.conv_top(minibatch_stddev(h, self.group)))
         return self.dense2(_lrelu(self.dense1(h.flatten(1)))).squeeze(1)
 
-    def forward(self, x: torch.Tensor, level: Optional[int] = None, alpha: float = 1.0) -> torch.Tensor:
-        """Critic scores (N,) of images at resolution start * 2^level (default: the final one)."""
+    def forward(self, x: torch.Tensor, level: Optional[int] = None, alpha: Alpha = 1.0) -> torch.Tensor:
+        """Critic scores (N,) of images at resolution start * 2^level (default: the final one); ``alpha``
+        a float or a 0-dim tensor (see ``fading``)."""
         level = self.levels - 1 if level is None else int(level)
         h = _lrelu(self.from_rgb[level](x))
         if level > 0:
             h = self._block(level, h)
-            if alpha < 1.0:
+            if fading(alpha):
                 h = _fade(_lrelu(self.from_rgb[level - 1](F.avg_pool2d(x, 2))), h, alpha)
         for i in range(level - 1, 0, -1):
             h = self._block(i, h)

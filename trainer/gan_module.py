@@ -244,14 +244,20 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
             return None
         return torch.randint(self.num_classes, (n,), device=self.device, generator=gen)
 
-    def _g(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        G = self.fast("G")
-        return G(z) if y is None else G(z, y)
+    def net_args(self) -> tuple:
+        """What G and D take after their input (and label) in this step: nothing; PGAN: level, alpha.
+        Passed as arguments, so a compiled network or penalty sees them as inputs, not as module state."""
+        return ()
 
-    def _d(self, x: torch.Tensor, y: Optional[torch.Tensor], eager: bool = False) -> torch.Tensor:
-        """D's scores; ``eager`` for the gradient penalty, whose double backward compiled graphs lack."""
-        D = self.D if eager else self.fast("D")
-        return D(x) if y is None else D(x, y)
+    @staticmethod
+    def _call(net, x: torch.Tensor, y: Optional[torch.Tensor], args: tuple) -> torch.Tensor:
+        return net(x, *args) if y is None else net(x, y, *args)
+
+    def _g(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        return self._call(self.fast("G"), z, y, self.net_args())
+
+    def _d(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        return self._call(self.fast("D"), x, y, self.net_args())
 
     def _d_real_fake(self, r: torch.Tensor, fake: torch.Tensor, y_real: Optional[torch.Tensor],
                      y_fake: Optional[torch.Tensor]):
@@ -260,6 +266,17 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
         # One D call on real and fake together: BN/spectral-norm buffers update once.
         scores = self._d(torch.cat([r, fake.to(r.dtype)]), y).float()
         return scores[: r.shape[0]], scores[r.shape[0]:]
+
+    def gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor,
+                         y: Optional[torch.Tensor], dtype: torch.dtype, *args) -> torch.Tensor:
+        """WGAN-GP's penalty on D at the mixes of ``real`` and ``fake`` (``args``: ``net_args()``). It
+        differentiates the plain D twice; under trainer.compile it is one graph of its own (D's forward,
+        its input gradient and the norm), whose backward is the double backward (a compiled D's
+        backward cannot be differentiated again)."""
+        return gradient_penalty(lambda x: self._call(self.D, x, y, args), real, fake, eps, dtype)
+
+    def compiled_methods(self) -> dict:
+        return {"gradient_penalty": self.gradient_penalty} if self.loss.uses_gp else {}
 
     def _ortho_penalty(self, last: bool) -> torch.Tensor:
         """loss.ortho_reg's term, once per G step (on its last micro-batch), 0 elsewhere."""
@@ -294,8 +311,8 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
                 loss = self.loss.d(s_real, s_fake)
                 if self.loss.uses_gp:
                     eps = self.sample_mix(r.shape[0], gen)
-                    critic = lambda x: self._d(x, y_real[k], eager=True)  # noqa: E731
-                    gp = gradient_penalty(critic, r, fake, eps, self._param_dtype(self.D))
+                    gp = self.fast("gradient_penalty")(r, fake, eps, y_real[k], self._param_dtype(self.D),
+                                                       *self.net_args())
                     loss = loss + c["gp_weight"] * gp
                     stats["d/gp"] += gp.detach() / accum
                 if c["drift"] > 0:

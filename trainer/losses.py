@@ -68,12 +68,18 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
     low-precision gradients is the usual source of NaNs in WGAN-GP under AMP, so the norm is
     always taken in fp32. ``eps`` has shape (N,) and is drawn by the caller so that its random
     stream is owned (and checkpointed) by the training module.
+
+    The input gradient comes from torch.func.vjp rather than autograd.grad(create_graph=True): the
+    same operations (equal results, tests/unit/test_losses.py), but traceable, so torch.compile takes
+    the critic's forward, its input gradient and the norm into one graph whose backward is the
+    penalty's double backward (autograd.grad breaks the graph, and a compiled graph's backward cannot
+    be differentiated again).
     """
     with torch.autocast(device_type=real.device.type, enabled=False):
         e = eps.float().view(-1, *([1] * (real.dim() - 1)))
-        x_hat = (e * real.float() + (1 - e) * fake.detach().float()).to(dtype).requires_grad_(True)
-        out = critic(x_hat).float()
-        (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
+        x_hat = (e * real.float() + (1 - e) * fake.detach().float()).to(dtype)
+        out, vjp = torch.func.vjp(lambda x: critic(x).float(), x_hat)
+        (grad,) = vjp(torch.ones_like(out))  # d sum(out) / d x_hat, as autograd.grad(out.sum(), x_hat)
         norm = grad.float().flatten(1).norm(2, dim=1)
         return ((norm - 1.0) ** 2).mean()
 

@@ -39,6 +39,7 @@ class PGANModule(GANModule):
         self.schedule = schedule_from_config(cfg)
         self.phase: Phase = self.schedule.at(0)
         self.grown_from: Optional[int] = None  # set for one step when the level changes (the grid callback)
+        self._alpha: Optional[tuple] = None  # (alpha, the same as a device tensor): net_args' cache
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """After weights and counters are loaded (resume, sample, eval), the phase follows the restored
@@ -48,9 +49,10 @@ class PGANModule(GANModule):
         return out
 
     def compile_networks(self, mode: str) -> None:
-        """G and D take the level (it drives their Python loops) and the fade-in branch, so torch.compile
-        traces one graph per (level, fading) pair; dynamo's default of 8 per function would send the later
-        levels back to eager without a word. Room for every pair, both directions."""
+        """G and D (and the gradient penalty through D) take the level (it drives their Python loops) and
+        the fade-in branch, so torch.compile traces one graph per (level, fading) pair; dynamo's default
+        of 8 per function would send the later levels back to eager without a word. Room for every
+        pair, both directions."""
         if mode != "off":
             import torch._dynamo.config as dynamo_config
 
@@ -85,11 +87,17 @@ class PGANModule(GANModule):
     def _prep(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return fade_reals(super()._prep(images, gen), self.phase.resolution, self.phase.alpha)
 
-    def _g(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.fast("G")(z, self.phase.level, self.phase.alpha)
-
-    def _d(self, x: torch.Tensor, y: Optional[torch.Tensor], eager: bool = False) -> torch.Tensor:
-        return (self.D if eager else self.fast("D"))(x, self.phase.level, self.phase.alpha)
+    def net_args(self) -> tuple:
+        """(level, alpha) of the step. While a block fades in, alpha goes in as a 0-dim tensor on the
+        device, so torch.compile keeps one graph per (level, fade). As a float (measured on CPU with
+        inductor) the penalty recompiled at every fade-in step and G at every step of the second
+        fade-in, until dynamo's limit sent them back to eager (tests/unit/test_graph_breaks.py)."""
+        p = self.phase
+        if p.phase != FADE:
+            return (p.level,)  # alpha: the networks' default 1.0, a constant to torch.compile
+        if self._alpha is None or self._alpha[0] != p.alpha or self._alpha[1].device != self.device:
+            self._alpha = (p.alpha, torch.full((), p.alpha, device=self.device))  # once per step, not per call
+        return p.level, self._alpha[1]
 
     def _d_real_fake(self, r, fake, y_real, y_fake):
         # Two D calls: the minibatch-stddev groups must not mix reals and fakes (D has no BN buffers).

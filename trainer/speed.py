@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -62,14 +62,18 @@ def match_state_layout(opt: torch.optim.Optimizer) -> None:
                     state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
-def compile_modules(nets: Dict[str, nn.Module], mode: str) -> Dict[str, nn.Module]:
-    """torch.compile wrappers of ``nets`` (same parameters and buffers). They are kept outside the
-    module tree, so state_dict keys and checkpoints do not change; ``{}`` for mode off."""
+def compile_modules(nets: Dict[str, Callable], mode: str) -> Dict[str, Callable]:
+    """torch.compile wrappers of ``nets`` (modules, or methods that call them; same parameters and
+    buffers). They are kept outside the module tree, so state_dict keys and checkpoints do not change;
+    ``{}`` for mode off."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"Unknown trainer.compile mode '{mode}'. Valid: {', '.join(COMPILE_MODES)}.")
     if mode == "off":
         return {}
-    kw = {} if mode == "default" else {"mode": mode}
+    # dynamic=False: a training step's shapes are fixed per phase, so each gets a static graph (the best
+    # kernels, CUDA graphs). Dynamo's automatic dynamic shapes would turn PGAN's next resolution into a
+    # symbolic graph with guards on its input's view base, one more recompile per (level, fade) pair.
+    kw = {"dynamic": False} if mode == "default" else {"mode": mode, "dynamic": False}
     return {name: torch.compile(net, **kw) for name, net in nets.items()}
 
 
@@ -89,11 +93,15 @@ class SpeedSwitches:
     """Mixin for the training modules: applies trainer.channels_last and trainer.compile to the
     networks ``train_nets()`` names (and their EMA copies, ``ema_nets()``)."""
 
-    _compiled: Dict[str, nn.Module]
+    _compiled: Dict[str, Callable]
     cfg: dict
 
     def train_nets(self) -> Dict[str, nn.Module]:
         raise NotImplementedError
+
+    def compiled_methods(self) -> Dict[str, Callable]:
+        """Methods of the step compiled as a whole besides the networks (the GAN's gradient penalty)."""
+        return {}
 
     def ema_nets(self) -> list:
         return []
@@ -102,14 +110,14 @@ class SpeedSwitches:
     def channels_last_on(self) -> bool:
         return bool(self.cfg["trainer"].get("channels_last", False))
 
-    def fast(self, name: str) -> nn.Module:
-        """The network to call in the training step: compiled when trainer.compile is on."""
+    def fast(self, name: str) -> Callable:
+        """The network (or method) to call in the training step: compiled when trainer.compile is on."""
         compiled = getattr(self, "_compiled", None) or {}
         return compiled[name] if name in compiled else getattr(self, name)
 
     def compile_networks(self, mode: str) -> None:
         """Compiles the training networks (also called by `genscale bench train` after its eager FLOP count)."""
-        self._compiled = compile_modules(self.train_nets(), mode)
+        self._compiled = compile_modules({**self.train_nets(), **self.compiled_methods()}, mode)
         self._compile_mode = mode
 
     def new_phase(self) -> None:

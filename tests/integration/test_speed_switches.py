@@ -100,12 +100,13 @@ def test_restored_optimizer_state_takes_the_parameter_layout():
 
 
 def test_compile_with_gradient_penalty_trains_like_eager(tmp_path):
-    """WGAN-GP: D compiled for the scores, eager for the penalty's double backward."""
+    """WGAN-GP: D compiled for the scores, and the penalty compiled as one function (D's forward, its
+    input gradient, the norm) whose backward is the double backward."""
     extra = ["data.name=digits", "data.resolution=16", "model.g_width=8", "model.d_width=8", "model.z_dim=16",
              "data.batch_size=16", "trainer.max_iters=3", "optim.n_critic=1", "trainer.sample_grid=4"]
     eager = _run(tmp_path, "wgan_gp_mnist5k", "eager", *extra)
     compiled = _run(tmp_path, "wgan_gp_mnist5k", "compiled", *extra, "trainer.compile=default")
-    assert set(compiled.module._compiled) == {"G", "D"}
+    assert set(compiled.module._compiled) == {"G", "D", "gradient_penalty"}
     _assert_close_weights(eager, compiled, atol=1e-4)
 
 
@@ -262,8 +263,8 @@ def test_a_variant_out_of_memory_becomes_a_row_and_the_next_still_runs(tmp_path,
 
 
 def test_pgan_compile_leaves_room_for_a_graph_per_level():
-    """PGAN's networks recompile per (level, fade) pair: 9 levels would overrun dynamo's default of 8
-    graphs per function and silently run the later levels eagerly."""
+    """PGAN's networks (and the gradient penalty through D) recompile per (level, fade) pair: 9 levels
+    would overrun dynamo's default of 8 graphs per function and silently run the later levels eagerly."""
     import torch._dynamo.config as dynamo_config
 
     cfg = load_config("pgan_celebahq1024", ["data.resolution=64", "pgan.fmap_base=64", "pgan.fmap_max=8",
@@ -273,7 +274,8 @@ def test_pgan_compile_leaves_room_for_a_graph_per_level():
     try:
         dynamo_config.recompile_limit = 8
         module.compile_networks("default")
-        assert set(module._compiled) == {"G", "D"} and dynamo_config.recompile_limit >= 4 * 5  # 4..64 px
+        assert set(module._compiled) == {"G", "D", "gradient_penalty"}
+        assert dynamo_config.recompile_limit >= 4 * 5  # 4..64 px
     finally:
         dynamo_config.recompile_limit = old
         torch._dynamo.reset()

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.pgan import (EqualizedConv2d, EqualizedLinear, PGANDiscriminator, PGANGenerator, fmaps, mbstd_group,
-                         minibatch_stddev, pixel_norm)
+from models.pgan import (EqualizedConv2d, EqualizedLinear, PGANDiscriminator, PGANGenerator, fading, fmaps,
+                         mbstd_group, minibatch_stddev, pixel_norm)
 from models.registry import build_gan
 
 
@@ -80,6 +80,19 @@ def test_alpha_zero_d_equals_previous_level_of_downsampled_input(level):
     x = torch.randn(8, 3, 4 * 2 ** level, 4 * 2 ** level)
     assert torch.equal(D(x, level, 0.0), D(F.avg_pool2d(x, 2), level - 1, 1.0))
     assert not torch.allclose(D(x, level, 0.5), D(x, level, 0.0))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.999])
+def test_a_tensor_alpha_blends_exactly_as_the_float(alpha):
+    """Training passes alpha as a 0-dim tensor while a block fades in (one compiled graph for the whole
+    fade-in); the outputs are those of the float, bit for bit, at alpha 0 exactly the previous level."""
+    G, D = _nets()
+    z, x = torch.randn(4, 16), torch.randn(8, 3, 16, 16)
+    t = torch.tensor(alpha)
+    assert torch.equal(G(z, 2, t), G(z, 2, alpha)) and torch.equal(D(x, 2, t), D(x, 2, alpha))
+    assert fading(t) and fading(alpha) and not fading(1.0)
+    # a tensor always takes the blend; at 1 it is the new path up to rounding (the float skips the blend)
+    torch.testing.assert_close(G(z, 2, torch.tensor(1.0)), G(z, 2, 1.0), rtol=0, atol=1e-6)
 
 
 def test_builder_defaults_to_final_level_and_ignores_unknown_keys():
