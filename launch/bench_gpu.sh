@@ -53,11 +53,12 @@ OLD="$EAGER trainer.cudnn_benchmark=false optim.g.impl=foreach optim.d.impl=fore
 FOREACH="$EAGER optim.g.impl=foreach optim.d.impl=foreach"
 BIG="biggan_imagenet128 data.batch_size=256 optim.accumulate=1 model.num_classes=1000"
 PG="pgan_celebahq1024 data.resolution=256 pgan.fade_images=[1] pgan.stable_images=[1] pgan.batch_sizes=[]"
-# In priority order: what f2ef648's run left unknown first (the rows it measured are in BENCHMARKS.md).
+# In priority order: what this commit changed and what earlier runs left unknown (measured rows are
+# in BENCHMARKS.md).
 
 # 1. The GPU tests (tests/gpu: bf16 against fp32, finite bf16 iterations, one fp16 scaler per network,
-#    device syncs per step as CUDA reports them, the switches against the plain path; 45 s at f2ef648,
-#    when the gan_digits sync count failed with its text lost)
+#    device syncs per step as CUDA reports them, the switches against the plain path, the fused attention
+#    kernel at BigGAN-128's sizes; 45 s at f2ef648, when the gan_digits sync count failed, text lost)
 limit=$(limit_for 100)
 if [ "$limit" -gt 0 ]; then
   echo "=== pytest -m gpu tests/gpu (limit ${limit}s, at ${SECONDS}s)" | tee -a "$LOG"
@@ -67,26 +68,27 @@ else
   echo "=== SKIPPED (budget of ${BUDGET}s spent): tests/gpu" | tee -a "$LOG"
 fi
 
-# 2. Glow CIFAR-10 (K=32, L=3, width 512, affine, LU, Adamax: no fused kernel) fp32 as shipped, with CUDA
-#    graphs (compile reduce-overhead), at batch 256 (batch 64: 815 img/s at f2ef648)
-bench 150 glow_cifar10 --batch 256 --precision 32 --steps 15 --warmup 5
+# 2. BigGAN-128 ch96 bf16 batch 256 (1 D + 1 G step), eager, channels_last: self-attention as explicit
+#    matmuls (the (hw x hw/4) map materialised, its softmax in fp32 under autocast) against the fused
+#    F.scaled_dot_product_attention (model.attention_impl=sdpa); then sdpa as shipped (compiled), against
+#    737 img/s with matmul at f2ef648
+bench 90 $BIG --steps 8 --warmup 2 --variant "trainer.compile=off" --variant "trainer.compile=off model.attention_impl=sdpa"
+bench 200 $BIG --steps 8 --warmup 4 model.attention_impl=sdpa
 
 # 3. Progressive GAN grown to 256 px (the paper's network), timed in the 256 px stable phase: phases of
 #    1 image put every step after the first at 256 px, alpha 1, so FLOPs are counted at 256 px too.
-#    WGAN-GP, bf16, batch 16: compiled G and D (the gradient penalty runs D eagerly)
+#    WGAN-GP, bf16, batch 16: compiled G, D and gradient penalty (one graph with its double backward;
+#    at f2ef648 the penalty ran D eagerly; eager: 54.1 img/s)
 bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
 
-# 4. BigGAN-128 ch96 bf16 batch 256 (1 D + 1 G step), eager: baseline and cuDNN autotuning alone (the
-#    row that ran out of memory at f2ef648, so its +10% with channels_last was not split)
+# 4. Glow CIFAR-10 (K=32, L=3, width 512, affine, LU, Adamax: no fused kernel) fp32 as shipped, with CUDA
+#    graphs (compile reduce-overhead), at batch 256 (batch 64: 815 img/s at f2ef648)
+bench 150 glow_cifar10 --batch 256 --precision 32 --steps 15 --warmup 5
+
+# 5. If time is left: BigGAN baseline and cuDNN autotuning alone (the row that ran out of memory at
+#    f2ef648); Glow graphs in bf16; PGAN compiled at batch 64; the largest BigGAN batch, eager
 bench 90 $BIG --steps 8 --warmup 2 --variant "$OLD" --variant "$FOREACH"
-
-# 5. Glow with CUDA graphs in bf16-mixed: eager bf16 was slower than fp32 (launch-bound, 68d3004); with
-#    the launches gone into graphs, the convolutions' precision may matter
 bench 150 glow_cifar10 --batch 64 --precision bf16-mixed --steps 15 --warmup 5
-
-# 6. If time is left: PGAN compiled at batch 64; BigGAN as shipped (compiled, channels_last: 737 img/s)
 bench 120 $PG --batch 64 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
-bench 200 $BIG --steps 8 --warmup 4
-# 7. The largest BigGAN-128 batch per GPU, eager (47.5 GB at 256): a batch that does not fit is a row
-bench 90 $BIG --batch 384 512 --steps 4 --warmup 2 --variant "$EAGER"
+bench 90 $BIG --batch 384 512 --steps 4 --warmup 2 --variant "$EAGER model.attention_impl=sdpa"
 echo "=== done at ${SECONDS}s ($(date +%T))" | tee -a "$LOG"

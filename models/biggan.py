@@ -98,7 +98,7 @@ class DBlock(nn.Module):
 class BigGANGenerator(nn.Module):
     def __init__(self, z_dim: int = 120, ch: int = 96, resolution: int = 128, channels: int = 3,
                  num_classes: int = 1000, shared_dim: int = 128, attention_res: int = 64,
-                 sn_eps: float = 1e-6, init: bool = True):
+                 sn_eps: float = 1e-6, init: bool = True, attention_impl: str = "matmul"):
         super().__init__()
         check_resolution(resolution)
         cin, cout = G_ARCH[resolution]
@@ -118,7 +118,7 @@ class BigGANGenerator(nn.Module):
         for i in range(n_blocks):
             self.blocks.append(GBlock(cin[i] * ch, cout[i] * ch, cond_dim, sn_eps))
             if BOTTOM * 2 ** (i + 1) == attention_res:
-                self.attn[str(i)] = SelfAttention(cout[i] * ch, sn_eps)
+                self.attn[str(i)] = SelfAttention(cout[i] * ch, sn_eps, attention_impl)
         self.out_bn = nn.BatchNorm2d(cout[-1] * ch)
         self.out_conv = SNConv2d(cout[-1] * ch, channels, eps=sn_eps)
         if init:
@@ -152,7 +152,7 @@ class BigGANGenerator(nn.Module):
 
 class BigGANDiscriminator(nn.Module):
     def __init__(self, ch: int = 96, resolution: int = 128, channels: int = 3, num_classes: int = 1000,
-                 attention_res: int = 64, sn_eps: float = 1e-6, init: bool = True):
+                 attention_res: int = 64, sn_eps: float = 1e-6, init: bool = True, attention_impl: str = "matmul"):
         super().__init__()
         check_resolution(resolution)
         mult, down = D_ARCH[resolution]
@@ -164,7 +164,7 @@ class BigGANDiscriminator(nn.Module):
             self.blocks.append(DBlock(cin, m * ch, d, preactivation=i > 0, sn_eps=sn_eps))
             cin, res = m * ch, res // 2 if d else res
             if res == attention_res and not self.attn:  # once, after the first block reaching it
-                self.attn[str(i)] = SelfAttention(cin, sn_eps)
+                self.attn[str(i)] = SelfAttention(cin, sn_eps, attention_impl)
         self.linear = SNLinear(cin, 1, eps=sn_eps)
         self.embed = SNEmbedding(num_classes, cin, eps=sn_eps) if num_classes > 0 else None
         if init:
@@ -193,13 +193,15 @@ class BigGANDiscriminator(nn.Module):
                     "self-attention, projection D; widths are the channel multiplier ch.")
 def build_biggan(z_dim: int, g_width: int, d_width: int, resolution: int, channels: int,
                  g_norm: str = "batch", d_norm: str = "none", num_classes: int = 0, attention_res: int = 64,
-                 shared_dim: int = 128, sn_eps: float = 1e-6, class_conditional: bool = True):
+                 shared_dim: int = 128, sn_eps: float = 1e-6, class_conditional: bool = True,
+                 attention_impl: str = "matmul"):
     if g_norm != "batch" or d_norm != "none":
         raise ValueError(f"BigGAN has conditional BatchNorm in G and no normalisation in D (spectral norm "
                          f"only): set model.g_norm=batch and model.d_norm=none (got {g_norm}, {d_norm}).")
     n = num_classes if class_conditional else 0
-    G = BigGANGenerator(z_dim, g_width, resolution, channels, n, shared_dim, attention_res, sn_eps)
-    D = BigGANDiscriminator(d_width, resolution, channels, n, attention_res, sn_eps)
+    G = BigGANGenerator(z_dim, g_width, resolution, channels, n, shared_dim, attention_res, sn_eps,
+                        attention_impl=attention_impl)
+    D = BigGANDiscriminator(d_width, resolution, channels, n, attention_res, sn_eps, attention_impl=attention_impl)
     return G, D
 
 

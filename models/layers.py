@@ -91,16 +91,38 @@ class ConditionalBatchNorm2d(nn.Module):
         return self.bn(x) * gain[:, :, None, None] + self.bias(c)[:, :, None, None]
 
 
+ATTENTION_IMPLS = ("matmul", "sdpa")
+
+
+def attend_sdpa(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """g weighted by softmax(theta^T phi) over phi's positions, with F.scaled_dot_product_attention (one
+    head, scale 1 as SAGAN): a fused kernel that never writes the (hw x hw/4) map, which the matmul form
+    materialises (and autocast keeps in fp32 for its softmax). (n, c8, hw), (n, c8, hw4), (n, c2, hw4)
+    -> (n, c2, hw)."""
+    q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in (theta, phi, g))
+    # Memory-efficient kernels want head sizes in multiples of 8; zero columns change neither q.k nor
+    # the output's first c2 columns.
+    pad_qk, pad_v = -q.shape[-1] % 8, -v.shape[-1] % 8
+    if pad_qk:
+        q, k = F.pad(q, (0, pad_qk)), F.pad(k, (0, pad_qk))
+    out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad_v)) if pad_v else v, scale=1.0)
+    return out[..., : g.shape[1]].squeeze(1).transpose(1, 2)
+
+
 class SelfAttention(nn.Module):
     """SAGAN's non-local block: theta/phi (C/8) and g (C/2) 1x1 convs, phi and g max-pooled 2x2,
     softmax attention over positions, a 1x1 conv back to C, scaled by a learned gamma starting at 0
-    (so a new block is the identity)."""
+    (so a new block is the identity). ``impl``: matmul (explicit, as the reference) or sdpa (the same
+    attention by a fused kernel; same parameters, so checkpoints are interchangeable)."""
 
-    def __init__(self, ch: int, sn_eps: float = 1e-6):
+    def __init__(self, ch: int, sn_eps: float = 1e-6, impl: str = "matmul"):
         super().__init__()
         if ch < 8:
             raise ValueError(f"Self-attention needs at least 8 channels (it projects to C/8), got {ch}: "
                              "widen the network or move or disable the attention (model.attention_res).")
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"Unknown model.attention_impl '{impl}'. Valid: {', '.join(ATTENTION_IMPLS)}.")
+        self.impl = impl
         conv = lambda cin, cout: SNConv2d(cin, cout, 1, padding=0, bias=False, eps=sn_eps)  # noqa: E731
         self.theta, self.phi, self.g = conv(ch, ch // 8), conv(ch, ch // 8), conv(ch, ch // 2)
         self.o = conv(ch // 2, ch)
@@ -112,6 +134,9 @@ class SelfAttention(nn.Module):
         theta = self.theta(x).flatten(2)                      # (n, c/8, hw)
         phi = F.max_pool2d(self.phi(x), 2).flatten(2)         # (n, c/8, hw/4)
         g = F.max_pool2d(self.g(x), 2).flatten(2)             # (n, c/2, hw/4)
-        attn = torch.softmax(theta.transpose(1, 2) @ phi, -1)  # (n, hw, hw/4)
-        o = self.o((g @ attn.transpose(1, 2)).view(n, c // 2, h, w))
-        return x + self.gamma * o
+        if self.impl == "sdpa":
+            o = attend_sdpa(theta, phi, g)
+        else:
+            attn = torch.softmax(theta.transpose(1, 2) @ phi, -1)  # (n, hw, hw/4)
+            o = g @ attn.transpose(1, 2)
+        return x + self.gamma * self.o(o.reshape(n, c // 2, h, w))

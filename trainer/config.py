@@ -126,6 +126,9 @@ class ModelConfig:
     class_conditional: bool = f(True, "Class-conditional models (biggan): condition G and D on labels when "
                                       "the data has classes (False: unconditional).")
     attention_res: int = f(64, "biggan: resolution whose G and D blocks are followed by self-attention (0: none).")
+    attention_impl: str = f("matmul", "biggan: self-attention as explicit matmuls and softmax (matmul, as the "
+                                      "reference) or one fused F.scaled_dot_product_attention (sdpa), which "
+                                      "never materialises the (hw x hw/4) attention map.")
     shared_dim: int = f(128, "biggan: dimension of G's shared class embedding.")
     sn_eps: float = f(1e-6, "biggan: epsilon of the spectral-norm power iteration's normalisations.")
 

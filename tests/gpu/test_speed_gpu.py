@@ -87,3 +87,32 @@ def test_switches_on_cuda_train_like_the_plain_path(tmp_path):
     for k, v in sa.items():
         if torch.is_floating_point(v) and k != "fixed_z":
             torch.testing.assert_close(sb[k], v, rtol=1e-3, atol=1e-3, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("ch, n", [(192, 64), (96, 128)])  # BigGAN-128's G and D attention at 64 px (ch 96)
+def test_sdpa_attention_runs_the_memory_efficient_kernel_in_bf16(ch, n):
+    """model.attention_impl=sdpa at BigGAN-128's sizes: the fused memory-efficient kernel takes it
+    (sdpa_kernel allows no fallback to the materialising math path), and under bf16 autocast it agrees
+    with the explicit softmax within bf16 rounding, forward and backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from models.layers import SelfAttention
+
+    torch.manual_seed(0)
+    ref, fused = SelfAttention(ch, impl="matmul").cuda(), SelfAttention(ch, impl="sdpa").cuda()
+    with torch.no_grad():
+        ref.gamma.fill_(1.0)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(n, ch, 64, 64, device="cuda")
+    out = {}
+    for name, net in (("ref", ref), ("fused", fused)):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            y = net(xi).float()
+        (y - x).square().mean().backward()
+        out[name] = ((y - x).detach(), xi.grad, net.theta.weight.grad)
+    (a0, gx0, gw0), (a1, gx1, gw1) = out["ref"], out["fused"]
+    # on CPU bf16 autocast at 32 px the largest differences were 1.5% / 0.9% / 1.0% of the largest values
+    assert (a1 - a0).abs().max() <= 0.03 * a0.abs().max()
+    assert (gx1 - gx0).abs().max() <= 0.05 * gx0.abs().max()
+    assert (gw1 - gw0).abs().max() <= 0.05 * gw0.abs().max()

@@ -259,3 +259,44 @@ def test_imagenet128_experiment_builds_the_reference_sizes():
     assert sum(p.numel() for p in G.parameters()) == 70_433_988
     assert sum(p.numel() for p in D.parameters()) == 87_982_370
     assert len(G.attn) == 1 and G.attn[next(iter(G.attn))].theta.in_channels == 2 * 96  # 64 px block
+
+
+def _attention_pair(ch: int):
+    from models.layers import SelfAttention
+
+    torch.manual_seed(0)
+    ref = SelfAttention(ch, impl="matmul")
+    fused = SelfAttention(ch, impl="sdpa")
+    with torch.no_grad():
+        ref.gamma.fill_(0.7)  # 0 at init would hide the attention branch entirely
+    fused.load_state_dict(ref.state_dict())  # the same parameters: checkpoints are interchangeable
+    return ref, fused
+
+
+@pytest.mark.parametrize("ch, hw", [(32, 8), (96, 16), (40, 4)])  # head sizes 4/16 (padded) and 12/48
+def test_sdpa_attention_equals_the_explicit_softmax(ch, hw):
+    """Same output and gradients for every parameter and the input; head sizes that need padding
+    to the fused kernels' multiple of 8 included."""
+    ref, fused = _attention_pair(ch)
+    x = torch.randn(3, ch, hw, hw)
+    outs = []
+    for net in (ref, fused):
+        xi = x.clone().requires_grad_(True)
+        y = net(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), xi.grad, {n: p.grad.clone() for n, p in net.named_parameters()}))
+    (y0, gx0, gp0), (y1, gx1, gp1) = outs
+    assert not torch.allclose(y0, x, atol=1e-2)  # the attention branch really contributes
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-4, atol=1e-5)
+    for n in gp0:
+        torch.testing.assert_close(gp1[n], gp0[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_attention_impl_reaches_every_attention_block_and_unknown_ones_are_refused():
+    G, D = build_biggan(z_dim=20, g_width=4, d_width=4, resolution=32, channels=1, num_classes=10,
+                        attention_res=16, attention_impl="sdpa")
+    assert [m.impl for m in list(G.attn.values()) + list(D.attn.values())] == ["sdpa", "sdpa"]
+    with pytest.raises(ValueError, match=r"Unknown model.attention_impl 'flash'. Valid: matmul, sdpa"):
+        build_biggan(z_dim=20, g_width=4, d_width=4, resolution=32, channels=1, attention_res=16,
+                     attention_impl="flash")

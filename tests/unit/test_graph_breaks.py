@@ -22,8 +22,10 @@ def one_graph(fn, *args):
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), reasons
 
 
-def test_biggan_g_and_d_compile_to_one_graph_each():
-    cfg = load_config("biggan_mnist5k", ["model.g_width=4", "model.d_width=4", "model.shared_dim=8"])
+@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+def test_biggan_g_and_d_compile_to_one_graph_each(attention):
+    cfg = load_config("biggan_mnist5k", ["model.g_width=4", "model.d_width=4", "model.shared_dim=8",
+                                         f"model.attention_impl={attention}"])
     m = build_module(cfg, channels=1, num_classes=10)
     y = torch.randint(10, (4,))
     one_graph(m.G, torch.randn(4, cfg.model.z_dim), y)
