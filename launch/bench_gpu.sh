@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Issue 10's speed switches, each measured on and off on the same card in the same run.
 #   bash launch/bench_gpu.sh OUTDIR [BUDGET_S]
+#   CHECK=1 bash launch/bench_gpu.sh OUTDIR   (no GPU needed: every bench command's arguments and configs are
+#                                              checked, `genscale bench train --check`; nothing is timed)
 # One JSON line per measurement in OUTDIR/bench.jsonl (`genscale bench train --out`; each row records
 # its `variant` overrides and the switches: compile_mode, channels_last, optimizer_impl, cudnn_benchmark),
 # the tables in OUTDIR/bench.log, every command's whole output in OUTDIR/bench_raw.log and the GPU tests'
@@ -24,7 +26,7 @@ OUT=${1:-bench-out}
 BUDGET=${2:-540}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-G="python3 -m launch.cli"
+G=${GENSCALE_CMD:-python3 -m launch.cli}  # (tests put a recorder of the arguments here)
 J="$OUT/bench.jsonl"
 LOG="$OUT/bench.log"
 RAW="$OUT/bench_raw.log"
@@ -40,12 +42,13 @@ bench() {  # bench LIMIT_S EXPERIMENT ARGS...: one process, its rows appended to
   fi
   echo "=== bench $exp $* (limit ${limit}s, at ${SECONDS}s, $(date +%T))" | tee -a "$LOG" "$RAW"
   from=$(wc -l < "$RAW")
-  timeout -k 10 "$limit" $G bench train "$exp" trainer.accelerator=gpu trainer.devices=1 "$@" --out "$J" >> "$RAW" 2>&1
+  timeout -k 10 "$limit" $G bench train "$exp" trainer.accelerator=gpu trainer.devices=1 "$@" --out "$J" \
+    ${CHECK:+--check} >> "$RAW" 2>&1
   local rc=$?
-  tail -n +$((from + 1)) "$RAW" | grep -E "^\||Error|Exception|error:|out of memory" | tee -a "$LOG" | tail -12
+  tail -n +$((from + 1)) "$RAW" | grep -E "^\||^ok: |Error|Exception|error:|out of memory" | tee -a "$LOG" | tail -12
   echo "=== exit $rc at ${SECONDS}s" | tee -a "$LOG"
 }
-nvidia-smi -L | tee -a "$LOG"
+[ -n "${CHECK:-}" ] || nvidia-smi -L | tee -a "$LOG"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$LOG"
 
 EAGER="trainer.compile=off trainer.channels_last=false"   # biggan_imagenet128 ships with both on
@@ -60,7 +63,9 @@ PG="pgan_celebahq1024 data.resolution=256 pgan.fade_images=[1] pgan.stable_image
 #    device syncs per step as CUDA reports them, the switches against the plain path, the fused attention
 #    kernel at BigGAN-128's sizes; 45 s at f2ef648, when the gan_digits sync count failed, text lost)
 limit=$(limit_for 100)
-if [ "$limit" -gt 0 ]; then
+if [ -n "${CHECK:-}" ]; then
+  echo "=== SKIPPED (CHECK): tests/gpu" | tee -a "$LOG"
+elif [ "$limit" -gt 0 ]; then
   echo "=== pytest -m gpu tests/gpu (limit ${limit}s, at ${SECONDS}s)" | tee -a "$LOG"
   timeout -k 10 "$limit" python3 -m pytest -q -p no:cacheprovider -rA -m gpu tests/gpu > "$OUT/gpu_tests.log" 2>&1
   grep -E "^(PASSED|FAILED|ERROR)|passed|failed|skipped|^E " "$OUT/gpu_tests.log" | tail -30 | tee -a "$LOG"
@@ -73,7 +78,7 @@ fi
 #    F.scaled_dot_product_attention (model.attention_impl=sdpa); then sdpa as shipped (compiled), against
 #    737 img/s with matmul at f2ef648
 bench 90 $BIG --steps 8 --warmup 2 --variant "trainer.compile=off" --variant "trainer.compile=off model.attention_impl=sdpa"
-bench 200 $BIG --steps 8 --warmup 4 model.attention_impl=sdpa
+bench 200 $BIG model.attention_impl=sdpa --steps 8 --warmup 4
 
 # 3. Progressive GAN grown to 256 px (the paper's network), timed in the 256 px stable phase: phases of
 #    1 image put every step after the first at 256 px, alpha 1, so FLOPs are counted at 256 px too.

@@ -199,8 +199,17 @@ def cmd_bench(args) -> int:
 
 
 def cmd_bench_train(args) -> int:
-    from trainer.bench import format_table, run_variant
+    from trainer.bench import bench_config, format_table, run_variant
 
+    if args.check:  # every case's config, nothing built or timed: errors surface before GPU time is spent
+        for batch in args.batch or [None]:
+            for precision in args.precision or [None]:
+                for variant in args.variant or [""]:
+                    cfg = bench_config(args.experiment, list(args.overrides) + variant.split(), batch, args.steps,
+                                       args.warmup, precision)
+                    print(f"ok: {args.experiment} batch {cfg.data.batch_size} {cfg.trainer.precision} "
+                          f"compile {cfg.trainer.compile} {variant or 'baseline'}")
+        return 0
     rows = []
     for batch in args.batch or [None]:
         for precision in args.precision or [None]:
@@ -262,6 +271,10 @@ def _bench_parser(sp) -> None:
                         "overrides alone): switches on and off on the same card, without a process start each")
     t.add_argument("--out", default=None, help="append one JSON line per measurement to this file (appended: a "
                                                "sweep over several calls collects in one file)")
+    t.set_defaults(takes_overrides=True)  # key=value overrides may also follow the options
+    t.add_argument("--check", action="store_true", help="only load each case's config (overrides, batch, "
+                                                       "precision, variant) and report errors; nothing is built "
+                                                       "or timed: a dry run before spending GPU time")
     b.set_defaults(fn=cmd_bench)
 
 

@@ -189,16 +189,22 @@ def _quantile(xs: List[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))]
 
 
-def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batch: Optional[int] = None,
-                    steps: int = 20, warmup: int = 5, precision: Optional[str] = None, compile_nets: Optional[bool] = None,
-                    log: Callable[[str], None] = lambda m: None) -> dict:
+def bench_config(experiment: str, overrides: Optional[List[str]], batch: Optional[int], steps: int, warmup: int,
+                 precision: Optional[str]):
+    """The run config one bench case trains with (`--check` loads only this)."""
     ov = list(overrides or [])
     if batch is not None:
         ov.append(f"data.batch_size={batch}")
     if precision is not None:
         ov.append(f"trainer.precision={precision}")
     ov += ["logging.wandb=false", f"trainer.max_iters={steps + warmup + BenchTimer.FLOP_IT + 1}"]
-    cfg = load_config(experiment, ov)
+    return load_config(experiment, ov)
+
+
+def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batch: Optional[int] = None,
+                    steps: int = 20, warmup: int = 5, precision: Optional[str] = None, compile_nets: Optional[bool] = None,
+                    log: Callable[[str], None] = lambda m: None) -> dict:
+    cfg = bench_config(experiment, overrides, batch, steps, warmup, precision)
     channels, classes = data_shape(cfg)
     module = build_module(cfg, channels=channels, num_classes=classes)
     t = cfg.trainer

@@ -337,6 +337,7 @@ CHOICES = {
     "optim.g.impl": ["auto", "fused", "foreach", "plain"],
     "optim.d.impl": ["auto", "fused", "foreach", "plain"],
     "trainer.compile": ["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    "model.attention_impl": ["matmul", "sdpa"],
     "knowledge.constraint": ["class_consistency", "symmetry"],
 }
 

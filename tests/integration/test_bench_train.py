@@ -58,3 +58,34 @@ def test_deepspeed_fp16_engines_train_wgan_gp(tmp_path):
     row = json.loads(out.read_text())
     assert row["precision"] == "16-mixed" and row["strategy"] == "MultiEngineDeepSpeedStrategy"
     assert row["zero_stage"] == 1 and row["flops_per_iter"] > 0
+
+
+def test_every_command_of_the_gpu_bench_script_checks_on_cpu(tmp_path, capsys):
+    """launch/bench_gpu.sh runs on a lent GPU within minutes of device time, so a typo costs the whole
+    loan: each of its bench commands (arguments, experiment, overrides, variants) is recorded as the
+    script expands it and checked here with `bench train --check` (every case's config loads)."""
+    import os
+    import shlex
+    import subprocess
+
+    recorder, calls = tmp_path / "argv.sh", tmp_path / "calls.txt"
+    recorder.write_text('#!/bin/bash\nprintf "%q " "$@" >> "$ARGV_OUT"; echo >> "$ARGV_OUT"\n')
+    recorder.chmod(0o755)
+    env = dict(os.environ, CHECK="1", GENSCALE_CMD=str(recorder), ARGV_OUT=str(calls))
+    subprocess.run(["bash", "launch/bench_gpu.sh", str(tmp_path / "out"), "600"], env=env, check=True,
+                   capture_output=True, timeout=120)
+    commands = [shlex.split(line) for line in calls.read_text().splitlines()]
+    assert len(commands) >= 6 and all(c[:2] == ["bench", "train"] and "--check" in c for c in commands)
+    capsys.readouterr()
+    for argv in commands:
+        assert main(argv) == 0, argv
+        printed = capsys.readouterr().out
+        variants = max(1, argv.count("--variant"))
+        assert printed.count("ok: ") >= variants, (argv, printed)
+
+
+def test_bench_overrides_may_follow_the_options(capsys):
+    assert main(["bench", "train", "biggan_mnist5k", "--steps", "2", "model.attention_impl=sdpa", "--check"]) == 0
+    assert "ok: biggan_mnist5k" in capsys.readouterr().out
+    assert main(["bench", "train", "biggan_mnist5k", "model.attention_impl=flash", "--check"]) == 2
+    assert "Valid values: matmul, sdpa" in capsys.readouterr().err

@@ -147,6 +147,7 @@ def test_cudnn_benchmark_reaches_torch_unless_deterministic(tmp_path):
     ("optim.g.impl=fast", "auto, fused, foreach, plain"),
     ("flow.optimizer_impl=x", "auto, fused, foreach, plain"),
     ("trainer.compile=on", "off, default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs"),
+    ("model.attention_impl=flash", "matmul, sdpa"),
 ])
 def test_unknown_switch_values_list_the_valid_ones(override, valid):
     with pytest.raises(ConfigError, match=f"Valid values: {valid}"):
