@@ -82,16 +82,21 @@ bench 200 $BIG model.attention_impl=sdpa --steps 8 --warmup 4
 
 # 3. Progressive GAN grown to 256 px (the paper's network), timed in the 256 px stable phase: phases of
 #    1 image put every step after the first at 256 px, alpha 1, so FLOPs are counted at 256 px too.
-#    WGAN-GP, bf16, batch 16: compiled G, D and gradient penalty (one graph with its double backward;
-#    at f2ef648 the penalty ran D eagerly; eager: 54.1 img/s)
+#    WGAN-GP, bf16, batch 16: eager with the penalty's critic in fp32 (as at f2ef648: 54.1 img/s) and in bf16
+#    (loss.gp_autocast, as a step wrapped whole in autocast runs it; the reference's bf16 row: 59 img/s); then
+#    compiled G, D and gradient penalty (one
+#    graph with its double backward; at f2ef648 the penalty ran D eagerly)
+bench 60 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.compile=off" \
+  --variant "trainer.compile=off loss.gp_autocast=true"
 bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
 
-# 4. Glow CIFAR-10 (K=32, L=3, width 512, affine, LU, Adamax: no fused kernel) fp32 as shipped, with CUDA
-#    graphs (compile reduce-overhead), at batch 256 (batch 64: 815 img/s at f2ef648)
+# 4. If time is left: PGAN compiled with the penalty in bf16; Glow CIFAR-10 (K=32, L=3, width 512, affine,
+#    LU, Adamax: no fused kernel) fp32 as shipped, with CUDA graphs (compile reduce-overhead), at batch 256
+#    (batch 64: 815 img/s at f2ef648); BigGAN baseline and cuDNN autotuning alone (the row that ran out of
+#    memory at f2ef648); Glow graphs in bf16; PGAN compiled at batch 64; the largest BigGAN batch, eager
+bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 \
+  --variant "trainer.channels_last=true trainer.compile=default loss.gp_autocast=true"
 bench 150 glow_cifar10 --batch 256 --precision 32 --steps 15 --warmup 5
-
-# 5. If time is left: BigGAN baseline and cuDNN autotuning alone (the row that ran out of memory at
-#    f2ef648); Glow graphs in bf16; PGAN compiled at batch 64; the largest BigGAN batch, eager
 bench 90 $BIG --steps 8 --warmup 2 --variant "$OLD" --variant "$FOREACH"
 bench 150 glow_cifar10 --batch 64 --precision bf16-mixed --steps 15 --warmup 5
 bench 120 $PG --batch 64 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"

@@ -153,6 +153,10 @@ class PGANConfig:
 class LossConfig:
     name: str = f("nonsaturating", "GAN objective: nonsaturating, hinge, wgan (weight clipping) or wgan_gp.")
     gp_weight: float = f(10.0, "Gradient-penalty weight lambda (wgan_gp).")
+    gp_autocast: bool = f(False, "wgan_gp under trainer.precision=bf16-mixed: run the penalty's critic (forward and "
+                                 "input gradient) in bf16 autocast, as a step wrapped whole in autocast does, "
+                                 "instead of fp32; the norm stays fp32. Not with 16-mixed (the unscaled inner gradient "
+                                 "would underflow).")
     clip: float = f(0.01, "Critic weight-clipping bound c (wgan): parameters kept in [-c, c].")
     drift: float = f(0.0, "Drift penalty epsilon * mean(D(x)^2) (Progressive GAN uses 0.001).")
     ortho_reg: float = f(0.0, "BigGAN's modified orthogonal regularisation beta * ||W W^T * (1 - I)||_F^2 on "
@@ -521,6 +525,10 @@ def validate(cfg: DictConfig) -> None:
     _validate_pgan(cfg)
     if is_flow(cfg):
         _validate_flow(cfg)
+    elif cfg.loss.gp_autocast and cfg.trainer.precision != "bf16-mixed":
+        raise ConfigError(f"loss.gp_autocast=true needs trainer.precision=bf16-mixed (got {cfg.trainer.precision}): "
+                          "under 16-mixed the penalty's unscaled inner gradient would underflow, and in 32 there "
+                          "is no autocast. Set loss.gp_autocast=false or trainer.precision=bf16-mixed.")
     elif cfg.loss.name == "wgan_gp" and cfg.model.d_norm == "batch":
         raise ConfigError("loss.name=wgan_gp with model.d_norm=batch: the gradient penalty is per sample, "
                           "so the critic must not use BatchNorm. Set model.d_norm=layer or none.")

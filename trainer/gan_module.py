@@ -273,7 +273,8 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
         differentiates the plain D twice; under trainer.compile it is one graph of its own (D's forward,
         its input gradient and the norm), whose backward is the double backward (a compiled D's
         backward cannot be differentiated again)."""
-        return gradient_penalty(lambda x: self._call(self.D, x, y, args), real, fake, eps, dtype)
+        return gradient_penalty(lambda x: self._call(self.D, x, y, args), real, fake, eps, dtype,
+                                autocast=self.cfg["loss"]["gp_autocast"])
 
     def compiled_methods(self) -> dict:
         return {"gradient_penalty": self.gradient_penalty} if self.loss.uses_gp else {}

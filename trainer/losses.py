@@ -5,6 +5,7 @@ Means over the batch everywhere, so changing the batch size never rescales a coe
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, NamedTuple
 
 import torch
@@ -60,14 +61,17 @@ def get_loss(name: str) -> GANLoss:
 
 
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
-                     fake: torch.Tensor, eps: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     fake: torch.Tensor, eps: torch.Tensor, dtype: torch.dtype = torch.float32,
+                     autocast: bool = False) -> torch.Tensor:
     """mean over samples of (||grad_x D(x_hat)||_2 - 1)^2, x_hat = eps * real + (1 - eps) * fake.
 
     Computed with autocast off, in ``dtype``: fp32 unless the critic's weights themselves are
     16-bit (DeepSpeed's fp16 engines), where x_hat must match them. The squared norm of
     low-precision gradients is the usual source of NaNs in WGAN-GP under AMP, so the norm is
-    always taken in fp32. ``eps`` has shape (N,) and is drawn by the caller so that its random
-    stream is owned (and checkpointed) by the training module.
+    always taken in fp32. ``autocast``: leave the caller's autocast on for the critic (bf16 only,
+    faster, as in a step wrapped whole in autocast; the config refuses it with fp16). ``eps`` has
+    shape (N,) and is drawn by the caller so that its random stream is owned (and checkpointed) by the
+    training module.
 
     The input gradient comes from torch.func.vjp rather than autograd.grad(create_graph=True): the
     same operations (equal results, tests/unit/test_losses.py), but traceable, so torch.compile takes
@@ -75,7 +79,7 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
     penalty's double backward (autograd.grad breaks the graph, and a compiled graph's backward cannot
     be differentiated again).
     """
-    with torch.autocast(device_type=real.device.type, enabled=False):
+    with contextlib.nullcontext() if autocast else torch.autocast(device_type=real.device.type, enabled=False):
         e = eps.float().view(-1, *([1] * (real.dim() - 1)))
         x_hat = (e * real.float() + (1 - e) * fake.detach().float()).to(dtype)
         out, vjp = torch.func.vjp(lambda x: critic(x).float(), x_hat)

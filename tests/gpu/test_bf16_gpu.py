@@ -74,3 +74,19 @@ def test_fp16_gan_has_one_scaler_per_network(tmp_path):
     assert set(m._scalers) == {"G", "D"} and m._scalers["G"] is not m._scalers["D"]
     assert run.trainer.precision_plugin.scaler is None  # Lightning's shared scaler is off
     assert all(torch.isfinite(v).all() for v in m.state_dict().values() if v.is_floating_point())
+
+
+def test_bf16_gradient_penalty_in_autocast_trains_finite(tmp_path):
+    """loss.gp_autocast=true: WGAN-GP's penalty critic in bf16 on CUDA, 5 iterations, finite weights and
+    a logged penalty of the fp32 run's size (same seed and data; only the penalty's precision differs)."""
+    gp = {}
+    for on in ("false", "true"):
+        run = train("wgan_gp_mnist5k", CASES["wgan_gp_mnist5k"] + [
+            f"logging.root={tmp_path}", f"logging.run_id=gp_autocast_{on}", "logging.wandb=false",
+            "trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=bf16-mixed", "trainer.max_iters=5",
+            "trainer.log_every=1", "trainer.sample_every=0", "trainer.progress_bar=false", f"loss.gp_autocast={on}"])
+        assert all(torch.isfinite(v).all() for v in run.module.state_dict().values() if v.is_floating_point())
+        rows = list(csv.DictReader(open(run.run_dir / "metrics.csv")))
+        gp[on] = [float(r["d/gp"]) for r in rows if r.get("d/gp")]
+    assert len(gp["true"]) == 5 and all(math.isfinite(v) for v in gp["true"])
+    assert abs(gp["true"][0] - gp["false"][0]) <= 0.05 * abs(gp["false"][0])  # the first step: same weights

@@ -159,6 +159,7 @@ def test_unknown_switch_values_list_the_valid_ones(override, valid):
     ("glow_digits", "flow.optimizer=adamax", None),
     ("gan_digits", "trainer.channels_last=true", "deepspeed"),
     ("gan_digits", "trainer.compile=default", "deepspeed"),
+    ("wgan_gp_mnist5k", "loss.gp_autocast=true", "needs trainer.precision=bf16-mixed"),
 ])
 def test_impossible_combinations_are_refused(experiment, override, msg):
     if msg is None:  # adamax with auto is fine; with fused it is refused

@@ -212,6 +212,24 @@ def test_gp_stays_fp32_under_bf16_autocast():
     assert abs(float(amp.detach()) - float(ref.detach())) <= 1e-6
 
 
+def test_gp_autocast_runs_the_critic_in_bf16_and_stays_close():
+    """loss.gp_autocast: under the caller's bf16 autocast the critic's convolutions run in bf16 (they do
+    not by default), the penalty comes out fp32 and within bf16 rounding of the fp32 penalty."""
+    torch.manual_seed(0)
+    critic = DCGANDiscriminator(width=8, resolution=16, channels=1, norm="layer")
+    seen = []
+    critic.features[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    real, fake, eps = torch.randn(8, 1, 16, 16), torch.randn(8, 1, 16, 16), torch.rand(8)
+    ref = gradient_penalty(critic, real, fake, eps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32_inside = gradient_penalty(critic, real, fake, eps)
+        amp = gradient_penalty(critic, real, fake, eps, autocast=True)
+    assert seen == [torch.float32, torch.float32, torch.bfloat16]
+    assert amp.dtype == torch.float32 and float(ref) > 0.1
+    assert abs(float(fp32_inside) - float(ref)) <= 1e-6 * float(ref)
+    assert 0 < abs(float(amp) - float(ref)) <= 0.02 * float(ref)
+
+
 def test_gp_accepts_low_precision_inputs():
     critic = LinearCritic([3.0, 4.0])
     real = torch.randn(3, 2).to(torch.bfloat16)
