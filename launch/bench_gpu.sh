@@ -84,8 +84,8 @@ bench 200 $BIG model.attention_impl=sdpa --steps 8 --warmup 4
 #    1 image put every step after the first at 256 px, alpha 1, so FLOPs are counted at 256 px too.
 #    WGAN-GP, bf16, batch 16: eager with the penalty's critic in fp32 (as at f2ef648: 54.1 img/s) and in bf16
 #    (loss.gp_autocast, as a step wrapped whole in autocast runs it; the reference's bf16 row: 59 img/s); then
-#    compiled G, D and gradient penalty (one
-#    graph with its double backward; at f2ef648 the penalty ran D eagerly)
+#    compiled G, D and gradient penalty (one graph with its double backward; at f2ef648 the penalty ran D
+#    eagerly)
 bench 60 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.compile=off" \
   --variant "trainer.compile=off loss.gp_autocast=true"
 bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
