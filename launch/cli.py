@@ -201,25 +201,22 @@ def cmd_bench(args) -> int:
 def cmd_bench_train(args) -> int:
     from trainer.bench import bench_config, format_table, run_variant
 
+    cases = [(b, p, v) for b in args.batch or [None] for p in args.precision or [None] for v in args.variant or [""]]
     if args.check:  # every case's config, nothing built or timed: errors surface before GPU time is spent
-        for batch in args.batch or [None]:
-            for precision in args.precision or [None]:
-                for variant in args.variant or [""]:
-                    cfg = bench_config(args.experiment, list(args.overrides) + variant.split(), batch, args.steps,
-                                       args.warmup, precision)
-                    print(f"ok: {args.experiment} batch {cfg.data.batch_size} {cfg.trainer.precision} "
-                          f"compile {cfg.trainer.compile} {variant or 'baseline'}")
+        for batch, precision, variant in cases:
+            cfg = bench_config(args.experiment, list(args.overrides) + variant.split(), batch, args.steps,
+                               args.warmup, precision)
+            print(f"ok: {args.experiment} batch {cfg.data.batch_size} {cfg.trainer.precision} "
+                  f"compile {cfg.trainer.compile} {variant or 'baseline'}")
         return 0
     rows = []
-    for batch in args.batch or [None]:
-        for precision in args.precision or [None]:
-            for variant in args.variant or [""]:
-                rows.append(run_variant(args.experiment, args.overrides, variant, batch=batch, steps=args.steps,
-                                        warmup=args.warmup, precision=precision, compile_nets=args.compile,
-                                        log=lambda m: print(m, file=sys.stderr, flush=True)))
-                if args.out:  # each row as soon as it is measured: a later one may be cut off by a time limit
-                    with open(args.out, "a") as fh:
-                        fh.write(json.dumps(rows[-1]) + "\n")
+    for batch, precision, variant in cases:
+        rows.append(run_variant(args.experiment, args.overrides, variant, batch=batch, steps=args.steps,
+                                warmup=args.warmup, precision=precision, compile_nets=args.compile,
+                                log=lambda m: print(m, file=sys.stderr, flush=True)))
+        if args.out:  # each row as soon as it is measured: a later one may be cut off by a time limit
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(rows[-1]) + "\n")
     print(format_table(rows))
     if not args.out:
         print(json.dumps(rows, indent=1))

@@ -73,8 +73,7 @@ def compile_modules(nets: Dict[str, Callable], mode: str) -> Dict[str, Callable]
     # dynamic=False: a training step's shapes are fixed per phase, so each gets a static graph (the best
     # kernels, CUDA graphs). Dynamo's automatic dynamic shapes would turn PGAN's next resolution into a
     # symbolic graph with guards on its input's view base, one more recompile per (level, fade) pair.
-    kw = {"dynamic": False} if mode == "default" else {"mode": mode, "dynamic": False}
-    return {name: torch.compile(net, **kw) for name, net in nets.items()}
+    return {name: torch.compile(net, mode=mode, dynamic=False) for name, net in nets.items()}
 
 
 def mark_cudagraph_step(mode: str) -> None:
