@@ -73,14 +73,23 @@ else
   echo "=== SKIPPED (budget of ${BUDGET}s spent): tests/gpu" | tee -a "$LOG"
 fi
 
-# 2. BigGAN-128 ch96 bf16 batch 256 (1 D + 1 G step), eager, channels_last: self-attention as explicit
+# 2. Glow CIFAR-10 (K=32, L=3, width 512, affine, LU, Adamax), eager: ActNorm and the zero convs' scales
+#    as separate layers (flow.fused=false, the arithmetic of every earlier Glow row: 303 / 846 img/s fp32
+#    at batch 64 / 256 at f2ef648) against folded into the convolutions (flow.fused, half the fp32
+#    activation memory, a fifth of it in bf16); fp32 at 64 and 256, bf16 at 256
+bench 90 glow_cifar10 --batch 64 256 --precision 32 --steps 12 --warmup 3 --variant "trainer.compile=off flow.fused=false" \
+  --variant "trainer.compile=off"
+bench 60 glow_cifar10 --batch 256 --precision bf16-mixed --steps 12 --warmup 3 --variant "trainer.compile=off flow.fused=false" \
+  --variant "trainer.compile=off"
+
+# 3. BigGAN-128 ch96 bf16 batch 256 (1 D + 1 G step), eager, channels_last: self-attention as explicit
 #    matmuls (the (hw x hw/4) map materialised, its softmax in fp32 under autocast) against the fused
 #    F.scaled_dot_product_attention (model.attention_impl=sdpa); then sdpa as shipped (compiled), against
 #    737 img/s with matmul at f2ef648
 bench 90 $BIG --steps 8 --warmup 2 --variant "trainer.compile=off" --variant "trainer.compile=off model.attention_impl=sdpa"
 bench 200 $BIG model.attention_impl=sdpa --steps 8 --warmup 4
 
-# 3. Progressive GAN grown to 256 px (the paper's network), timed in the 256 px stable phase: phases of
+# 4. Progressive GAN grown to 256 px (the paper's network), timed in the 256 px stable phase: phases of
 #    1 image put every step after the first at 256 px, alpha 1, so FLOPs are counted at 256 px too.
 #    WGAN-GP, bf16, batch 16: eager with the penalty's critic in fp32 (as at f2ef648: 54.1 img/s) and in bf16
 #    (loss.gp_autocast, as a step wrapped whole in autocast runs it; the reference's bf16 row: 59 img/s); then
@@ -90,12 +99,12 @@ bench 60 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "t
   --variant "trainer.compile=off loss.gp_autocast=true"
 bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
 
-# 4. If time is left: PGAN compiled with the penalty in bf16; Glow CIFAR-10 (K=32, L=3, width 512, affine,
-#    LU, Adamax: no fused kernel) fp32 as shipped, with CUDA graphs (compile reduce-overhead), at batch 256
-#    (batch 64: 815 img/s at f2ef648); BigGAN baseline and cuDNN autotuning alone (the row that ran out of
+# 5. If time is left: PGAN compiled with the penalty in bf16; Glow CIFAR-10 fp32 as shipped (CUDA graphs,
+#    compile reduce-overhead; now with flow.fused) at batch 64 (815 img/s at f2ef648) and 256; BigGAN baseline and cuDNN autotuning alone (the row that ran out of
 #    memory at f2ef648); Glow graphs in bf16; PGAN compiled at batch 64; the largest BigGAN batch, eager
 bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 \
   --variant "trainer.channels_last=true trainer.compile=default loss.gp_autocast=true"
+bench 150 glow_cifar10 --batch 64 --precision 32 --steps 15 --warmup 5
 bench 150 glow_cifar10 --batch 256 --precision 32 --steps 15 --warmup 5
 bench 90 $BIG --steps 8 --warmup 2 --variant "$OLD" --variant "$FOREACH"
 bench 150 glow_cifar10 --batch 64 --precision bf16-mixed --steps 15 --warmup 5

@@ -93,6 +93,17 @@ class ActNorm(nn.Module):
         self.logs.copy_(torch.log(self.scale / (std + 1e-6)).view_as(self.logs))
         self.initialized.fill_(True)
 
+    @property
+    def initializing(self) -> bool:
+        """True inside ``Glow.initialize_actnorm``: the next forward needs this layer's own input."""
+        return self._init_reduce is not None
+
+    def scale_shift(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(exp(logs), bias * exp(logs)) as (C,) vectors: y = x * scale + shift, the form a layer
+        that runs before or after it can absorb into its weights."""
+        scale = torch.exp(self.logs).view(-1)
+        return scale, self.bias.view(-1) * scale
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._init_reduce is not None:
             self._data_init(x, self._init_reduce)
@@ -122,10 +133,14 @@ class InvConv1x1(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(_random_rotation(channels))
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        logabsdet = torch.linalg.slogdet(self.weight.double())[1]
-        y = F.conv2d(x, self.weight.to(x.dtype)[:, :, None, None])
-        return y, (_spatial(x) * logabsdet).to(x.dtype).expand(x.shape[0])
+    def log_abs_det(self, dtype: torch.dtype) -> torch.Tensor:
+        """log|det W| (per pixel), from slogdet in float64."""
+        return torch.linalg.slogdet(self.weight.double())[1].to(dtype)
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        w = self.weight.to(x.dtype) if weight is None else weight
+        y = F.conv2d(x, w[:, :, None, None])
+        return y, (_spatial(x) * self.log_abs_det(x.dtype)).expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         w_inv = torch.linalg.inv(self.weight.double())
@@ -158,25 +173,29 @@ class InvConv1x1LU(nn.Module):
         """``weight``: this layer's W already assembled (``lu_weights``), else assembled here."""
         w = self.weight(x.dtype) if weight is None else weight
         y = F.conv2d(x, w[:, :, None, None])
-        return y, (_spatial(x) * self.log_s.to(x.dtype).sum()).expand(x.shape[0])
+        return y, (_spatial(x) * self.log_abs_det(x.dtype)).expand(x.shape[0])
+
+    def log_abs_det(self, dtype: torch.dtype) -> torch.Tensor:
+        """log|det W| = sum(log_s): O(C)."""
+        return self.log_s.to(dtype).sum()
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         w_inv = torch.linalg.inv(self.weight(torch.float64))
         return F.conv2d(y, w_inv.to(y.dtype)[:, :, None, None])
 
 
-def lu_weights(convs: List[InvConv1x1LU], dtype: torch.dtype) -> List[torch.Tensor]:
-    """W = P L U of every layer in ``convs`` (one level: same channel count), assembled with batched
-    ops: about a dozen kernels per level and direction instead of about ten per layer, once per
-    forward pass (with gradient checkpointing too: the steps receive W instead of rebuilding it when
-    they are recomputed). Same arithmetic as ``InvConv1x1LU.weight``, so the same values up to the
-    summation order of the batched matmul."""
+def lu_weights(convs: List[InvConv1x1LU], dtype: torch.dtype) -> torch.Tensor:
+    """W = P L U of every layer in ``convs`` (one level: same channel count), stacked (K, C, C) and
+    assembled with batched ops: about a dozen kernels per level and direction instead of about ten per
+    layer, once per forward pass (with gradient checkpointing too: the steps receive W instead of
+    rebuilding it when they are recomputed). Same arithmetic as ``InvConv1x1LU.weight``, so the same
+    values up to the summation order of the batched matmul."""
     first = convs[0]
     mask, eye = first.lower_mask.to(dtype), first.eye.to(dtype)
     lower = torch.stack([c.lower for c in convs]).to(dtype) * mask + eye
     diag = torch.stack([c.sign_s for c in convs]).to(dtype) * torch.exp(torch.stack([c.log_s for c in convs]).to(dtype))
     upper = torch.stack([c.upper for c in convs]).to(dtype) * mask.T + torch.diag_embed(diag)
-    return list((torch.stack([c.p for c in convs]).to(dtype) @ lower @ upper).unbind(0))
+    return torch.stack([c.p for c in convs]).to(dtype) @ lower @ upper
 
 
 # ---- couplings ----------------------------------------------------------------------------------
@@ -184,7 +203,12 @@ def lu_weights(convs: List[InvConv1x1LU], dtype: torch.dtype) -> List[torch.Tens
 
 class ZeroConv2d(nn.Module):
     """Zero-initialised 3x3 conv whose output is scaled by exp(3 * logs): the step starts as the
-    identity and the log-scale factor 3 lets the output scale grow fast (the paper's Zero-conv)."""
+    identity and the log-scale factor 3 lets the output scale grow fast (the paper's Zero-conv).
+
+    ``fused`` (Glow.set_fused): the output scale is folded into the weights and bias, one conv instead
+    of a conv and an activation-sized multiply (whose backward also kept the conv's output)."""
+
+    fused = True
 
     def __init__(self, in_ch: int, out_ch: int, logscale_factor: float = 3.0):
         super().__init__()
@@ -195,7 +219,11 @@ class ZeroConv2d(nn.Module):
         self.logscale_factor = logscale_factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x) * torch.exp(self.logs * self.logscale_factor).to(x.dtype)
+        scale = torch.exp(self.logs * self.logscale_factor)
+        if not self.fused:
+            return self.conv(x) * scale.to(x.dtype)
+        scale = scale.view(-1)  # (conv(x, W) + b) * s = conv(x, W * s, b * s)
+        return F.conv2d(x, self.conv.weight * scale.view(-1, 1, 1, 1), self.conv.bias * scale, padding=1)
 
 
 class ZeroLinear(nn.Module):
@@ -214,7 +242,14 @@ class ZeroLinear(nn.Module):
 
 
 class _ConvActNorm(nn.Module):
-    """Bias-free conv followed by ActNorm (the coupling network's hidden layers; logdet unused)."""
+    """Bias-free conv followed by ActNorm (the coupling network's hidden layers; logdet unused).
+
+    ``fused`` (Glow.set_fused), once the ActNorm is initialised: ActNorm folded into the conv,
+    (conv(x, W) + b) * s = conv(x, W * s, b * s). One conv with a bias instead of a conv and two
+    activation-sized passes, whose backward also kept the conv's output for ActNorm's gradients;
+    under autocast the output stays in the low precision (the next conv casts to it anyway)."""
+
+    fused = True
 
     def __init__(self, in_ch: int, out_ch: int, k: int):
         super().__init__()
@@ -223,6 +258,9 @@ class _ConvActNorm(nn.Module):
         self.norm = ActNorm(out_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and not self.norm.initializing:
+            scale, shift = self.norm.scale_shift()
+            return F.conv2d(x, self.conv.weight * scale.view(-1, 1, 1, 1), shift, padding=self.conv.padding)
         h = self.conv(x)
         # ActNorm in fp32 even under autocast: its data-dependent init needs accurate moments.
         return self.norm(h.float() if h.dtype in (torch.float16, torch.bfloat16) else h)[0]
@@ -251,26 +289,27 @@ class _Coupling(nn.Module):
 
 class AffineCoupling(_Coupling):
     """z2 -> (z2 + shift) * sigmoid(raw + 2) with (shift, raw) = NN(z1) interleaved; sigmoid bounds
-    the scale in (0, 1) (exp diverged for users), +2 starts it near 0.88."""
+    the scale in (0, 1) (exp diverged for users), +2 starts it near 0.88. The log-det is
+    logsigmoid(raw + 2): one op like log(sigmoid), and accurate where sigmoid underflows."""
 
     def __init__(self, channels: int, hidden: int):
         super().__init__(channels)
         self.net = coupling_net(channels // 2, channels, hidden)
 
-    def _shift_scale(self, z1: torch.Tensor, amp):
+    def _shift_logit(self, z1: torch.Tensor, amp):
         h = self._nn(z1, amp)
-        return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)
+        return h[:, 0::2], h[:, 1::2] + 2.0
 
     def forward(self, x: torch.Tensor, amp: Optional[torch.dtype] = None):
         z1, z2 = x.chunk(2, dim=1)
-        shift, scale = self._shift_scale(z1, amp)
-        y2 = (z2 + shift) * scale
-        return torch.cat([z1, y2], dim=1), torch.log(scale).flatten(1).sum(1)
+        shift, logit = self._shift_logit(z1, amp)
+        y2 = (z2 + shift) * torch.sigmoid(logit)
+        return torch.cat([z1, y2], dim=1), F.logsigmoid(logit).flatten(1).sum(1)
 
     def inverse(self, y: torch.Tensor, amp: Optional[torch.dtype] = None) -> torch.Tensor:
         z1, y2 = y.chunk(2, dim=1)
-        shift, scale = self._shift_scale(z1, amp)
-        return torch.cat([z1, y2 / scale - shift], dim=1)
+        shift, logit = self._shift_logit(z1, amp)
+        return torch.cat([z1, y2 / torch.sigmoid(logit) - shift], dim=1)
 
 
 class AdditiveCoupling(_Coupling):
@@ -303,12 +342,20 @@ class FlowStep(nn.Module):
         self.invconv = InvConv1x1LU(channels) if lu else InvConv1x1(channels)
         self.coupling = COUPLINGS[coupling](channels, hidden)
 
-    def forward(self, x: torch.Tensor, amp: Optional[torch.dtype] = None, weight: Optional[torch.Tensor] = None):
-        """``weight``: the LU 1x1 conv's assembled W (``GlowLevel.conv_weights``), or None."""
-        x, ld1 = self.actnorm(x)
-        x, ld2 = self.invconv(x) if weight is None else self.invconv(x, weight)
+    def forward(self, x: torch.Tensor, amp: Optional[torch.dtype] = None, weight: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None):
+        """``weight``: the 1x1 conv's W assembled by the level (``GlowLevel.conv_weights``), or None
+        (the layer assembles it). With ``bias`` too, ActNorm is folded into them: one conv,
+        W diag(s) x + W diag(s) b, replaces ActNorm -> conv."""
+        if bias is None:
+            x, ld1 = self.actnorm(x)
+            x, ld2 = self.invconv(x, weight)
+            ld = ld1 + ld2
+        else:
+            x = F.conv2d(x, weight[:, :, None, None], bias)
+            ld = (_spatial(x) * (self.actnorm.logs.to(x.dtype).sum() + self.invconv.log_abs_det(x.dtype))).expand(x.shape[0])
         x, ld3 = self.coupling(x, amp)
-        return x, ld1 + ld2 + ld3
+        return x, ld + ld3
 
     def inverse(self, y: torch.Tensor, amp: Optional[torch.dtype] = None) -> torch.Tensor:
         y = self.coupling.inverse(y, amp)
@@ -322,19 +369,29 @@ class FlowStep(nn.Module):
 class GlowLevel(nn.Module):
     """squeeze -> K steps -> (split with a learned conditional prior, unless last)."""
 
+    fused = True
+
     def __init__(self, channels: int, steps: int, hidden: int, coupling: str, lu: bool, split: bool):
         super().__init__()
         self.steps = nn.ModuleList(FlowStep(channels, hidden, coupling, lu) for _ in range(steps))
         # Zero conv on the kept half -> (mean, logs) of the factored-out half, interleaved.
         self.prior = ZeroConv2d(channels // 2, channels) if split else None
 
-    def conv_weights(self, dtype: torch.dtype) -> List[Optional[torch.Tensor]]:
-        """Each step's 1x1 conv weight, assembled for the whole level at once (LU), or None per step
-        (plain weights need no assembly)."""
+    def conv_weights(self, dtype: torch.dtype) -> List[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        """Each step's (weight, bias) for ``FlowStep.forward``, made for the whole level at once in
+        batched ops. ``fused`` (Glow.set_fused) once the ActNorms are initialised: ActNorm folded into
+        the 1x1 conv, W diag(s) and W diag(s) b. Otherwise (W, None), W assembled here for LU convs
+        and None for plain ones (the layer uses its own); ActNorm's data-dependent init needs its input."""
         convs = [step.invconv for step in self.steps]
-        if not all(isinstance(c, InvConv1x1LU) for c in convs):
-            return [None] * len(convs)
-        return lu_weights(convs, dtype)
+        lu = all(isinstance(c, InvConv1x1LU) for c in convs)
+        if not self.fused or any(step.actnorm.initializing for step in self.steps):
+            return [(w, None) for w in (lu_weights(convs, dtype).unbind(0) if lu else [None] * len(convs))]
+        w = lu_weights(convs, dtype) if lu else torch.stack([c.weight for c in convs]).to(dtype)
+        k, c = w.shape[:2]
+        scale = torch.exp(torch.stack([step.actnorm.logs for step in self.steps]).to(dtype)).view(k, 1, c)
+        w = w * scale  # scales W's columns: W diag(s)
+        bias = (w @ torch.stack([step.actnorm.bias for step in self.steps]).to(dtype).view(k, c, 1)).squeeze(-1)
+        return list(zip(w.unbind(0), bias.unbind(0)))
 
     def split_params(self, z1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         h = self.prior(z1)
@@ -396,10 +453,10 @@ class Glow(nn.Module):
         return self.classifier(z_top.mean(dim=(2, 3))) if self.classifier is not None else None
 
     # ---- forward / inverse ----------------------------------------------------------------------
-    def _run_step(self, step: FlowStep, h: torch.Tensor, amp, weight=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _run_step(self, step: FlowStep, h: torch.Tensor, amp, weight=None, bias=None) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.checkpointing and torch.is_grad_enabled() and h.requires_grad:
-            return checkpoint(step, h, amp, weight, use_reentrant=False)
-        return step(h, amp, weight)
+            return checkpoint(step, h, amp, weight, bias, use_reentrant=False)
+        return step(h, amp, weight, bias)
 
     def _check_x(self, x: torch.Tensor) -> None:
         expected = (self.in_channels, self.image_size, self.image_size)
@@ -418,8 +475,8 @@ class Glow(nn.Module):
             h = x
             for level in self.levels:
                 h = squeeze2d(h)
-                for step, w in zip(level.steps, level.conv_weights(h.dtype)):
-                    h, ld = self._run_step(step, h, amp, w)
+                for step, (w, b) in zip(level.steps, level.conv_weights(h.dtype)):
+                    h, ld = self._run_step(step, h, amp, w, b)
                     logp = logp + ld
                 if level.prior is not None:
                     h, z2 = h.chunk(2, dim=1)
@@ -511,6 +568,14 @@ class Glow(nn.Module):
         za, zb = self.encode(xa, y), self.encode(xb, y)
         w = weights.to(device=xa.device, dtype=xa.dtype).view(-1, 1, 1, 1)
         return self.decode([(1 - w) * a + w * b for a, b in zip(za, zb)])
+
+    def set_fused(self, on: bool) -> None:
+        """Fold ActNorm into the adjacent convolutions and the zero convs' output scales into their
+        weights (on, the default), or run them as separate layers (the arithmetic of the paper's
+        code, kept to measure against: flow.fused). Same function and parameters either way."""
+        for m in self.modules():
+            if isinstance(m, (GlowLevel, _ConvActNorm, ZeroConv2d)):
+                m.fused = on
 
     # ---- ActNorm init ---------------------------------------------------------------------------
     def actnorms(self) -> List[ActNorm]:

@@ -218,6 +218,10 @@ class FlowConfig:
     optimizer_impl: str = f("auto", "Optimiser kernels, as optim.g.impl: auto, fused (Adam only), foreach or plain.")
     warmup_images: int = f(50_000, "Linear lr warmup over this many training images (0: none).")
     checkpointing: bool = f(False, "Gradient checkpointing per flow step (less memory, about 30% slower).")
+    fused: bool = f(True, "Fold each ActNorm into the convolution next to it and the zero convs' output "
+                          "scales into their weights: the same function and gradients with half the "
+                          "activation memory in fp32 and fewer kernels (false: separate layers, the "
+                          "paper code's arithmetic).")
     sample_temperature: float = f(0.7, "Temperature of sample grids and the default of "
                                        "`genscale sample --temperature` (scales every prior's std).")
 

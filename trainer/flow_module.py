@@ -41,7 +41,7 @@ FLOW_DEFAULTS = {
         "model": "glow", "levels": 2, "steps": 8, "hidden": 64, "coupling": "affine", "lu": True,
         "learn_top": True, "class_conditional": False, "weight_y": 0.01, "n_bits": 8,
         "optimizer": "adamax", "lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.0,
-        "warmup_images": 50_000, "checkpointing": False, "sample_temperature": 0.7,
+        "warmup_images": 50_000, "checkpointing": False, "fused": True, "sample_temperature": 0.7,
     },
     "ema": {"enabled": False, "decay": 0.999, "start_iter": 0, "rampup_iters": 0},
     "trainer": {"seed": 0, "max_iters": 1000, "max_nonfinite": 20, "sample_grid": 64},
@@ -117,6 +117,7 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
         f = cfg["flow"]
         self.n_bits = check_n_bits(f["n_bits"])
         glow.checkpointing = bool(f["checkpointing"])
+        glow.set_fused(bool(f["fused"]))
         self.glow_ema: Optional[Glow] = None
         if cfg["ema"]["enabled"]:
             self.glow_ema = copy.deepcopy(glow).eval()

@@ -53,6 +53,30 @@ def test_optimizer_impls_match_the_plain_loop(tmp_path, impl):
         assert all(torch.equal(v, other.module.state_dict()[k]) for k, v in plain.module.state_dict().items())
 
 
+def test_flow_fused_layers_give_the_separate_layers_log_density_and_gradients(tmp_path):
+    """flow.fused (ActNorm and the zero convs' scales folded into the convolutions, the default) after
+    real training steps, ActNorm's data-dependent init included: on the trained weights, log p(x) and
+    every gradient equal the separate layers'. Weights after Adamax steps are compared only loosely (see
+    the compile test below for why); the layers-run-separately training takes the same path."""
+    separate = _run(tmp_path, "glow_digits", "separate", *GLOW, "flow.fused=false")
+    run = _run(tmp_path, "glow_digits", "fused", *GLOW)
+    m = run.module
+    assert m.glow.levels[0].fused and not separate.module.glow.levels[0].fused and m.it == 4
+    for k, v in separate.module.state_dict().items():
+        torch.testing.assert_close(m.state_dict()[k], v, rtol=0, atol=2e-3, msg=lambda msg: f"{k}: {msg}")
+    x = m.prep(torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8), torch.Generator().manual_seed(1))
+    out = {}
+    for fused in (True, False):
+        m.glow.set_fused(fused)
+        m.glow.zero_grad(set_to_none=True)
+        logp, _ = m.glow(x)
+        logp.mean().backward()
+        out[fused] = (logp.detach(), [p.grad.clone() for p in m.glow.parameters()])
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=1e-4)
+    for gs, gf in zip(out[False][1], out[True][1]):
+        torch.testing.assert_close(gf, gs, rtol=1e-4, atol=1e-5)
+
+
 def test_flow_optimizer_impl_foreach_matches_plain(tmp_path):
     plain = _run(tmp_path, "glow_digits", "plain", *GLOW, "flow.optimizer_impl=plain")
     other = _run(tmp_path, "glow_digits", "foreach", *GLOW, "flow.optimizer_impl=foreach")
