@@ -117,7 +117,7 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
         f = cfg["flow"]
         self.n_bits = check_n_bits(f["n_bits"])
         glow.checkpointing = bool(f["checkpointing"])
-        glow.set_fused(bool(f["fused"]))
+        glow.set_fused(bool(f.get("fused", True)))  # configs saved before the key existed: the default
         self.glow_ema: Optional[Glow] = None
         if cfg["ema"]["enabled"]:
             self.glow_ema = copy.deepcopy(glow).eval()

@@ -213,6 +213,17 @@ def test_defaults_describe_every_key_the_module_reads():
         make({"flow": {"n_bits": 0}})
 
 
+def test_flow_fused_follows_the_config_and_older_configs_get_the_default():
+    """A checkpoint's config from before flow.fused existed (genscale sample/eval build the module from
+    it as saved) loads with the default; the key turns every foldable layer on or off, EMA copy included."""
+    old = merge_config()
+    del old["flow"]["fused"]
+    assert FlowModule(glow_from_config(old, 1, 8), old).glow.levels[0].fused
+    m = make({"flow": {"fused": False}, "ema": {"enabled": True}})
+    flags = [mod.fused for net in (m.glow, m.glow_ema) for mod in net.modules() if hasattr(mod, "fused")]
+    assert len(flags) == 2 * (2 + 2 * 2 * 3 + 1 + 1) and not any(flags)  # levels, coupling layers, priors
+
+
 def test_fixed_noise_grids_and_the_existing_checkpoint_and_sample_callbacks(digits, tmp_path):
     m = make({"trainer": {"sample_grid": 9}})
     samples, ckpts = SampleGridCallback(tmp_path / "samples", every=2), IterationCheckpoint(tmp_path / "ckpt", 2)
