@@ -195,18 +195,23 @@ def lu_weights(convs: List[InvConv1x1LU], dtype: torch.dtype) -> torch.Tensor:
 # ---- couplings ----------------------------------------------------------------------------------
 
 
-def fold_output_scales(layers: List[nn.Module]) -> Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]:
+def fold_output_scales(layers: List[nn.Module], dtype: Optional[torch.dtype] = None
+                       ) -> Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]:
     """Weights and biases of same-shaped convolutions whose output is shifted and scaled per channel
     (``_ConvActNorm``, ``ZeroConv2d``), with the scale folded in:
         (conv(x, W) + b) * s = conv(x, W * s, b * s),  s = exp(f * logs),
     for all the layers at once in batched ops. A level folds its K steps' layers together, a few ops
     per level instead of a few per layer: 4,138 ops per glow_cifar10 forward and backward, against
-    7,054 folded layer by layer and 7,675 as separate layers."""
+    7,054 folded layer by layer and 7,675 as separate layers. ``dtype``: the autocast dtype the convs
+    will run in (cast here once for all the layers rather than by each conv)."""
     terms = [m.scaled_conv() for m in layers]  # (W, b, logs, f): views of the parameters
     w, b, logs = (torch.stack(t) for t in list(zip(*terms))[:3])
     factor = terms[0][3]
     scale = torch.exp(logs if factor == 1.0 else logs * factor)
-    return (w * scale[:, :, None, None, None]).unbind(0), (b * scale).unbind(0)
+    w, b = w * scale[:, :, None, None, None], b * scale
+    if dtype is not None:
+        w, b = w.to(dtype), b.to(dtype)
+    return w.unbind(0), b.unbind(0)
 
 
 class ZeroConv2d(nn.Module):
@@ -422,13 +427,14 @@ class GlowLevel(nn.Module):
         bias = (w @ torch.stack([step.actnorm.bias for step in self.steps]).to(dtype).view(k, c, 1)).squeeze(-1)
         return list(zip(w.unbind(0), bias.unbind(0)))
 
-    def net_weights(self) -> List[Optional[List[Tuple[torch.Tensor, torch.Tensor]]]]:
+    def net_weights(self, amp: Optional[torch.dtype] = None) -> List[Optional[List[Tuple[torch.Tensor, torch.Tensor]]]]:
         """Each step's coupling network as (weight, bias) per FOLDABLE layer, the output scales folded
-        in for the whole level at once (``fold_output_scales``); None per step with fused off."""
+        in for the whole level at once (``fold_output_scales``), in the autocast dtype ``amp`` when
+        given; None per step with fused off."""
         if not self.fused:
             return [None] * len(self.steps)
         nets = [step.coupling.net for step in self.steps]
-        layers = [zip(*fold_output_scales([net[i] for net in nets]))
+        layers = [zip(*fold_output_scales([net[i] for net in nets], amp))
                   for i, layer in enumerate(nets[0]) if isinstance(layer, FOLDABLE)]
         return [list(per_step) for per_step in zip(*layers)]
 
@@ -514,7 +520,7 @@ class Glow(nn.Module):
             h = x
             for level in self.levels:
                 h = squeeze2d(h)
-                for step, (w, b), net in zip(level.steps, level.conv_weights(h.dtype), level.net_weights()):
+                for step, (w, b), net in zip(level.steps, level.conv_weights(h.dtype), level.net_weights(amp)):
                     h, ld = self._run_step(step, h, amp, w, b, net)
                     logp = logp + ld
                 if level.prior is not None:
