@@ -473,6 +473,16 @@ def test_fused_glow_is_the_same_function_with_the_same_gradients(coupling, lu, c
     torch.testing.assert_close(fused.sample(3, 0.7, eps=eps), separate.sample(3, 0.7, eps=eps), rtol=0, atol=1e-10)
 
 
+def _initialised_glow(fused: bool, steps: int, hidden: int, n: int):
+    """A fresh 3 x 16 x 16, two-level Glow, fused or not, ActNorm-initialised on n random images."""
+    torch.manual_seed(0)
+    glow = Glow(3, 16, levels=2, steps=steps, hidden=hidden)
+    glow.set_fused(fused)
+    x = torch.rand(n, 3, 16, 16) - 0.5
+    glow.initialize_actnorm(x)
+    return glow, x
+
+
 @pytest.mark.parametrize("amp,at_most", [(False, 0.6), (True, 0.35)])
 def test_fused_glow_keeps_far_fewer_activations_for_backward(amp, at_most):
     """Bytes autograd keeps per extra example (parameters and buffers excluded), counted with saved-tensor
@@ -497,11 +507,7 @@ def test_fused_glow_keeps_far_fewer_activations_for_backward(amp, at_most):
 
     per_example = {}
     for fused in (True, False):
-        torch.manual_seed(0)
-        glow = Glow(3, 16, levels=2, steps=2, hidden=64)
-        glow.set_fused(fused)
-        x = torch.rand(8, 3, 16, 16) - 0.5
-        glow.initialize_actnorm(x)
+        glow, x = _initialised_glow(fused, steps=2, hidden=64, n=8)
         per_example[fused] = (saved_bytes(glow, x[:6]) - saved_bytes(glow, x[:2])) / 4
     assert per_example[False] > 0
     assert per_example[True] < at_most * per_example[False], per_example
@@ -526,11 +532,7 @@ def test_fused_glow_folds_each_level_in_batched_ops():
 
     ops = {}
     for fused in (True, False):
-        torch.manual_seed(0)
-        glow = Glow(3, 16, levels=2, steps=8, hidden=16)
-        glow.set_fused(fused)
-        x = torch.rand(4, 3, 16, 16) - 0.5
-        glow.initialize_actnorm(x)
+        glow, x = _initialised_glow(fused, steps=8, hidden=16, n=4)
         with Ops() as count:
             glow.log_prob(x).sum().backward()
         ops[fused] = count.n
