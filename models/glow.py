@@ -201,8 +201,8 @@ def fold_output_scales(layers: List[nn.Module], dtype: Optional[torch.dtype] = N
     (``_ConvActNorm``, ``ZeroConv2d``), with the scale folded in:
         (conv(x, W) + b) * s = conv(x, W * s, b * s),  s = exp(f * logs),
     for all the layers at once in batched ops. A level folds its K steps' layers together, a few ops
-    per level instead of a few per layer: 4,138 ops per glow_cifar10 forward and backward, against
-    7,054 folded layer by layer and 7,675 as separate layers. ``dtype``: the autocast dtype the convs
+    per level instead of a few per layer (glow_cifar10's forward and backward: 4,138 ops folded per
+    level, 7,054 folded layer by layer, 7,675 as separate layers, before the log-dets were batched too). ``dtype``: the autocast dtype the convs
     will run in (cast here once for all the layers rather than by each conv)."""
     terms = [m.scaled_conv() for m in layers]  # (W, b, logs, f): views of the parameters
     w, b, logs = (torch.stack(t) for t in list(zip(*terms))[:3])
@@ -376,20 +376,20 @@ class FlowStep(nn.Module):
         self.coupling = COUPLINGS[coupling](channels, hidden)
 
     def forward(self, x: torch.Tensor, amp: Optional[torch.dtype] = None, weight: Optional[torch.Tensor] = None,
-                bias: Optional[torch.Tensor] = None, net: Optional[list] = None):
+                bias: Optional[torch.Tensor] = None, logdet: Optional[torch.Tensor] = None, net: Optional[list] = None):
         """``weight``: the 1x1 conv's W assembled by the level (``GlowLevel.conv_weights``), or None
-        (the layer assembles it). With ``bias`` too, ActNorm is folded into them: one conv,
-        W diag(s) x + W diag(s) b, replaces ActNorm -> conv. ``net``: the coupling network's folded
-        weights (``GlowLevel.net_weights``), or None."""
+        (the layer assembles it). With ``bias`` and ``logdet`` too, ActNorm is folded in: one conv,
+        W diag(s) x + W diag(s) b, replaces ActNorm -> conv, and ``logdet`` is the two layers' log-det
+        (data-independent: a 0-dim tensor). ``net``: the coupling network's folded weights
+        (``GlowLevel.net_weights``), or None."""
         if bias is None:
             x, ld1 = self.actnorm(x)
             x, ld2 = self.invconv(x, weight)
-            ld = ld1 + ld2
+            logdet = ld1 + ld2
         else:
             x = F.conv2d(x, weight[:, :, None, None], bias)
-            ld = (_spatial(x) * (self.actnorm.logs.to(x.dtype).sum() + self.invconv.log_abs_det(x.dtype))).expand(x.shape[0])
         x, ld3 = self.coupling(x, amp, net)
-        return x, ld + ld3
+        return x, ld3 + logdet
 
     def inverse(self, y: torch.Tensor, amp: Optional[torch.dtype] = None) -> torch.Tensor:
         y = self.coupling.inverse(y, amp)
@@ -411,21 +411,30 @@ class GlowLevel(nn.Module):
         # Zero conv on the kept half -> (mean, logs) of the factored-out half, interleaved.
         self.prior = ZeroConv2d(channels // 2, channels) if split else None
 
-    def conv_weights(self, dtype: torch.dtype) -> List[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
-        """Each step's (weight, bias) for ``FlowStep.forward``, made for the whole level at once in
-        batched ops. ``fused`` (Glow.set_fused) once the ActNorms are initialised: ActNorm folded into
-        the 1x1 conv, W diag(s) and W diag(s) b. Otherwise (W, None), W assembled here for LU convs
-        and None for plain ones (the layer uses its own); ActNorm's data-dependent init needs its input."""
-        convs = [step.invconv for step in self.steps]
+    def conv_weights(self, h: torch.Tensor) -> List[Tuple[Optional[torch.Tensor], ...]]:
+        """Each step's (weight, bias, logdet) for ``FlowStep.forward`` on the level's input ``h``, made
+        for the whole level at once in batched ops. ``fused`` (Glow.set_fused) once the ActNorms are
+        initialised: ActNorm folded into the 1x1 conv, W diag(s) and W diag(s) b, and the two layers'
+        log-det, H*W*(sum(log s) + log|det W|). Otherwise (W, None, None), W assembled here for LU
+        convs and None for plain ones (the layer uses its own); ActNorm's data-dependent init needs
+        its input."""
+        dtype, convs = h.dtype, [step.invconv for step in self.steps]
         lu = all(isinstance(c, InvConv1x1LU) for c in convs)
         if not self.fused or any(step.actnorm.initializing for step in self.steps):
-            return [(w, None) for w in (lu_weights(convs, dtype).unbind(0) if lu else [None] * len(convs))]
-        w = lu_weights(convs, dtype) if lu else torch.stack([c.weight for c in convs]).to(dtype)
+            return [(w, None, None) for w in (lu_weights(convs, dtype).unbind(0) if lu else [None] * len(convs))]
+        if lu:
+            w = lu_weights(convs, dtype)
+            log_abs_det = torch.stack([c.log_s for c in convs]).to(dtype).sum(-1)
+        else:
+            w = torch.stack([c.weight for c in convs])
+            log_abs_det = torch.linalg.slogdet(w.double())[1].to(dtype)  # float64, as the layer does
+            w = w.to(dtype)
         k, c = w.shape[:2]
-        scale = torch.exp(torch.stack([step.actnorm.logs for step in self.steps]).to(dtype)).view(k, 1, c)
-        w = w * scale  # scales W's columns: W diag(s)
+        logs = torch.stack([step.actnorm.logs for step in self.steps]).to(dtype).view(k, c)
+        w = w * torch.exp(logs).view(k, 1, c)  # scales W's columns: W diag(s)
         bias = (w @ torch.stack([step.actnorm.bias for step in self.steps]).to(dtype).view(k, c, 1)).squeeze(-1)
-        return list(zip(w.unbind(0), bias.unbind(0)))
+        logdet = _spatial(h) * (logs.sum(-1) + log_abs_det)
+        return list(zip(w.unbind(0), bias.unbind(0), logdet.unbind(0)))
 
     def net_weights(self, amp: Optional[torch.dtype] = None) -> List[Optional[List[Tuple[torch.Tensor, torch.Tensor]]]]:
         """Each step's coupling network as (weight, bias) per FOLDABLE layer, the output scales folded
@@ -498,10 +507,11 @@ class Glow(nn.Module):
         return self.classifier(z_top.mean(dim=(2, 3))) if self.classifier is not None else None
 
     # ---- forward / inverse ----------------------------------------------------------------------
-    def _run_step(self, step: FlowStep, h: torch.Tensor, amp, weight=None, bias=None, net=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _run_step(self, step: FlowStep, h: torch.Tensor, amp, conv: tuple, net=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``conv``: the step's (weight, bias, logdet) from ``GlowLevel.conv_weights``."""
         if self.checkpointing and torch.is_grad_enabled() and h.requires_grad:
-            return checkpoint(step, h, amp, weight, bias, net, use_reentrant=False)
-        return step(h, amp, weight, bias, net)
+            return checkpoint(step, h, amp, *conv, net, use_reentrant=False)
+        return step(h, amp, *conv, net)
 
     def _check_x(self, x: torch.Tensor) -> None:
         expected = (self.in_channels, self.image_size, self.image_size)
@@ -520,9 +530,11 @@ class Glow(nn.Module):
             h = x
             for level in self.levels:
                 h = squeeze2d(h)
-                for step, (w, b), net in zip(level.steps, level.conv_weights(h.dtype), level.net_weights(amp)):
-                    h, ld = self._run_step(step, h, amp, w, b, net)
-                    logp = logp + ld
+                logdets = []
+                for step, conv, net in zip(level.steps, level.conv_weights(h), level.net_weights(amp)):
+                    h, ld = self._run_step(step, h, amp, conv, net)
+                    logdets.append(ld)
+                logp = logp + torch.stack(logdets).sum(0)  # one sum per level, not an add per step
                 if level.prior is not None:
                     h, z2 = h.chunk(2, dim=1)
                     mean, logs = level.split_params(h)
