@@ -101,7 +101,8 @@ bench 60 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "t
 bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
 
 # 5. If time is left: PGAN compiled with the penalty in bf16; Glow CIFAR-10 fp32 as shipped (CUDA graphs,
-#    compile reduce-overhead; now with flow.fused) at batch 64 (815 img/s at f2ef648) and 256; BigGAN baseline and cuDNN autotuning alone (the row that ran out of
+#    compile reduce-overhead; now with flow.fused) at batch 64 (815 img/s at f2ef648) and 256; BigGAN
+#    baseline and cuDNN autotuning alone (the row that ran out of
 #    memory at f2ef648); Glow graphs in bf16; PGAN compiled at batch 64; the largest BigGAN batch, eager
 bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 \
   --variant "trainer.channels_last=true trainer.compile=default loss.gp_autocast=true"
