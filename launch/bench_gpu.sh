@@ -92,12 +92,13 @@ bench 200 $BIG model.attention_impl=sdpa --steps 8 --warmup 4
 
 # 4. Progressive GAN grown to 256 px (the paper's network), timed in the 256 px stable phase: phases of
 #    1 image put every step after the first at 256 px, alpha 1, so FLOPs are counted at 256 px too.
-#    WGAN-GP, bf16, batch 16: eager with the penalty's critic in fp32 (as at f2ef648: 54.1 img/s) and in bf16
-#    (loss.gp_autocast, as a step wrapped whole in autocast runs it; the reference's bf16 row: 59 img/s); then
-#    compiled G, D and gradient penalty (one graph with its double backward; at f2ef648 the penalty ran D
-#    eagerly)
-bench 60 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.compile=off" \
-  --variant "trainer.compile=off loss.gp_autocast=true"
+#    WGAN-GP, bf16, batch 16, eager: resampling and convolutions separate (pgan.fused_scale=false, as at
+#    f2ef648: 54.1 img/s), folded into one strided / transposed conv (pgan.fused_scale, 0.65x the FLOPs),
+#    then also the penalty's critic in bf16 instead of fp32 (loss.gp_autocast, as a step wrapped whole in
+#    autocast runs it; the reference's bf16 row: 59 img/s); then compiled G, D and gradient penalty (one
+#    graph with its double backward; at f2ef648 the penalty ran D eagerly)
+bench 80 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.compile=off pgan.fused_scale=false" \
+  --variant "trainer.compile=off" --variant "trainer.compile=off loss.gp_autocast=true"
 bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
 
 # 5. If time is left: PGAN compiled with the penalty in bf16; Glow CIFAR-10 fp32 as shipped (CUDA graphs,

@@ -9,6 +9,14 @@ exactly what the previous level computed, so growing never jolts training.
 Layers use the equalised learning rate: weights are stored N(0, 1) and multiplied at run time by
 He's constant gain / sqrt(fan_in), so Adam's per-parameter step sizes act on a uniform scale.
 Feature maps at stage s (resolution 2^(s+1)) are min(fmap_base / 2^s, fmap_max), as the reference.
+
+``fused_scale`` (the official code's default, True) folds the resampling into the convolution next to it,
+as the reference's `upscale2d_conv2d` / `conv2d_downscale2d`: G's nearest 2x upsampling followed by a 3x3
+conv is one stride-2 transposed conv with a 4x4 kernel (the same function, 4 instead of 9 multiply-adds
+per output pixel, and no upsampled tensor), and D's 3x3 conv followed by 2x2 average pooling is one
+stride-2 4x4 conv (16 multiply-adds per output pixel instead of 36 at twice the resolution). In D the
+leaky ReLU then follows the pooling, as in the official code; False keeps the separate ops and D's
+activation before the pooling (pytorch_GAN_zoo's order).
 """
 from __future__ import annotations
 
@@ -45,6 +53,25 @@ class EqualizedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+
+    def up(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(nearest 2x upsampling of x) in one transposed convolution."""
+        w = _shift_sum(self.weight * self.scale).flip(2, 3).transpose(0, 1)  # conv_transpose: (cin, cout, kh, kw)
+        return F.conv_transpose2d(x, w, self.bias, stride=2, padding=1)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """2x2 average pooling of forward(x) in one strided convolution."""
+        return F.conv2d(x, _shift_sum(self.weight * self.scale) * 0.25, self.bias, stride=2, padding=1)
+
+
+def _shift_sum(w: torch.Tensor) -> torch.Tensor:
+    """A 3x3 kernel summed over the four 2x2 shifts, (..., 3, 3) -> (..., 4, 4). Output pixel (2i+a, 2j+b)
+    of conv(upsampled x) reads x only at rows i-1..i+1 with kernel rows merged pairwise by the upsampling,
+    and a pooled conv output sums the kernel at four shifts; both are this 4x4 kernel (flipped for the
+    transposed conv)."""
+    assert w.shape[-2:] == (3, 3), "fused resampling needs 3x3 kernels"
+    w = F.pad(w, (1, 1, 1, 1))
+    return w[..., 1:, 1:] + w[..., :-1, 1:] + w[..., 1:, :-1] + w[..., :-1, :-1]
 
 
 def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -107,9 +134,10 @@ def _fade(old: torch.Tensor, new: torch.Tensor, alpha: Alpha) -> torch.Tensor:
 
 class PGANGenerator(nn.Module):
     def __init__(self, z_dim: int = 512, resolution: int = 32, channels: int = 3, start_resolution: int = 4,
-                 fmap_base: int = 8192, fmap_max: int = 512):
+                 fmap_base: int = 8192, fmap_max: int = 512, fused_scale: bool = True):
         super().__init__()
         self.z_dim, self.resolution, self.channels = z_dim, resolution, channels
+        self.fused_scale = fused_scale
         self.levels = num_levels(start_resolution, resolution)
         stage0 = int(math.log2(start_resolution)) - 1
         nf = [fmaps(stage0 + i, fmap_base, fmap_max) for i in range(self.levels)]
@@ -127,15 +155,15 @@ class PGANGenerator(nn.Module):
         h = _lrelu(self.dense(pixel_norm(z))).view(z.shape[0], -1, 4, 4)
         h = pixel_norm(_lrelu(self.conv0(pixel_norm(h))))
         for k in range(0, len(self.pre), 2):  # up to the start resolution
-            h = F.interpolate(h, scale_factor=2, mode="nearest")
-            h = pixel_norm(_lrelu(self.pre[k + 1](pixel_norm(_lrelu(self.pre[k](h))))))
+            h = self._up_pair(self.pre[k], self.pre[k + 1], h)
         return h
 
     def _block(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        h = F.interpolate(h, scale_factor=2, mode="nearest")
-        for conv in self.blocks[i]:
-            h = pixel_norm(_lrelu(conv(h)))
-        return h
+        return self._up_pair(*self.blocks[i], h)
+
+    def _up_pair(self, conv0: EqualizedConv2d, conv1: EqualizedConv2d, h: torch.Tensor) -> torch.Tensor:
+        h = conv0.up(h) if self.fused_scale else conv0(F.interpolate(h, scale_factor=2, mode="nearest"))
+        return pixel_norm(_lrelu(conv1(pixel_norm(_lrelu(h)))))
 
     def forward(self, z: torch.Tensor, level: Optional[int] = None, alpha: Alpha = 1.0) -> torch.Tensor:
         """Images at resolution start * 2^level (default: the final one, fully faded in); ``alpha`` a float
@@ -154,10 +182,10 @@ class PGANGenerator(nn.Module):
 
 class PGANDiscriminator(nn.Module):
     def __init__(self, resolution: int = 32, channels: int = 3, start_resolution: int = 4, fmap_base: int = 8192,
-                 fmap_max: int = 512, mbstd_group: int = 4):
+                 fmap_max: int = 512, mbstd_group: int = 4, fused_scale: bool = True):
         super().__init__()
         self.levels = num_levels(start_resolution, resolution)
-        self.group = mbstd_group
+        self.group, self.fused_scale = mbstd_group, fused_scale
         stage0 = int(math.log2(start_resolution)) - 1
         nf = [fmaps(stage0 + i, fmap_base, fmap_max) for i in range(self.levels)]
         self.from_rgb = nn.ModuleList([EqualizedConv2d(channels, c, 1) for c in nf])
@@ -171,13 +199,15 @@ class PGANDiscriminator(nn.Module):
         self.dense2 = EqualizedLinear(fmaps(0, fmap_base, fmap_max), 1, gain=1.0)
 
     def _block(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        for conv in self.blocks[i]:
-            h = _lrelu(conv(h))
-        return F.avg_pool2d(h, 2)
+        return self._down_pair(*self.blocks[i], h)
+
+    def _down_pair(self, conv0: EqualizedConv2d, conv1: EqualizedConv2d, h: torch.Tensor) -> torch.Tensor:
+        h = _lrelu(conv0(h))
+        return _lrelu(conv1.down(h)) if self.fused_scale else F.avg_pool2d(_lrelu(conv1(h)), 2)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         for k in range(0, len(self.post), 2):  # from the start resolution down to 4x4
-            h = F.avg_pool2d(_lrelu(self.post[k + 1](_lrelu(self.post[k](h)))), 2)
+            h = self._down_pair(self.post[k], self.post[k + 1], h)
         h = _lrelu(self.conv_top(minibatch_stddev(h, self.group)))
         return self.dense2(_lrelu(self.dense1(h.flatten(1)))).squeeze(1)
 
@@ -201,7 +231,7 @@ def level_resolutions(start_resolution: int, resolution: int) -> List[int]:
 
 @register("pgan", "Progressive GAN: G and D grown from 4x4 with fade-in, equalised lr, pixel norm, mbstd.")
 def build_pgan(z_dim: int, resolution: int, channels: int, start_resolution: int = 4, fmap_base: int = 8192,
-               fmap_max: int = 512, mbstd_group: int = 4):
-    G = PGANGenerator(z_dim, resolution, channels, start_resolution, fmap_base, fmap_max)
-    D = PGANDiscriminator(resolution, channels, start_resolution, fmap_base, fmap_max, mbstd_group)
+               fmap_max: int = 512, mbstd_group: int = 4, fused_scale: bool = True):
+    G = PGANGenerator(z_dim, resolution, channels, start_resolution, fmap_base, fmap_max, fused_scale)
+    D = PGANDiscriminator(resolution, channels, start_resolution, fmap_base, fmap_max, mbstd_group, fused_scale)
     return G, D

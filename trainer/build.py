@@ -132,7 +132,7 @@ def gan_build_args(cfg: dict, channels: int, num_classes: int) -> dict:
             "num_classes": num_classes}
     if cfg["model"]["name"] == "pgan":  # widths, start resolution and mbstd group live in the pgan section
         args.update({k: v for k, v in cfg["pgan"].items() if k in ("start_resolution", "fmap_base", "fmap_max",
-                                                                     "mbstd_group")})
+                                                                     "mbstd_group", "fused_scale")})
     return args
 
 

@@ -9,6 +9,7 @@ value is reported with the layer (file or argument) it came from and the closest
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -147,6 +148,10 @@ class PGANConfig:
     fmap_base: int = f(8192, "Feature maps at stage s (resolution 2^(s+1)) are min(fmap_base / 2^s, fmap_max).")
     fmap_max: int = f(512, "Upper bound on the feature maps of any layer.")
     mbstd_group: int = f(4, "Group size of D's minibatch standard-deviation layer.")
+    fused_scale: bool = f(True, "Resampling folded into the next convolution, as the official code's default: G's "
+                                "upsample + 3x3 conv as one transposed conv (same function), D's 3x3 conv + 2x2 "
+                                "average pool as one strided conv with the leaky ReLU after the pool. About a "
+                                "third fewer FLOPs; false: separate ops, D activating before the pool.")
 
 
 @dataclass
@@ -463,7 +468,7 @@ def load_config(experiment: Optional[str] = None, overrides: Optional[List[str]]
                 base: Optional[dict] = None) -> DictConfig:
     """Defaults + experiment file (+ a saved config ``base`` when resuming) + overrides, validated."""
     cfg = OmegaConf.structured(GenscaleConfig)
-    layers = [("saved run config", OmegaConf.create(base))] if base is not None else []
+    layers = [("saved run config", OmegaConf.create(_saved_behaviour(base)))] if base is not None else []
     if base is None:
         layers += _load_experiment(experiment or DEFAULT_EXPERIMENT)
     command_line = _parse_overrides(overrides or [])
@@ -475,6 +480,20 @@ def load_config(experiment: Optional[str] = None, overrides: Optional[List[str]]
     OmegaConf.set_readonly(cfg, False)
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+# Keys added after runs could be saved, whose default changes what a saved run computes, with the value
+# that keeps the old behaviour: a run resumed from a config saved before the key existed trains on as before.
+BEFORE_KEY_EXISTED = {"pgan.fused_scale": False}
+
+
+def _saved_behaviour(base: dict) -> dict:
+    base = copy.deepcopy(base)
+    for key, old in BEFORE_KEY_EXISTED.items():
+        section, name = key.split(".")
+        if name not in base.get(section, {}):
+            base.setdefault(section, {})[name] = old
+    return base
 
 
 def _undo_yaml_booleans(cfg: DictConfig) -> None:

@@ -154,3 +154,38 @@ def test_fused_glow_on_cuda_same_log_density_and_less_memory(amp, grad_tol, at_m
     for (name, _), gf, gs in zip(glow.named_parameters(), out[True][1], out[False][1]):
         assert float((gf - gs).norm()) <= grad_tol * float(gs.norm()), name
     assert peak[True] < at_most * peak[False], peak
+
+
+def test_fused_pgan_on_cuda_same_images_and_a_lighter_critic():
+    """pgan.fused_scale on CUDA (cuDNN's stride-2 transposed and strided convolutions, NHWC, bf16 autocast):
+    G's images as with the separate upsampling (the same function; bf16 rounds at other points), and D's
+    forward and backward peak lower (on CPU its saved tensors drop from 243.7 to 137.6 MB at these sizes,
+    0.56x; stated bound 0.8x for the peak, which also holds backward's transient buffers)."""
+    from models.pgan import PGANDiscriminator, PGANGenerator
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    kw = dict(resolution=128, channels=3, fmap_base=1024, fmap_max=128)
+    G = PGANGenerator(z_dim=64, **kw).to(dev, memory_format=torch.channels_last)
+    D = PGANDiscriminator(**kw).to(dev, memory_format=torch.channels_last)
+    z = torch.randn(16, 64, device=dev)
+    x = torch.randn(16, 3, 128, 128, device=dev).contiguous(memory_format=torch.channels_last)
+    images, peak = {}, {}
+    for fused in (False, True):
+        G.fused_scale = D.fused_scale = fused
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            images[fused] = G(z).float()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            score = D(x.requires_grad_())
+        score.float().sum().backward()
+        torch.cuda.synchronize()
+        peak[fused] = torch.cuda.max_memory_allocated(dev) - base
+        assert torch.isfinite(x.grad).all()
+        x.grad = None
+    # on CPU in bf16 each path is 2.1-2.4% off fp32 in relative norm at these sizes; a wrong kernel is O(1)
+    err = float((images[True] - images[False]).norm() / images[False].norm())
+    assert err <= 0.06, err
+    assert peak[True] < 0.8 * peak[False], peak

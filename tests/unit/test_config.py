@@ -266,6 +266,21 @@ def test_resume_base_layer():
     assert cfg.trainer.max_iters == 20 and cfg.data.name == "digits" and cfg.experiment == "gan_digits"
 
 
+def test_a_run_saved_before_pgan_fused_scale_resumes_with_the_separate_ops():
+    """The fused D activates after pooling, another function: a run saved before the key existed (trained
+    with the separate ops) must resume with them; new runs get the official code's default."""
+    from trainer.build import gan_build_args
+    from trainer.config import to_dict
+
+    base = to_dict(load_config("pgan_mnist5k"))
+    assert base["pgan"]["fused_scale"] is True and load_config(base=base).pgan.fused_scale is True
+    del base["pgan"]["fused_scale"]
+    cfg = load_config(base=base)
+    assert cfg.pgan.fused_scale is False and "fused_scale" not in base["pgan"]
+    assert gan_build_args(to_dict(cfg), 1, 10)["fused_scale"] is False
+    assert load_config(base=base, overrides=["pgan.fused_scale=true"]).pgan.fused_scale is True
+
+
 # ---- documentation -----------------------------------------------------------------------------
 
 
