@@ -130,7 +130,7 @@ def gan_build_args(cfg: dict, channels: int, num_classes: int) -> dict:
     what the data decides."""
     args = {**cfg["model"], "resolution": cfg["data"]["resolution"], "channels": channels,
             "num_classes": num_classes}
-    if cfg["model"]["name"] == "pgan":  # widths, start resolution and mbstd group live in the pgan section
+    if cfg["model"]["name"] == "pgan":  # widths, start resolution, mbstd group, fused_scale: the pgan section
         args.update({k: v for k, v in cfg["pgan"].items() if k in ("start_resolution", "fmap_base", "fmap_max",
                                                                      "mbstd_group", "fused_scale")})
     return args
