@@ -3,6 +3,9 @@
 #   bash launch/bench_gpu.sh OUTDIR [BUDGET_S]
 #   CHECK=1 bash launch/bench_gpu.sh OUTDIR   (no GPU needed: every bench command's arguments and configs are
 #                                              checked, `genscale bench train --check`; nothing is timed)
+# Rows marked P also run 2 iterations under torch.profiler after their timed ones (`--profile 2`,
+# trainer/bench_profile.py): the GPU's busy share of the step, kernels per iteration, time by kind
+# of kernel and the costliest kernels, in bench.log and in each JSON row's `profile`.
 # One JSON line per measurement in OUTDIR/bench.jsonl (`genscale bench train --out`; each row records
 # its `variant` overrides and the switches: compile_mode, channels_last, optimizer_impl, cudnn_benchmark),
 # the tables in OUTDIR/bench.log, every command's whole output in OUTDIR/bench_raw.log and the GPU tests'
@@ -45,7 +48,7 @@ bench() {  # bench LIMIT_S EXPERIMENT ARGS...: one process, its rows appended to
   timeout -k 10 "$limit" $G bench train "$exp" trainer.accelerator=gpu trainer.devices=1 "$@" --out "$J" \
     ${CHECK:+--check} >> "$RAW" 2>&1
   local rc=$?
-  tail -n +$((from + 1)) "$RAW" | grep -E "^\||^ok: |Error|Exception|error:|out of memory" | tee -a "$LOG" | tail -12
+  tail -n +$((from + 1)) "$RAW" | grep -E "^\||^ok: |^profile |^  |Error|Exception|error:|out of memory" | tee -a "$LOG" | tail -12
   echo "=== exit $rc at ${SECONDS}s" | tee -a "$LOG"
 }
 [ -n "${CHECK:-}" ] || nvidia-smi -L | tee -a "$LOG"
@@ -78,8 +81,8 @@ fi
 #    as separate layers (flow.fused=false, the arithmetic of every earlier Glow row: 303 / 846 img/s fp32
 #    at batch 64 / 256 at f2ef648) against folded into the convolutions (flow.fused, half the fp32
 #    activation memory, a fifth of it in bf16); fp32 at 64 and 256, bf16 at 256
-bench 90 glow_cifar10 --batch 64 256 --precision 32 --steps 12 --warmup 3 --variant "trainer.compile=off flow.fused=false" \
-  --variant "trainer.compile=off"
+bench 90 glow_cifar10 --batch 64 256 --precision 32 --steps 12 --warmup 3 --profile 2 \
+  --variant "trainer.compile=off flow.fused=false" --variant "trainer.compile=off"  # P
 bench 60 glow_cifar10 --batch 256 --precision bf16-mixed --steps 12 --warmup 3 --variant "trainer.compile=off flow.fused=false" \
   --variant "trainer.compile=off"
 
@@ -87,8 +90,9 @@ bench 60 glow_cifar10 --batch 256 --precision bf16-mixed --steps 12 --warmup 3 -
 #    matmuls (the (hw x hw/4) map materialised, its softmax in fp32 under autocast) against the fused
 #    F.scaled_dot_product_attention (model.attention_impl=sdpa); then sdpa as shipped (compiled), against
 #    737 img/s with matmul at f2ef648
-bench 90 $BIG --steps 8 --warmup 2 --variant "trainer.compile=off" --variant "trainer.compile=off model.attention_impl=sdpa"
-bench 200 $BIG model.attention_impl=sdpa --steps 8 --warmup 4
+bench 90 $BIG --steps 8 --warmup 2 --profile 2 --variant "trainer.compile=off" \
+  --variant "trainer.compile=off model.attention_impl=sdpa"  # P
+bench 200 $BIG model.attention_impl=sdpa --steps 8 --warmup 4 --profile 2  # P
 
 # 4. Progressive GAN grown to 256 px (the paper's network), timed in the 256 px stable phase: phases of
 #    1 image put every step after the first at 256 px, alpha 1, so FLOPs are counted at 256 px too.
@@ -97,9 +101,11 @@ bench 200 $BIG model.attention_impl=sdpa --steps 8 --warmup 4
 #    then also the penalty's critic in bf16 instead of fp32 (loss.gp_autocast, as a step wrapped whole in
 #    autocast runs it; the reference's bf16 row: 59 img/s); then compiled G, D and gradient penalty (one
 #    graph with its double backward; at f2ef648 the penalty ran D eagerly)
-bench 80 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.compile=off pgan.fused_scale=false" \
-  --variant "trainer.compile=off" --variant "trainer.compile=off loss.gp_autocast=true"
-bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
+bench 80 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --profile 2 \
+  --variant "trainer.compile=off pgan.fused_scale=false" --variant "trainer.compile=off" \
+  --variant "trainer.compile=off loss.gp_autocast=true"  # P
+bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --profile 2 \
+  --variant "trainer.channels_last=true trainer.compile=default"  # P
 
 # 5. If time is left: PGAN compiled with the penalty in bf16; Glow CIFAR-10 fp32 as shipped (CUDA graphs,
 #    compile reduce-overhead; now with flow.fused) at batch 64 (815 img/s at f2ef648) and 256; BigGAN
@@ -107,8 +113,8 @@ bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --variant "
 #    memory at f2ef648); Glow graphs in bf16; PGAN compiled at batch 64; the largest BigGAN batch, eager
 bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 \
   --variant "trainer.channels_last=true trainer.compile=default loss.gp_autocast=true"
-bench 150 glow_cifar10 --batch 64 --precision 32 --steps 15 --warmup 5
-bench 150 glow_cifar10 --batch 256 --precision 32 --steps 15 --warmup 5
+bench 150 glow_cifar10 --batch 64 --precision 32 --steps 15 --warmup 5 --profile 2  # P
+bench 150 glow_cifar10 --batch 256 --precision 32 --steps 15 --warmup 5 --profile 2  # P
 bench 90 $BIG --steps 8 --warmup 2 --variant "$OLD" --variant "$FOREACH"
 bench 150 glow_cifar10 --batch 64 --precision bf16-mixed --steps 15 --warmup 5
 bench 120 $PG --batch 64 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"

@@ -200,12 +200,13 @@ def cmd_bench(args) -> int:
 
 def cmd_bench_train(args) -> int:
     from trainer.bench import bench_config, format_table, run_variant
+    from trainer.bench_profile import format_profiles
 
     cases = [(b, p, v) for b in args.batch or [None] for p in args.precision or [None] for v in args.variant or [""]]
     if args.check:  # every case's config, nothing built or timed: errors surface before GPU time is spent
         for batch, precision, variant in cases:
             cfg = bench_config(args.experiment, list(args.overrides) + variant.split(), batch, args.steps,
-                               args.warmup, precision)
+                               args.warmup, precision, args.profile)
             print(f"ok: {args.experiment} batch {cfg.data.batch_size} {cfg.trainer.precision} "
                   f"compile {cfg.trainer.compile} {variant or 'baseline'}")
         return 0
@@ -213,11 +214,14 @@ def cmd_bench_train(args) -> int:
     for batch, precision, variant in cases:
         rows.append(run_variant(args.experiment, args.overrides, variant, batch=batch, steps=args.steps,
                                 warmup=args.warmup, precision=precision, compile_nets=args.compile,
-                                log=lambda m: print(m, file=sys.stderr, flush=True)))
+                                log=lambda m: print(m, file=sys.stderr, flush=True), profile=args.profile,
+                                profile_top=args.profile_top))
         if args.out:  # each row as soon as it is measured: a later one may be cut off by a time limit
             with open(args.out, "a") as fh:
                 fh.write(json.dumps(rows[-1]) + "\n")
     print(format_table(rows))
+    if args.profile:
+        print(format_profiles(rows))
     if not args.out:
         print(json.dumps(rows, indent=1))
     return 0
@@ -263,6 +267,11 @@ def _bench_parser(sp) -> None:
                    help="torch.compile the networks (G and D, or the flow) after the FLOP count, in the mode "
                         "trainer.compile names (default when it is off); --no-compile times them eagerly. "
                         "Neither: as the experiment ships (biggan_imagenet128 and glow_cifar10 compile)")
+    t.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed iterations, N more under torch.profiler: device time per iteration "
+                        "and its share of the step (busy), kernels per iteration, time by kind of kernel and "
+                        "the costliest kernels (on the CPU: aten ops by self time); in the JSON row as `profile`")
+    t.add_argument("--profile-top", type=int, default=12, metavar="K", help="kernels (or ops) kept in the profile's list")
     t.add_argument("--variant", action="append", default=None, metavar="'KEY=VALUE ...'",
                    help="extra overrides measured as one more row in the same process (repeatable; '' is the "
                         "overrides alone): switches on and off on the same card, without a process start each")

@@ -13,7 +13,9 @@ step). Order of events:
   2. then, with --compile or trainer.compile=MODE, G and D (or the flow) are compiled (the module's own
      compile_networks, as `genscale train` does at its start; --compile alone means mode default);
   3. ``warmup`` iterations (compilation, cuDNN autotuning, allocator growth) are not timed;
-  4. ``steps`` iterations are timed one by one, with the device synchronised at each boundary.
+  4. ``steps`` iterations are timed one by one, with the device synchronised at each boundary;
+  5. with ``profile`` N > 0, N more run under torch.profiler (trainer/bench_profile.py: the device's
+     kernels on CUDA, the aten ops on the CPU), after the timing, so the profiler slows nothing timed.
 Reported: median, p10 and p90 seconds per iteration, images/s (images per iteration / median),
 TFLOP/s achieved (FLOPs / median), peak device memory in the timed window, device, precision,
 batch, strategy and the commit, and which speed switches were on (compile mode, channels_last,
@@ -33,6 +35,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from trainer.bench_profile import ProfileWindow
 from trainer.build import _devices, _strategy, build_module, cudnn_benchmark
 from trainer.callbacks.ema import EMACallback
 from trainer.config import is_flow, load_config, to_dict
@@ -125,8 +128,12 @@ class BenchTimer(L.Callback):
 
     FLOP_IT = 2
 
-    def __init__(self, warmup: int, steps: int, compile_mode: str, log: Callable[[str], None]):
+    def __init__(self, warmup: int, steps: int, compile_mode: str, log: Callable[[str], None], profile: int = 0,
+                 profile_top: int = 12):
         self.warmup, self.steps, self.compile_mode, self.log = warmup, steps, compile_mode, log
+        self.profile, self.profile_top = profile, profile_top
+        self.profile_summary: Optional[dict] = None
+        self._window = None
         self.optimizer_impls: List[str] = []
         self.flops = 0
         self.times: List[float] = []
@@ -165,7 +172,7 @@ class BenchTimer(L.Callback):
             if module.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(module.device)
             self._t, self._seen = time.perf_counter(), images_of(module)
-        elif it > first:
+        elif first < it <= first + self.steps:  # (the profiled iterations after these are not timed)
             self._sync(module)
             now, seen = time.perf_counter(), images_of(module)
             self.times.append(now - self._t)
@@ -175,7 +182,15 @@ class BenchTimer(L.Callback):
                 if module.device.type == "cuda":
                     self.peak_bytes = torch.cuda.max_memory_allocated(module.device)
                     self.reserved_bytes = torch.cuda.max_memory_reserved(module.device)
-                trainer.should_stop = True
+                if self.profile:
+                    self._window = ProfileWindow(module.device)
+                    self._window.start()
+                else:
+                    trainer.should_stop = True
+        if self._window is not None and it == first + self.steps + self.profile:
+            self.profile_summary = self._window.stop(self.profile, statistics.median(self.times), self.profile_top)
+            self._window = None
+            trainer.should_stop = True
 
 
 def optimizer_impl(opt) -> str:
@@ -190,21 +205,21 @@ def _quantile(xs: List[float], q: float) -> float:
 
 
 def bench_config(experiment: str, overrides: Optional[List[str]], batch: Optional[int], steps: int, warmup: int,
-                 precision: Optional[str]):
+                 precision: Optional[str], profile: int = 0):
     """The run config one bench case trains with (`--check` loads only this)."""
     ov = list(overrides or [])
     if batch is not None:
         ov.append(f"data.batch_size={batch}")
     if precision is not None:
         ov.append(f"trainer.precision={precision}")
-    ov += ["logging.wandb=false", f"trainer.max_iters={steps + warmup + BenchTimer.FLOP_IT + 1}"]
+    ov += ["logging.wandb=false", f"trainer.max_iters={steps + warmup + profile + BenchTimer.FLOP_IT + 1}"]
     return load_config(experiment, ov)
 
 
 def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batch: Optional[int] = None,
                     steps: int = 20, warmup: int = 5, precision: Optional[str] = None, compile_nets: Optional[bool] = None,
-                    log: Callable[[str], None] = lambda m: None) -> dict:
-    cfg = bench_config(experiment, overrides, batch, steps, warmup, precision)
+                    log: Callable[[str], None] = lambda m: None, profile: int = 0, profile_top: int = 12) -> dict:
+    cfg = bench_config(experiment, overrides, batch, steps, warmup, precision, profile)
     channels, classes = data_shape(cfg)
     module = build_module(cfg, channels=channels, num_classes=classes)
     t = cfg.trainer
@@ -212,7 +227,7 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
     compile_mode = "off" if compile_nets is False else (
         str(t.compile) if t.compile != "off" else ("default" if compile_nets else "off"))
     module.cfg["trainer"]["compile"] = "off"  # compiled by the timer after the eager FLOP count instead
-    timer = BenchTimer(warmup, steps, compile_mode, log)
+    timer = BenchTimer(warmup, steps, compile_mode, log, profile, profile_top)
     callbacks: list = [timer]
     if cfg.ema.enabled and not is_flow(cfg):
         callbacks.append(EMACallback(cfg.ema.decay, cfg.ema.start_iter, cfg.ema.rampup_iters))
@@ -229,8 +244,9 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
     log(f"bench train {experiment}: batch {cfg.data.batch_size}, precision {t.precision}, "
         f"{warmup} warm-up + {steps} timed iterations")
     trainer.fit(module, train_dataloaders=loader)
-    if len(timer.times) < steps:
-        raise RuntimeError(f"only {len(timer.times)} of {steps} iterations were timed")
+    if len(timer.times) != steps or (profile and timer.profile_summary is None):
+        raise RuntimeError(f"only {len(timer.times)} of {steps} iterations were timed"
+                           + (", and the profile did not finish" if profile and timer.profile_summary is None else ""))
     med = statistics.median(timer.times)
     per_iter = statistics.median(timer.images)
     n_critic = 1 if is_flow(cfg) else int(cfg.optim.n_critic)
@@ -250,6 +266,7 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
         "peak_mem_gb": timer.peak_bytes / 2 ** 30 if timer.peak_bytes else None,
         "peak_reserved_gb": timer.reserved_bytes / 2 ** 30 if timer.reserved_bytes else None,
         "overrides": list(overrides or []),
+        "profile": timer.profile_summary,
     }
 
 

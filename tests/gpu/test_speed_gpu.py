@@ -189,3 +189,20 @@ def test_fused_pgan_on_cuda_same_images_and_a_lighter_critic():
     err = float((images[True] - images[False]).norm() / images[False].norm())
     assert err <= 0.06, err
     assert peak[True] < 0.8 * peak[False], peak
+
+
+def test_bench_profile_reads_the_gpu_kernels(tmp_path):
+    """`bench train --profile` on CUDA: the records are the device's kernels (the convolutions among the
+    costliest, cuDNN's by name), the device is busy for part of the unprofiled step, and each host
+    launch has its kernel (eager: no CUDA graphs, so at least as many kernels as launches)."""
+    from trainer.bench import run_train_bench
+
+    row = run_train_bench("gan_digits", ["trainer.accelerator=gpu", "trainer.devices=1", f"logging.root={tmp_path}",
+                                         "model.g_width=32", "model.d_width=32", "trainer.compile=off"],
+                          batch=64, steps=3, warmup=2, profile=2, profile_top=50)
+    p = row["profile"]
+    assert p["device"] == "cuda" and p["iters"] == 2 and p["records_per_iter"] > 20
+    assert 0 < p["busy"] < 1.5, p["busy"]
+    assert p["kinds_ms_per_iter"].get("matmul/conv", 0) > 0, p["kinds_ms_per_iter"]
+    assert p["host_per_iter"].get("launches", 0) > 10 and p["records_per_iter"] >= p["host_per_iter"]["launches"]
+    assert not any(t["name"].startswith("aten::") for t in p["top"])  # device records, not CPU ops

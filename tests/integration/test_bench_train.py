@@ -2,6 +2,8 @@
 as they must, and reports what BENCHMARKS.md needs."""
 import json
 
+import pytest
+
 from launch.cli import main
 from trainer.bench import run_train_bench
 
@@ -89,3 +91,32 @@ def test_bench_overrides_may_follow_the_options(capsys):
     assert "ok: biggan_mnist5k" in capsys.readouterr().out
     assert main(["bench", "train", "biggan_mnist5k", "model.attention_impl=flash", "--check"]) == 2
     assert "Valid values: matmul, sdpa" in capsys.readouterr().err
+
+
+def test_profile_counts_each_iterations_convolutions(tmp_path, capsys):
+    """--profile N: N whole iterations after the timed ones. Per vanilla-GAN iteration (n_critic 1, D on
+    real and fake in one call): G and D forward in D's phase and again in G's, so 2 (|G| + |D|) conv
+    forwards; backwards through D in both phases and through G in G's, 2 |D| + |G|."""
+    import torch.nn as nn
+
+    from trainer.build import build_module
+    from trainer.config import load_config
+
+    ov = [f"logging.root={tmp_path}/runs", "trainer.accelerator=cpu", "optim.n_critic=1"]
+    module = build_module(load_config("gan_digits", ov), channels=1, num_classes=10)
+    convs = {n: sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in getattr(module, n).modules()) for n in "GD"}
+    for n in (2, 3):
+        row = run_train_bench("gan_digits", ov, batch=8, steps=2, warmup=1, profile=n, profile_top=1000)
+        p = row["profile"]
+        assert p["device"] == "cpu" and p["iters"] == n
+        calls = {t["name"]: t["calls_per_iter"] for t in p["top"]}
+        assert calls["aten::_convolution"] == 2 * (convs["G"] + convs["D"]) == 8
+        assert calls["aten::convolution_backward"] == 2 * convs["D"] + convs["G"] == 6
+        assert sum(p["kinds_ms_per_iter"].values()) == pytest.approx(p["busy_ms_per_iter"])  # CPU: self times add up
+        assert 0 < p["busy"] < 5 and p["kinds_ms_per_iter"]["matmul/conv"] > 0
+    out = tmp_path / "p.jsonl"
+    assert main(["bench", "train", "gan_digits", *ov, "--steps", "2", "--warmup", "0", "--batch", "8",
+                 "--profile", "1", "--profile-top", "3", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["profile"]["iters"] == 1 and len(row["profile"]["top"]) == 3
+    assert "profile gan_digits batch 8 32 baseline: cpu" in capsys.readouterr().out

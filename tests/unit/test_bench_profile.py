@@ -1,0 +1,62 @@
+"""The profile summary of `genscale bench train --profile`: kinds of real kernel names, interval
+unions and per-iteration figures against hand-computed values."""
+import pytest
+
+from trainer.bench_profile import format_profiles, kind_of, summarise, union_us
+
+# Names as torch.profiler reports them on CUDA (cuDNN, cuBLAS, CUTLASS, Triton, ATen) and on the CPU.
+NAMES = {
+    "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1": "matmul/conv",
+    "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "matmul/conv",
+    "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_nn_align8>(...)": "matmul/conv",
+    "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>(...)": "matmul/conv",
+    "triton_poi_fused_convolution_leaky_relu_mul_0": "triton (compiled)",
+    "triton_red_fused__native_batch_norm_legit_functional_1": "triton (compiled)",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4, false, false, cutlass::bfloat16_t>>(...)": "attention",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>(...)": "optimizer",
+    "void at::native::batch_norm_collect_statistics_kernel<at::native::InvStd, float, float, float, int>(...)": "normalization",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MeanOps<float, float, float, float>, unsigned int, float, 4>>(...)": "reduction",
+    "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda(float)#1}>>(...)": "copy/cast",
+    "void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, unsigned int, 4, 64, 64>(...)": "copy/cast",
+    "Memcpy HtoD (Pageable -> Device)": "copy/cast",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::leaky_relu_kernel(at::TensorIteratorBase&, c10::Scalar const&)::{lambda()#1}::operator()() const::{lambda(float)#1}, std::array<char*, 2ul>>(int, ...)": "elementwise",
+    "void at::native::unrolled_elementwise_kernel<at::native::convert_kernel_fn, std::array<char*, 2ul>>(...)": "elementwise",
+    "aten::convolution_backward": "matmul/conv",
+    "aten::native_batch_norm": "normalization",
+    "aten::_foreach_add_": "optimizer",
+    "aten::leaky_relu": "elementwise",
+    "aten::copy_": "copy/cast",
+    "aten::sum": "reduction",
+    "cudaLaunchKernel": "other",
+}
+
+
+@pytest.mark.parametrize("name", list(NAMES))
+def test_kind_of_real_kernel_names(name):
+    assert kind_of(name) == NAMES[name]
+
+
+def test_union_counts_overlap_once():
+    assert union_us([]) == 0
+    assert union_us([(0, 10), (5, 15), (20, 25), (21, 22), (30, 30)]) == 15 + 5
+    assert union_us([(20, 25), (0, 10)]) == 15
+
+
+def test_summary_per_iteration_by_hand():
+    records = [("gemm_a", 300.0), ("gemm_a", 300.0), ("triton_poi_fused_add_0", 100.0), ("Memset (Device)", 50.0),
+               ("gemm_a", 250.0), ("triton_poi_fused_add_0", 100.0)]
+    s = summarise(records, busy_us=1000.0, iters=2, step_s=0.002, wall_s=0.01,
+                  host={"launches": 12, "graph_replays": 2}, top=2)
+    assert s["iters"] == 2 and s["records_per_iter"] == 3.0
+    assert s["busy_ms_per_iter"] == pytest.approx(0.5) and s["busy"] == pytest.approx(0.25)  # 0.5 of a 2 ms step
+    assert s["profiled_wall_ms_per_iter"] == pytest.approx(5.0)
+    assert s["host_per_iter"] == {"graph_replays": 1.0, "launches": 6.0}
+    assert s["kinds_ms_per_iter"] == pytest.approx({"matmul/conv": 0.425, "triton (compiled)": 0.1, "copy/cast": 0.025})
+    assert list(s["kinds_ms_per_iter"]) == ["matmul/conv", "triton (compiled)", "copy/cast"]  # costliest first
+    assert [t["name"] for t in s["top"]] == ["gemm_a", "triton_poi_fused_add_0"]
+    assert s["top"][0]["calls_per_iter"] == 1.5 and s["top"][0]["ms_per_iter"] == pytest.approx(0.425)
+    assert s["top"][0]["share"] == pytest.approx(850 / 1100) and s["top"][1]["share"] == pytest.approx(200 / 1100)
+    text = format_profiles([{"experiment": "x", "batch": 4, "precision": "32", "variant": "", "s_per_iter_median": 0.002,
+                             "profile": {"device": "cuda", **s}}, {"experiment": "y", "profile": None}])
+    assert "0.5 ms/iter (25% busy of the 2.0 ms step)" in text and "launches 6" in text
+    assert "profile y" not in text and len(text.splitlines()) == 2 + 2  # a row without a profile adds nothing
