@@ -16,7 +16,7 @@ identity (so a fresh model is a well-defined density). Its "initialised" flag is
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -507,8 +507,9 @@ class Glow(nn.Module):
         return self.classifier(z_top.mean(dim=(2, 3))) if self.classifier is not None else None
 
     # ---- forward / inverse ----------------------------------------------------------------------
-    def _run_step(self, step: FlowStep, h: torch.Tensor, amp, conv: tuple, net=None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``conv``: the step's (weight, bias, logdet) from ``GlowLevel.conv_weights``."""
+    def _run_step(self, step: Callable, h: torch.Tensor, amp, conv: tuple, net=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``step``: a FlowStep, or a callable that runs one (a compiled wrapper); ``conv``: the step's
+        (weight, bias, logdet) from ``GlowLevel.conv_weights``."""
         if self.checkpointing and torch.is_grad_enabled() and h.requires_grad:
             return checkpoint(step, h, amp, *conv, net, use_reentrant=False)
         return step(h, amp, *conv, net)
@@ -519,8 +520,10 @@ class Glow(nn.Module):
             raise ValueError(f"Glow was built for inputs of shape (N, {expected[0]}, {expected[1]}, "
                              f"{expected[2]}), got {tuple(x.shape)}.")
 
-    def _encode(self, x: torch.Tensor, y: Optional[torch.Tensor]):
-        """-> latents, priors [(mean, logs)] per latent, log p(x) per example."""
+    def _encode(self, x: torch.Tensor, y: Optional[torch.Tensor], step_fns: Optional[Sequence[Sequence[Callable]]] = None):
+        """-> latents, priors [(mean, logs)] per latent, log p(x) per example. ``step_fns``: per level,
+        per step, a callable that runs that step in its place (the trainer's compiled wrappers with
+        trainer.compile_scope=block); the steps themselves when None."""
         self._check_x(x)
         amp = _amp_dtype(x.device)
         y = self._check_y(y, x.shape[0])
@@ -528,10 +531,11 @@ class Glow(nn.Module):
             logp = x.new_zeros(x.shape[0])
             latents, priors = [], []
             h = x
-            for level in self.levels:
+            for i, level in enumerate(self.levels):
                 h = squeeze2d(h)
                 logdets = []
-                for step, conv, net in zip(level.steps, level.conv_weights(h), level.net_weights(amp)):
+                steps = level.steps if step_fns is None else step_fns[i]
+                for step, conv, net in zip(steps, level.conv_weights(h), level.net_weights(amp)):
                     h, ld = self._run_step(step, h, amp, conv, net)
                     logdets.append(ld)
                 logp = logp + torch.stack(logdets).sum(0)  # one sum per level, not an add per step
@@ -547,9 +551,10 @@ class Glow(nn.Module):
             priors.append((mean, logs))
         return latents, priors, logp
 
-    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
-        """-> (log p(x) in nats per example, class logits or None)."""
-        latents, _, logp = self._encode(x, y)
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None,
+                step_fns: Optional[Sequence[Sequence[Callable]]] = None):
+        """-> (log p(x) in nats per example, class logits or None). ``step_fns``: see ``_encode``."""
+        latents, _, logp = self._encode(x, y, step_fns)
         with torch.autocast(x.device.type, enabled=False):
             return logp, self.class_logits(latents[-1])
 

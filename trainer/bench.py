@@ -16,7 +16,8 @@ step). Order of events:
   4. ``steps`` iterations are timed one by one, with the device synchronised at each boundary;
   5. with ``profile`` N > 0, N more run under torch.profiler (trainer/bench_profile.py: the device's
      kernels on CUDA, the aten ops on the CPU), after the timing, so the profiler slows nothing timed.
-Reported: median, p10 and p90 seconds per iteration, images/s (images per iteration / median),
+Reported: the seconds from the FLOP count to the first timed iteration (``warmup_s``: compilation
+and the warm-up iterations, what a run pays before full speed), median, p10 and p90 seconds per iteration, images/s (images per iteration / median),
 TFLOP/s achieved (FLOPs / median), peak device memory in the timed window, device, precision,
 batch, strategy and the commit, and which speed switches were on (compile mode, channels_last,
 optimiser kernels as resolved on the device, cuDNN autotuning), so rows differing in one switch compare it.
@@ -144,6 +145,8 @@ class BenchTimer(L.Callback):
         self.device: Optional[torch.device] = None  # read during training: fit moves the module back to the CPU
         self._t = None
         self._seen = 0
+        self._warm_from = 0.0
+        self.warmup_s = 0.0  # compiling and the warm-up iterations: what a run pays before full speed
 
     def _sync(self, module) -> None:
         if module.device.type == "cuda":
@@ -165,10 +168,13 @@ class BenchTimer(L.Callback):
         if it == self.FLOP_IT and self._flop_mode is not None and self.flops == 0:
             self._flop_mode.__exit__(None, None, None)
             self.flops = int(self._flop_mode.get_total_flops())
+            self._sync(module)
+            self._warm_from = time.perf_counter()
             module.compile_networks(self.compile_mode)  # "off": nothing
         first = self.FLOP_IT + self.warmup
         if it == first:
             self._sync(module)
+            self.warmup_s = time.perf_counter() - self._warm_from
             if module.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(module.device)
             self._t, self._seen = time.perf_counter(), images_of(module)
@@ -255,11 +261,12 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
         "batch": int(cfg.data.batch_size), "n_critic": n_critic, "images_per_iter": int(per_iter),
         "precision": str(t.precision), "strategy": type(trainer.strategy).__name__,
         "zero_stage": int(t.zero_stage) if str(t.strategy) == "deepspeed" else None,
-        "compile": compile_mode != "off", "compile_mode": compile_mode, "channels_last": bool(t.channels_last),
+        "compile": compile_mode != "off", "compile_mode": compile_mode,
+        "compile_scope": str(t.get("compile_scope", "model")), "channels_last": bool(t.channels_last),
         "optimizer_impl": "/".join(timer.optimizer_impls), "cudnn_benchmark": cudnn_benchmark(t),
         "world_size": int(trainer.world_size),
         "device": _device_name(timer.device or module.device), "torch": torch.__version__, "commit": _commit(),
-        "date": time.strftime("%Y-%m-%d"), "steps": steps, "warmup": warmup,
+        "date": time.strftime("%Y-%m-%d"), "steps": steps, "warmup": warmup, "warmup_s": timer.warmup_s,
         "s_per_iter_median": med, "s_per_iter_p10": _quantile(timer.times, 0.1),
         "s_per_iter_p90": _quantile(timer.times, 0.9), "images_per_s": per_iter / med,
         "flops_per_iter": timer.flops, "tflops_per_s": timer.flops / med / 1e12,
@@ -279,19 +286,26 @@ def format_table(rows: List[dict]) -> str:
 
 def _timing_table(rows: List[dict]) -> str:
     head = ("| experiment | device | precision | batch | strategy | compile | NHWC | optimiser | s/iter (p10-p90) | "
-            "img/s | TFLOP/iter | TFLOP/s | peak mem |")
-    lines = [head, "|" + "---|" * 13]
+            "img/s | TFLOP/iter | TFLOP/s | peak mem | warm-up s |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         mem = f"{r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] else "n/a"
         if r.get("peak_reserved_gb"):
             mem += f" ({r['peak_reserved_gb']:.1f} reserved)"
         strat = r["strategy"] + (f" ZeRO-{r['zero_stage']}" if r["zero_stage"] is not None else "")
         lines.append(f"| {r['experiment']} | {r['device']} | {r['precision']} | {r['batch']} | {strat} | "
-                     f"{r.get('compile_mode', 'default') if r['compile'] else 'no'} | "
+                     f"{_compile_label(r)} | "
                      f"{'yes' if r.get('channels_last') else 'no'} | {r.get('optimizer_impl') or '?'} | "
                      f"{r['s_per_iter_median']:.4f} ({r['s_per_iter_p10']:.4f}-{r['s_per_iter_p90']:.4f}) | "
-                     f"{r['images_per_s']:.1f} | {r['flops_per_iter'] / 1e12:.3f} | {r['tflops_per_s']:.2f} | {mem} |")
+                     f"{r['images_per_s']:.1f} | {r['flops_per_iter'] / 1e12:.3f} | {r['tflops_per_s']:.2f} | {mem} | "
+                     f"{r.get('warmup_s', 0):.1f} |")
     return "\n".join(lines)
+
+
+def _compile_label(r: dict) -> str:
+    if not r["compile"]:
+        return "no"
+    return r.get("compile_mode", "default") + (" per block" if r.get("compile_scope") == "block" else "")
 
 
 def run_variant(experiment: str, overrides: Optional[List[str]], variant: str, **kw) -> dict:

@@ -86,8 +86,15 @@ class TrainerConfig:
                                     "Turned off by trainer.deterministic=true, since the chosen algorithms may vary.")
     compile: str = f("off", "torch.compile G and D (or the flow) at the start of training with this mode: off, "
                             "default, reduce-overhead (CUDA graphs), max-autotune or max-autotune-no-cudagraphs. "
-                            "The gradient penalty's double backward runs D eagerly (compiled graphs have no double "
-                            "backward). Not with trainer.strategy=deepspeed. The first steps are slow (compilation).")
+                            "The gradient penalty is compiled as a graph of its own (D's forward, its input gradient "
+                            "and the norm), whose backward is the double backward. Not with "
+                            "trainer.strategy=deepspeed. The first steps are slow (compilation).")
+    compile_scope: str = f("model", "What one torch.compile graph covers: model (the whole network: fusion across "
+                                    "its layers, the longest compile) or block (flows only: each flow step on its own; "
+                                    "the steps of a level share shapes, so one level's compiled code serves all its "
+                                    "steps: compile time of about one step per level instead of the whole flow, at "
+                                    "the cost of fusion across steps and, under reduce-overhead, one CUDA-graph "
+                                    "replay per step).")
     checkpoint: CheckpointConfig = sub(CheckpointConfig, "When and how many checkpoints are written.")
 
 
@@ -350,6 +357,7 @@ CHOICES = {
     "optim.g.impl": ["auto", "fused", "foreach", "plain"],
     "optim.d.impl": ["auto", "fused", "foreach", "plain"],
     "trainer.compile": ["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    "trainer.compile_scope": ["model", "block"],
     "model.attention_impl": ["matmul", "sdpa"],
     "knowledge.constraint": ["class_consistency", "symmetry"],
 }
@@ -548,6 +556,9 @@ def validate(cfg: DictConfig) -> None:
     _validate_pgan(cfg)
     if is_flow(cfg):
         _validate_flow(cfg)
+    elif cfg.trainer.compile_scope == "block":
+        raise ConfigError("trainer.compile_scope=block compiles a flow's steps one by one; GAN networks compile "
+                          "whole. Set trainer.compile_scope=model.")
     elif cfg.loss.gp_autocast and cfg.trainer.precision != "bf16-mixed":
         raise ConfigError(f"loss.gp_autocast=true needs trainer.precision=bf16-mixed (got {cfg.trainer.precision}): "
                           "under 16-mixed the penalty's unscaled inner gradient would underflow, and in 32 there "

@@ -134,15 +134,25 @@ def test_compile_with_gradient_penalty_trains_like_eager(tmp_path):
     _assert_close_weights(eager, compiled, atol=1e-4)
 
 
-def test_compile_glow_gives_eager_log_density_and_gradients(tmp_path, capsys):
+@pytest.mark.parametrize("scope", ["model", "block"])
+def test_compile_glow_gives_eager_log_density_and_gradients(tmp_path, capsys, scope):
     """After real compiled training steps, the compiled flow's log p(x) and gradients on a fresh batch
     equal the eager flow's on the same weights. (Weights after several Adam steps are no test here:
     Adam moves a parameter with a near-zero gradient by ~lr whatever its sign, so rounding-level
-    gradient differences become lr-sized weight differences in the first steps.)"""
-    run = _run(tmp_path, "glow_digits", "compiled", *GLOW, "trainer.compile=default")
-    assert "torch.compile (mode default) of glow: the first iterations compile" in capsys.readouterr().err
+    gradient differences become lr-sized weight differences in the first steps.) With
+    trainer.compile_scope=block, the 2 x 4 flow steps compile to a few graphs, not one per step."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    run = _run(tmp_path, "glow_digits", "compiled", *GLOW, "trainer.compile=default", f"trainer.compile_scope={scope}",
+               *(["flow.steps=4"] if scope == "block" else []))
+    assert f"torch.compile (mode default) of glow{' (each block on its own)' if scope == 'block' else ''}: the first " \
+        "iterations compile" in capsys.readouterr().err
     m = run.module
     assert set(m._compiled) == {"glow"} and m.it == 4
+    if scope == "block":  # a graph per level, and one more where a level's first step sees other strides
+        assert 2 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
     x = m.prep(torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8), torch.Generator().manual_seed(1))
     out = {}
     for name, net in (("eager", m.glow), ("compiled", m._compiled["glow"])):
@@ -171,6 +181,7 @@ def test_cudnn_benchmark_reaches_torch_unless_deterministic(tmp_path):
     ("optim.g.impl=fast", "auto, fused, foreach, plain"),
     ("flow.optimizer_impl=x", "auto, fused, foreach, plain"),
     ("trainer.compile=on", "off, default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs"),
+    ("trainer.compile_scope=layer", "model, block"),
     ("model.attention_impl=flash", "matmul, sdpa"),
 ])
 def test_unknown_switch_values_list_the_valid_ones(override, valid):
@@ -184,6 +195,7 @@ def test_unknown_switch_values_list_the_valid_ones(override, valid):
     ("gan_digits", "trainer.channels_last=true", "deepspeed"),
     ("gan_digits", "trainer.compile=default", "deepspeed"),
     ("wgan_gp_mnist5k", "loss.gp_autocast=true", "needs trainer.precision=bf16-mixed"),
+    ("biggan_mnist5k", "trainer.compile_scope=block", "GAN networks compile whole. Set trainer.compile_scope=model"),
 ])
 def test_impossible_combinations_are_refused(experiment, override, msg):
     if msg is None:  # adamax with auto is fine; with fused it is refused
@@ -203,8 +215,11 @@ def test_bench_rows_record_the_switches(tmp_path):
                                          "model.d_width=8", "trainer.channels_last=true", "optim.g.impl=fused"],
                           batch=8, steps=2, warmup=0)
     assert row["channels_last"] is True and row["optimizer_impl"] == "fused/foreach"  # G fused, D auto on CPU
+    assert row["compile_scope"] == "model" and 0 <= row["warmup_s"] < 60
     assert row["compile"] is False and row["compile_mode"] == "off" and row["cudnn_benchmark"] is True
     assert "| no | yes | fused/foreach |" in format_table([row])
+    assert "| reduce-overhead per block | yes |" in format_table(
+        [{**row, "compile": True, "compile_mode": "reduce-overhead", "compile_scope": "block"}])
 
 
 def test_bench_no_compile_times_an_experiment_that_ships_compiled_eagerly(tmp_path):
