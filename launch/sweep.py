@@ -13,7 +13,8 @@ The YAML is W&B's sweep format, so one file serves all three backends:
     command: [${env}, ${interpreter}, -m, launch.cli, train, gan_mnist5k, ${args_no_hyphens}]
 
 Every trial is the command with ${args_no_hyphens} replaced by its `key=value` overrides (the same
-form as `genscale train` takes). `local` runs the trials one after another, `slurm` submits them as
+form as `genscale train` takes). `local` runs the trials one after another (or --parallel N at once,
+each with its share of the visible GPUs and its output in trial-NNN.log), `slurm` submits them as
 one job array, `wandb` creates the sweep on the W&B server and runs an agent (online only).
 Each sweep writes runs/sweeps/<id>/ with the sweep file and one line per trial in trials.jsonl.
 """
@@ -29,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -119,19 +121,71 @@ def _sweep_dir(root: str, sweep_id: str, spec_path: str) -> Path:
     return d
 
 
-def run_local(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str) -> int:
-    failed = 0
-    for i, assignment in enumerate(trials):
-        cmd = command_for(spec, assignment)
-        env = dict(os.environ, GENSCALE_RUN_ID=f"{sweep_id}-{i:03d}")
-        print(f"genscale sweep: trial {i + 1}/{len(trials)}: {shlex.join(cmd)}", flush=True)
-        rc = subprocess.run(cmd, env=env).returncode
-        failed += rc != 0
+def visible_gpus() -> List[str]:
+    """The GPUs trials may use: CUDA_VISIBLE_DEVICES when set, else nvidia-smi's indices (no torch import)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return out.stdout.split() if out.returncode == 0 else []
+
+
+def slot_gpus(slot: int, parallel: int, gpus: List[str]) -> Optional[str]:
+    """CUDA_VISIBLE_DEVICES for concurrent slot ``slot`` of ``parallel``: an equal, disjoint share of
+    ``gpus``; None (the environment as it is) when there are fewer GPUs than slots to share out."""
+    per = len(gpus) // parallel
+    return ",".join(gpus[slot * per:(slot + 1) * per]) if per else None
+
+
+def run_local(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, parallel: int = 1) -> int:
+    """Runs the trials, up to ``parallel`` at once; each finished one appends its line to trials.jsonl.
+    One at a time, a trial's output goes to the console; concurrently, to sweep_dir/trial-NNN.log."""
+    gpus = visible_gpus() if parallel > 1 else []
+    free, running, failed = list(range(parallel)), {}, 0
+    pending = list(enumerate(trials))
+    while pending or running:
+        while pending and free:
+            i, assignment = pending.pop(0)
+            slot = free.pop(0)
+            cmd = command_for(spec, assignment)
+            env = dict(os.environ, GENSCALE_RUN_ID=f"{sweep_id}-{i:03d}")
+            devices = slot_gpus(slot, parallel, gpus)
+            if devices is not None:
+                env["CUDA_VISIBLE_DEVICES"] = devices
+            log = sweep_dir / f"trial-{i:03d}.log" if parallel > 1 else None
+            where = f" (GPUs {devices}; output in {log})" if devices else (f" (output in {log})" if log else "")
+            print(f"genscale sweep: trial {i + 1}/{len(trials)}{where}: {shlex.join(cmd)}", flush=True)
+            out = open(log, "w") if log else None
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+            running[proc] = (i, assignment, cmd, env["GENSCALE_RUN_ID"], slot, out, log)
+        proc = _wait_any(running)
+        i, assignment, cmd, run_id, slot, out, log = running.pop(proc)
+        if out:
+            out.close()
+        free.append(slot)
+        failed += proc.returncode != 0
+        record = {"trial": i, "overrides": assignment, "command": cmd, "returncode": proc.returncode, "run_id": run_id}
+        if log:
+            record["log"] = str(log)
+            if proc.returncode:
+                print(f"genscale sweep: trial {i + 1} failed (exit {proc.returncode}); its output: {log}", flush=True)
         with open(sweep_dir / "trials.jsonl", "a") as fh:
-            fh.write(json.dumps({"trial": i, "overrides": assignment, "command": cmd, "returncode": rc,
-                                 "run_id": env["GENSCALE_RUN_ID"]}) + "\n")
+            fh.write(json.dumps(record) + "\n")
     print(json.dumps({"sweep_dir": str(sweep_dir), "trials": len(trials), "failed": failed}))
     return 1 if failed else 0
+
+
+def _wait_any(running: dict) -> subprocess.Popen:
+    """The first of the running trials to finish."""
+    while True:
+        for proc in running:
+            if proc.poll() is not None:
+                return proc
+        time.sleep(0.2)
 
 
 def run_slurm(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, partition: str = "",
@@ -176,11 +230,14 @@ def cmd_sweep(args) -> int:
         spec = load_sweep(args.sweep)
         if args.backend == "wandb":
             return run_wandb(spec, args.project)
+        if args.parallel < 1 or (args.parallel > 1 and args.backend != "local"):
+            raise LaunchError(f"--parallel {args.parallel}: give a number of trials of at least 1, with --backend "
+                              "local (a SLURM array's trials run as the scheduler places them).")
         trials = expand(spec, args.count, args.seed)
         sweep_id = args.id or f"sweep-{_dt.datetime.now():%Y%m%d-%H%M%S}"
         sweep_dir = _sweep_dir(args.root, sweep_id, args.sweep)
         if args.backend == "local":
-            return run_local(spec, trials, sweep_dir, sweep_id)
+            return run_local(spec, trials, sweep_dir, sweep_id, args.parallel)
         return run_slurm(spec, trials, sweep_dir, sweep_id, args.partition, args.time)
     except FileExistsError as e:
         print(f"genscale sweep: error: sweep directory {e.filename} exists: choose another --id.", file=sys.stderr)
@@ -196,6 +253,9 @@ def add_parser(sp) -> argparse.ArgumentParser:
     s.add_argument("sweep", help="sweep YAML (W&B format)")
     s.add_argument("--backend", choices=["local", "slurm", "wandb"], default="local")
     s.add_argument("--count", type=int, default=None, help="random sweeps: number of trials")
+    s.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="local backend: trials run at once (default 1); each gets an equal share of the visible "
+                        "GPUs when there are at least N, and writes its output to trial-NNN.log in the sweep directory")
     s.add_argument("--seed", type=int, default=0, help="random sweeps: seed of the draws")
     s.add_argument("--id", default=None, help="sweep id (default: sweep-<time>)")
     s.add_argument("--root", default="runs", help="sweep records go to ROOT/sweeps/<id>/")

@@ -1,8 +1,10 @@
 """Sweeps in W&B's format: a local 2x2 grid gives 4 runs with the right overrides; random sweeps
 draw reproducibly; the wandb backend refuses clearly when W&B is offline."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -33,13 +35,18 @@ def test_random_sweep_is_reproducible_and_in_range():
 
 @pytest.mark.slow
 def test_local_grid_sweep_makes_four_runs_with_their_overrides(tmp_path, sweep_file):
-    res = subprocess.run([sys.executable, "-m", "launch.cli", "sweep", str(sweep_file()), "--backend",
-                          "local", "--id", "s1", "--root", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    """Two trials at a time (--parallel 2): each its own run directory and log, all four recorded."""
+    res = subprocess.run([sys.executable, "-m", "launch.cli", "sweep", str(sweep_file()), "--backend", "local",
+                          "--parallel", "2", "--id", "s1", "--root", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "sweeps" / "s1" / "trials.jsonl").read_text().splitlines()]
-    assert [x["returncode"] for x in lines] == [0, 0, 0, 0]
+    assert [x["returncode"] for x in lines] == [0, 0, 0, 0] and sorted(x["trial"] for x in lines) == [0, 1, 2, 3]
+    assert res.stdout.count("genscale sweep: trial ") == 4 and "(output in " in res.stdout
     seen = set()
     for x in lines:
+        log = Path(x["log"]).read_text()  # the trial's own output: the summary line of its run
+        assert x["run_id"] in log and '"iteration": 2' in log, log[-2000:]
         run_dir = tmp_path / "runs" / "gan_digits" / x["run_id"]
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert cfg["optim"]["d"]["lr"] == x["overrides"]["optim.d.lr"]
@@ -58,3 +65,17 @@ def test_bad_sweeps_and_offline_wandb_are_refused(tmp_path, capsys, monkeypatch,
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert main(["sweep", str(sweep_file()), "--backend", "wandb"]) == 2
     assert "needs W&B online" in capsys.readouterr().err
+    for argv in (["--parallel", "0"], ["--parallel", "2", "--backend", "slurm"]):
+        assert main(["sweep", str(sweep_file()), "--root", str(tmp_path), "--id", "p", *argv]) == 2
+        assert "--parallel" in capsys.readouterr().err
+    assert not (tmp_path / "sweeps" / "p").exists()  # refused before anything was written
+
+
+def test_parallel_trials_share_the_gpus_out():
+    from launch.sweep import slot_gpus
+
+    gpus = ["0", "1", "2", "3", "4"]
+    assert [slot_gpus(k, 2, gpus) for k in range(2)] == ["0,1", "2,3"]  # equal shares; the fifth stays idle
+    assert [slot_gpus(k, 4, gpus) for k in range(4)] == ["0", "1", "2", "3"]
+    assert slot_gpus(0, 1, gpus) == "0,1,2,3,4"
+    assert slot_gpus(0, 2, ["7"]) is None and slot_gpus(1, 2, []) is None  # too few to share: as the environment is
