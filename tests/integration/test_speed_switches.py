@@ -151,8 +151,8 @@ def test_compile_glow_gives_eager_log_density_and_gradients(tmp_path, capsys, sc
         "iterations compile" in capsys.readouterr().err
     m = run.module
     assert set(m._compiled) == {"glow"} and m.it == 4
-    if scope == "block":  # a graph per level, and one more where a level's first step sees other strides
-        assert 2 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    if scope == "block":  # a graph per level, and one more for the first step: its input (data) needs no grad
+        assert counters["stats"]["unique_graphs"] == 2 + 1, dict(counters["stats"])
     x = m.prep(torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8), torch.Generator().manual_seed(1))
     out = {}
     for name, net in (("eager", m.glow), ("compiled", m._compiled["glow"])):
