@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from trainer.bench_profile import ProfileWindow
-from trainer.build import _devices, _strategy, build_module, cudnn_benchmark
+from trainer.build import _devices, _strategy, apply_cpu_threads, build_module, cudnn_benchmark
 from trainer.callbacks.ema import EMACallback
 from trainer.config import is_flow, load_config, to_dict
 from trainer.counters import iteration_of, images_of
@@ -226,6 +226,7 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
                     steps: int = 20, warmup: int = 5, precision: Optional[str] = None, compile_nets: Optional[bool] = None,
                     log: Callable[[str], None] = lambda m: None, profile: int = 0, profile_top: int = 12) -> dict:
     cfg = bench_config(experiment, overrides, batch, steps, warmup, precision, profile)
+    apply_cpu_threads(cfg)  # as `genscale train` does (the row's device names the thread count)
     channels, classes = data_shape(cfg)
     module = build_module(cfg, channels=channels, num_classes=classes)
     t = cfg.trainer

@@ -400,10 +400,15 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
     return Run(cfg, run_dir, module, dm, trainer, ckpt_path, ckpt_cb, samples)
 
 
+def apply_cpu_threads(cfg: DictConfig) -> None:
+    """trainer.cpu_threads (0: torch's default, left alone)."""
+    if cfg.trainer.cpu_threads > 0:
+        torch.set_num_threads(cfg.trainer.cpu_threads)
+
+
 def train(experiment: Optional[str] = None, overrides: Optional[List[str]] = None) -> Run:
     run = prepare_run(experiment, overrides)
-    if run.cfg.trainer.cpu_threads > 0:
-        torch.set_num_threads(run.cfg.trainer.cpu_threads)
+    apply_cpu_threads(run.cfg)
     if run.cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     # Lightning re-runs this script for ranks > 0 on this node (devices > 1): they join this run directory.

@@ -120,3 +120,15 @@ def test_profile_counts_each_iterations_convolutions(tmp_path, capsys):
     row = json.loads(out.read_text())
     assert row["profile"]["iters"] == 1 and len(row["profile"]["top"]) == 3
     assert "profile gan_digits batch 8 32 baseline: cpu" in capsys.readouterr().out
+
+
+def test_bench_applies_the_configs_cpu_threads(tmp_path):
+    import torch
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        row = _bench(tmp_path, 8, "trainer.cpu_threads=1", "model.g_width=8", "model.d_width=8")
+        assert row["device"].endswith("(1 threads)") and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(old)
