@@ -109,9 +109,11 @@ bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --profile 2
 
 # 5. Glow CIFAR-10 fp32 with CUDA graphs (the experiment's compile reduce-overhead) compiled per flow step
 #    (trainer.compile_scope=block: a few small graphs instead of one of 96 steps; the whole-flow compile at
-#    batch 256 did not finish within its limit at f2ef648), at batch 64 and 256; warmup_s in each row is
-#    the compile's cost.
-bench 150 glow_cifar10 trainer.compile_scope=block --batch 64 256 --precision 32 --steps 15 --warmup 5 --profile 2  # P
+#    batch 256 did not finish within its limit at f2ef648), at batch 64 and 256, fp32 and bf16 (eager bf16
+#    lost to fp32 at f2ef648 on its extra cast kernels, which graphs and fusion remove); warmup_s in each
+#    row is the compile's cost.
+bench 180 glow_cifar10 trainer.compile_scope=block --batch 64 256 --precision 32 bf16-mixed --steps 15 --warmup 5 \
+  --profile 2  # P
 
 # 6. If time is left: PGAN compiled with the penalty in bf16; Glow CIFAR-10 fp32 as shipped (CUDA graphs,
 #    compile reduce-overhead of the whole flow; now with flow.fused) at batch 64 (815 img/s at f2ef648) and 256; BigGAN
