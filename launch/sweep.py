@@ -145,38 +145,56 @@ def run_local(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, pa
     """Runs the trials, up to ``parallel`` at once; each finished one appends its line to trials.jsonl.
     One at a time, a trial's output goes to the console; concurrently, to sweep_dir/trial-NNN.log."""
     gpus = visible_gpus() if parallel > 1 else []
-    free, running, failed = list(range(parallel)), {}, 0
-    pending = list(enumerate(trials))
-    while pending or running:
-        while pending and free:
-            i, assignment = pending.pop(0)
-            slot = free.pop(0)
-            cmd = command_for(spec, assignment)
-            env = dict(os.environ, GENSCALE_RUN_ID=f"{sweep_id}-{i:03d}")
-            devices = slot_gpus(slot, parallel, gpus)
-            if devices is not None:
-                env["CUDA_VISIBLE_DEVICES"] = devices
-            log = sweep_dir / f"trial-{i:03d}.log" if parallel > 1 else None
-            where = f" (GPUs {devices}; output in {log})" if devices else (f" (output in {log})" if log else "")
-            print(f"genscale sweep: trial {i + 1}/{len(trials)}{where}: {shlex.join(cmd)}", flush=True)
-            out = open(log, "w") if log else None
-            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
-            running[proc] = (i, assignment, cmd, env["GENSCALE_RUN_ID"], slot, out, log)
-        proc = _wait_any(running)
-        i, assignment, cmd, run_id, slot, out, log = running.pop(proc)
-        if out:
-            out.close()
-        free.append(slot)
-        failed += proc.returncode != 0
-        record = {"trial": i, "overrides": assignment, "command": cmd, "returncode": proc.returncode, "run_id": run_id}
-        if log:
-            record["log"] = str(log)
-            if proc.returncode:
-                print(f"genscale sweep: trial {i + 1} failed (exit {proc.returncode}); its output: {log}", flush=True)
-        with open(sweep_dir / "trials.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+    pending, free, running, failed = list(enumerate(trials)), list(range(parallel)), {}, 0
+    try:
+        while pending or running:
+            while pending and free:
+                i, assignment = pending.pop(0)
+                slot = free.pop(0)
+                proc, record, out = _start_trial(spec, i, assignment, len(trials), sweep_dir, sweep_id,
+                                                 slot_gpus(slot, parallel, gpus), parallel > 1)
+                running[proc] = (slot, record, out)
+            proc = _wait_any(running)
+            slot, record, out = running.pop(proc)
+            free.append(slot)
+            failed += _finish_trial(proc, record, out, sweep_dir)
+    finally:  # Ctrl-C or an error here: no trial keeps running unattended
+        for proc in running:
+            if proc.poll() is None:
+                proc.terminate()
     print(json.dumps({"sweep_dir": str(sweep_dir), "trials": len(trials), "failed": failed}))
     return 1 if failed else 0
+
+
+def _start_trial(spec: dict, i: int, assignment: dict, n: int, sweep_dir: Path, sweep_id: str,
+                 devices: Optional[str], to_log: bool):
+    cmd = command_for(spec, assignment)
+    env = dict(os.environ, GENSCALE_RUN_ID=f"{sweep_id}-{i:03d}")
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    record = {"trial": i, "overrides": assignment, "command": cmd, "run_id": env["GENSCALE_RUN_ID"]}
+    notes = ([f"GPUs {devices}"] if devices else []) + ([f"output in {sweep_dir / f'trial-{i:03d}.log'}"] if to_log else [])
+    print(f"genscale sweep: trial {i + 1}/{n}{' (' + '; '.join(notes) + ')' if notes else ''}: {shlex.join(cmd)}",
+          flush=True)
+    out = None
+    if to_log:
+        record["log"] = str(sweep_dir / f"trial-{i:03d}.log")
+        out = open(record["log"], "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+    return proc, record, out
+
+
+def _finish_trial(proc: subprocess.Popen, record: dict, out, sweep_dir: Path) -> bool:
+    """Appends the finished trial's line to trials.jsonl; whether it failed."""
+    if out:
+        out.close()
+    record["returncode"] = proc.returncode
+    if proc.returncode and "log" in record:
+        print(f"genscale sweep: trial {record['trial'] + 1} failed (exit {proc.returncode}); its output: "
+              f"{record['log']}", flush=True)
+    with open(sweep_dir / "trials.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return proc.returncode != 0
 
 
 def _wait_any(running: dict) -> subprocess.Popen:

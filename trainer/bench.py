@@ -17,8 +17,8 @@ step). Order of events:
   5. with ``profile`` N > 0, N more run under torch.profiler (trainer/bench_profile.py: the device's
      kernels on CUDA, the aten ops on the CPU), after the timing, so the profiler slows nothing timed.
 Reported: the seconds from the FLOP count to the first timed iteration (``warmup_s``: compilation
-and the warm-up iterations, what a run pays before full speed), median, p10 and p90 seconds per iteration, images/s (images per iteration / median),
-TFLOP/s achieved (FLOPs / median), peak device memory in the timed window, device, precision,
+and the warm-up iterations, what a run pays before full speed), median, p10 and p90 seconds per
+iteration, images/s (images per iteration / median), TFLOP/s achieved (FLOPs / median), peak device memory in the timed window, device, precision,
 batch, strategy and the commit, and which speed switches were on (compile mode, channels_last,
 optimiser kernels as resolved on the device, cuDNN autotuning), so rows differing in one switch compare it.
 """
@@ -252,7 +252,7 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
         f"{warmup} warm-up + {steps} timed iterations")
     trainer.fit(module, train_dataloaders=loader)
     if len(timer.times) != steps or (profile and timer.profile_summary is None):
-        raise RuntimeError(f"only {len(timer.times)} of {steps} iterations were timed"
+        raise RuntimeError(f"{len(timer.times)} of {steps} iterations were timed"
                            + (", and the profile did not finish" if profile and timer.profile_summary is None else ""))
     med = statistics.median(timer.times)
     per_iter = statistics.median(timer.images)

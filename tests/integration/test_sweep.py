@@ -79,3 +79,34 @@ def test_parallel_trials_share_the_gpus_out():
     assert [slot_gpus(k, 4, gpus) for k in range(4)] == ["0", "1", "2", "3"]
     assert slot_gpus(0, 1, gpus) == "0,1,2,3,4"
     assert slot_gpus(0, 2, ["7"]) is None and slot_gpus(1, 2, []) is None  # too few to share: as the environment is
+
+
+QUICK = """
+method: grid
+parameters:
+  a: {values: [1, 2, 3]}
+command:
+  - ${interpreter}
+  - -c
+  - "import os, sys; print('trial', os.environ['GENSCALE_RUN_ID'], sys.argv[1:]); sys.exit(3 if 'a=2' in sys.argv else 0)"
+  - ${args_no_hyphens}
+"""
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_local_trials_one_at_a_time_or_together_record_each_exit(tmp_path, capsys, sweep_file, parallel):
+    """Any program can be a sweep's command: a failing trial fails the sweep, the others still run, and
+    each trial's line records its exit code (concurrent trials: and the log holding its output)."""
+    rc = main(["sweep", str(sweep_file(QUICK)), "--root", str(tmp_path), "--id", "q", "--parallel", str(parallel)])
+    assert rc == 1
+    lines = sorted((json.loads(x) for x in (tmp_path / "sweeps" / "q" / "trials.jsonl").read_text().splitlines()),
+                   key=lambda x: x["trial"])
+    assert [(x["overrides"], x["returncode"]) for x in lines] == [({"a": 1}, 0), ({"a": 2}, 3), ({"a": 3}, 0)]
+    printed = capsys.readouterr().out
+    assert '"failed": 1' in printed
+    if parallel == 1:
+        assert all("log" not in x for x in lines)
+    else:
+        for x in lines:
+            assert Path(x["log"]).read_text().startswith(f"trial q-{x['trial']:03d} ['a={x['trial'] + 1}']")
+        assert f"trial 2 failed (exit 3); its output: {lines[1]['log']}" in printed
