@@ -286,19 +286,25 @@ def format_table(rows: List[dict]) -> str:
 
 
 def _timing_table(rows: List[dict]) -> str:
-    head = ("| experiment | device | precision | batch | strategy | compile | NHWC | optimiser | s/iter (p10-p90) | "
-            "img/s | TFLOP/iter | TFLOP/s | peak mem | warm-up s |")
-    lines = [head, "|" + "---|" * 14]
+    """One line per row; ``vs first``: img/s over the first row's of the same experiment, batch and
+    precision (the variants of one command compare at a glance)."""
+    head = ("| experiment | variant | device | precision | batch | strategy | compile | NHWC | optimiser | "
+            "s/iter (p10-p90) | img/s | vs first | TFLOP/iter | TFLOP/s | peak mem | warm-up s |")
+    lines = [head, "|" + "---|" * 16]
+    first: dict = {}
     for r in rows:
+        base = first.setdefault((r["experiment"], r["batch"], r["precision"]), r["images_per_s"])
         mem = f"{r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] else "n/a"
         if r.get("peak_reserved_gb"):
             mem += f" ({r['peak_reserved_gb']:.1f} reserved)"
         strat = r["strategy"] + (f" ZeRO-{r['zero_stage']}" if r["zero_stage"] is not None else "")
-        lines.append(f"| {r['experiment']} | {r['device']} | {r['precision']} | {r['batch']} | {strat} | "
+        lines.append(f"| {r['experiment']} | {r.get('variant') or '-'} | {r['device']} | {r['precision']} | "
+                     f"{r['batch']} | {strat} | "
                      f"{_compile_label(r)} | "
                      f"{'yes' if r.get('channels_last') else 'no'} | {r.get('optimizer_impl') or '?'} | "
                      f"{r['s_per_iter_median']:.4f} ({r['s_per_iter_p10']:.4f}-{r['s_per_iter_p90']:.4f}) | "
-                     f"{r['images_per_s']:.1f} | {r['flops_per_iter'] / 1e12:.3f} | {r['tflops_per_s']:.2f} | {mem} | "
+                     f"{r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f}x | {r['flops_per_iter'] / 1e12:.3f} | "
+                     f"{r['tflops_per_s']:.2f} | {mem} | "
                      f"{r.get('warmup_s', 0):.1f} |")
     return "\n".join(lines)
 

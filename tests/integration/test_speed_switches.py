@@ -220,6 +220,12 @@ def test_bench_rows_record_the_switches(tmp_path):
     assert "| no | yes | fused/foreach |" in format_table([row])
     assert "| reduce-overhead per block | yes |" in format_table(
         [{**row, "compile": True, "compile_mode": "reduce-overhead", "compile_scope": "block"}])
+    # each row names its variant and compares with the first row of its experiment, batch and precision
+    fast = {**row, "variant": "x.y=1", "images_per_s": 2 * row["images_per_s"]}
+    other = {**row, "variant": "x.y=2", "batch": 16, "images_per_s": 3 * row["images_per_s"]}
+    lines = format_table([row, fast, other]).splitlines()[2:]
+    assert [ln.split(" | ")[1] for ln in lines] == ["-", "x.y=1", "x.y=2"]
+    assert [ln.split(" | ")[11] for ln in lines] == ["1.00x", "2.00x", "1.00x"]
 
 
 def test_bench_no_compile_times_an_experiment_that_ships_compiled_eagerly(tmp_path):
