@@ -60,3 +60,31 @@ def test_summary_per_iteration_by_hand():
                              "profile": {"device": "cuda", **s}}, {"experiment": "y", "profile": None}])
     assert "0.5 ms/iter (25% busy of the 2.0 ms step)" in text and "launches 6" in text
     assert "profile y" not in text and len(text.splitlines()) == 2 + 2  # a row without a profile adds nothing
+
+
+def test_cuda_records_are_the_device_events_and_the_runtime_calls_are_counted():
+    """records_of's CUDA branch on events shaped as torch.profiler gives them (no GPU needed): device
+    records with their intervals, busy time as their union, the CUDA runtime calls counted by name."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval
+
+    from trainer.bench_profile import records_of
+
+    def ev(name, dev, start, end):
+        return SimpleNamespace(name=name, device_type=dev, time_range=Interval(start, end), self_cpu_time_total=end - start)
+
+    events = [ev("aten::convolution", DeviceType.CPU, 0, 50), ev("cudaLaunchKernel", DeviceType.CPU, 1, 3),
+              ev("cudaLaunchKernel", DeviceType.CPU, 4, 6), ev("cudaGraphLaunch", DeviceType.CPU, 7, 9),
+              ev("cudaStreamSynchronize", DeviceType.CPU, 10, 40),
+              ev("sm90_xmma_fprop_implicit_gemm", DeviceType.CUDA, 10, 30),
+              ev("triton_poi_fused_add_0", DeviceType.CUDA, 25, 35),  # overlaps the GEMM (another stream)
+              ev("Memcpy HtoD (Pageable -> Device)", DeviceType.CUDA, 50, 54)]
+    records, busy, host = records_of(SimpleNamespace(events=lambda: events), cuda=True)
+    assert records == [("sm90_xmma_fprop_implicit_gemm", 20), ("triton_poi_fused_add_0", 10),
+                       ("Memcpy HtoD (Pageable -> Device)", 4)]
+    assert busy == 25 + 4
+    assert host == {"launches": 2, "graph_replays": 1, "syncs": 1}
+    cpu_records, cpu_busy, cpu_host = records_of(SimpleNamespace(events=lambda: events), cuda=False)
+    assert cpu_records == [("aten::convolution", 50)] and cpu_busy == 50 and cpu_host == {}
