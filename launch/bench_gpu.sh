@@ -10,6 +10,14 @@
 # its `variant` overrides and the switches: compile_mode, channels_last, optimizer_impl, cudnn_benchmark),
 # the tables in OUTDIR/bench.log, every command's whole output in OUTDIR/bench_raw.log and the GPU tests'
 # in OUTDIR/gpu_tests.log. Run from the repository root; `python3 -m launch.cli` needs no install.
+# On the lent GPU machines (torch, Triton and Lightning present, no package index), what genscale needs
+# besides travels as wheels: here, `python3 -m pip download --no-deps --only-binary=:all: --python-version
+# 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl deepspeed==0.19.8 hjson==3.1.0
+# omegaconf==2.4.0 mlxtend==0.25.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0
+# typing_inspection==0.4.5` (.whl is git-ignored; the set of 2026-11-26), then one device call with
+# carry [".whl"]: `python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
+# --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; export GENSCALE_COMMIT=<sha>;
+# bash launch/bench_gpu.sh $OUT 540`.
 #
 # Time: the whole script stays within BUDGET_S seconds (default 540 = 9 minutes, of a 15-minute device
 # allowance that also pays for the machine's start). Each command runs under its own limit, cut to what
