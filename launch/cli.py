@@ -271,7 +271,8 @@ def _bench_parser(sp) -> None:
                    help="after the timed iterations, N more under torch.profiler: device time per iteration "
                         "and its share of the step (busy), kernels per iteration, time by kind of kernel and "
                         "the costliest kernels (on the CPU: aten ops by self time); in the JSON row as `profile`")
-    t.add_argument("--profile-top", type=int, default=12, metavar="K", help="kernels (or ops) kept in the profile's list")
+    t.add_argument("--profile-top", type=int, default=12, metavar="K",
+                   help="kernels (or ops) kept in the profile's list")
     t.add_argument("--variant", action="append", default=None, metavar="'KEY=VALUE ...'",
                    help="extra overrides measured as one more row in the same process (repeatable; '' is the "
                         "overrides alone): switches on and off on the same card, without a process start each")

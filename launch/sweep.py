@@ -173,12 +173,13 @@ def _start_trial(spec: dict, i: int, assignment: dict, n: int, sweep_dir: Path, 
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
     record = {"trial": i, "overrides": assignment, "command": cmd, "run_id": env["GENSCALE_RUN_ID"]}
-    notes = ([f"GPUs {devices}"] if devices else []) + ([f"output in {sweep_dir / f'trial-{i:03d}.log'}"] if to_log else [])
+    log = sweep_dir / f"trial-{i:03d}.log"
+    notes = ([f"GPUs {devices}"] if devices else []) + ([f"output in {log}"] if to_log else [])
     print(f"genscale sweep: trial {i + 1}/{n}{' (' + '; '.join(notes) + ')' if notes else ''}: {shlex.join(cmd)}",
           flush=True)
     out = None
     if to_log:
-        record["log"] = str(sweep_dir / f"trial-{i:03d}.log")
+        record["log"] = str(log)
         out = open(record["log"], "w")
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
     return proc, record, out

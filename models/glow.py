@@ -520,7 +520,8 @@ class Glow(nn.Module):
             raise ValueError(f"Glow was built for inputs of shape (N, {expected[0]}, {expected[1]}, "
                              f"{expected[2]}), got {tuple(x.shape)}.")
 
-    def _encode(self, x: torch.Tensor, y: Optional[torch.Tensor], step_fns: Optional[Sequence[Sequence[Callable]]] = None):
+    def _encode(self, x: torch.Tensor, y: Optional[torch.Tensor],
+                step_fns: Optional[Sequence[Sequence[Callable]]] = None):
         """-> latents, priors [(mean, logs)] per latent, log p(x) per example. ``step_fns``: per level,
         per step, a callable that runs that step in its place (the trainer's compiled wrappers with
         trainer.compile_scope=block); the steps themselves when None."""

@@ -172,9 +172,7 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
         graphs instead of one of all L*K steps (glow_cifar10: 96)."""
         if mode == "off" or self.cfg["trainer"].get("compile_scope", "model") == "model":
             return super().compile_networks(mode)
-        steps = [list(level.steps) for level in self.glow.levels]
-        flat = compile_modules({f"{i}.{k}": s for i, level in enumerate(steps) for k, s in enumerate(level)}, mode)
-        step_fns = [[flat[f"{i}.{k}"] for k in range(len(level))] for i, level in enumerate(steps)]
+        step_fns = [list(compile_modules(dict(enumerate(level.steps)), mode).values()) for level in self.glow.levels]
         self._compiled = {"glow": functools.partial(self.glow, step_fns=step_fns)}
         self._compile_mode = mode
 

@@ -138,6 +138,7 @@ class SpeedSwitches:
         if mode != "off" and getattr(self, "global_rank", 0) == 0:
             # Otherwise a shipped experiment that compiles looks hung for its first minutes.
             scope = " (each block on its own)" if self.cfg["trainer"].get("compile_scope", "model") == "block" else ""
-            print(f"genscale: torch.compile (mode {mode}) of {', '.join(self.train_nets())}{scope}: the first iterations "
-                  "compile, minutes for large networks; trainer.compile=off trains eagerly", file=sys.stderr, flush=True)
+            print(f"genscale: torch.compile (mode {mode}) of {', '.join(self.train_nets())}{scope}: the first "
+                  "iterations compile, minutes for large networks; trainer.compile=off trains eagerly",
+                  file=sys.stderr, flush=True)
         self.compile_networks(mode)
