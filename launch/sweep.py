@@ -14,7 +14,8 @@ The YAML is W&B's sweep format, so one file serves all three backends:
 
 Every trial is the command with ${args_no_hyphens} replaced by its `key=value` overrides (the same
 form as `genscale train` takes). `local` runs the trials one after another (or --parallel N at once,
-each with its share of the visible GPUs and its output in trial-NNN.log), `slurm` submits them as
+each with its share of the visible GPUs, or without GPUs of the CPU cores, and its output in
+trial-NNN.log), `slurm` submits them as
 one job array, `wandb` creates the sweep on the W&B server and runs an agent (online only).
 Each sweep writes runs/sweeps/<id>/ with the sweep file and one line per trial in trials.jsonl.
 """
@@ -141,10 +142,20 @@ def slot_gpus(slot: int, parallel: int, gpus: List[str]) -> Optional[str]:
     return ",".join(gpus[slot * per:(slot + 1) * per]) if per else None
 
 
+def trial_threads(parallel: int, n_gpus: int, cores: int, omp_env: Optional[str]) -> Optional[int]:
+    """OMP_NUM_THREADS for concurrent CPU trials: the cores split among them (torch's intra-op threads
+    default to every core, so N trials would each start that many and oversubscribe the machine). None
+    (left as it is) for one trial at a time, when trials have GPUs to themselves, or when set already."""
+    if parallel <= 1 or n_gpus >= parallel or omp_env is not None:
+        return None
+    return max(1, cores // parallel)
+
+
 def run_local(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, parallel: int = 1) -> int:
     """Runs the trials, up to ``parallel`` at once; each finished one appends its line to trials.jsonl.
     One at a time, a trial's output goes to the console; concurrently, to sweep_dir/trial-NNN.log."""
     gpus = visible_gpus() if parallel > 1 else []
+    threads = trial_threads(parallel, len(gpus), os.cpu_count() or 1, os.environ.get("OMP_NUM_THREADS"))
     pending, free, running, failed = list(enumerate(trials)), list(range(parallel)), {}, 0
     try:
         while pending or running:
@@ -152,7 +163,7 @@ def run_local(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, pa
                 i, assignment = pending.pop(0)
                 slot = free.pop(0)
                 proc, record, out = _start_trial(spec, i, assignment, len(trials), sweep_dir, sweep_id,
-                                                 slot_gpus(slot, parallel, gpus), parallel > 1)
+                                                 slot_gpus(slot, parallel, gpus), parallel > 1, threads)
                 running[proc] = (slot, record, out)
             proc = _wait_any(running)
             slot, record, out = running.pop(proc)
@@ -167,11 +178,13 @@ def run_local(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, pa
 
 
 def _start_trial(spec: dict, i: int, assignment: dict, n: int, sweep_dir: Path, sweep_id: str,
-                 devices: Optional[str], to_log: bool):
+                 devices: Optional[str], to_log: bool, threads: Optional[int] = None):
     cmd = command_for(spec, assignment)
     env = dict(os.environ, GENSCALE_RUN_ID=f"{sweep_id}-{i:03d}")
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     record = {"trial": i, "overrides": assignment, "command": cmd, "run_id": env["GENSCALE_RUN_ID"]}
     log = sweep_dir / f"trial-{i:03d}.log"
     notes = ([f"GPUs {devices}"] if devices else []) + ([f"output in {log}"] if to_log else [])
@@ -274,7 +287,8 @@ def add_parser(sp) -> argparse.ArgumentParser:
     s.add_argument("--count", type=int, default=None, help="random sweeps: number of trials")
     s.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="local backend: trials run at once (default 1); each gets an equal share of the visible "
-                        "GPUs when there are at least N, and writes its output to trial-NNN.log in the sweep directory")
+                        "GPUs when there are at least N (else of the CPU cores, as OMP_NUM_THREADS unless set), "
+                        "and writes its output to trial-NNN.log in the sweep directory")
     s.add_argument("--seed", type=int, default=0, help="random sweeps: seed of the draws")
     s.add_argument("--id", default=None, help="sweep id (default: sweep-<time>)")
     s.add_argument("--root", default="runs", help="sweep records go to ROOT/sweeps/<id>/")

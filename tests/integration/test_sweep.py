@@ -81,6 +81,15 @@ def test_parallel_trials_share_the_gpus_out():
     assert slot_gpus(0, 2, ["7"]) is None and slot_gpus(1, 2, []) is None  # too few to share: as the environment is
 
 
+def test_concurrent_cpu_trials_split_the_cores():
+    from launch.sweep import trial_threads
+
+    assert trial_threads(2, 0, 16, None) == 8 and trial_threads(3, 1, 16, None) == 5 and trial_threads(4, 0, 2, None) == 1
+    assert trial_threads(1, 0, 16, None) is None  # one at a time: torch's default
+    assert trial_threads(2, 2, 16, None) is None  # a GPU each
+    assert trial_threads(2, 0, 16, "3") is None   # the user's setting stands
+
+
 QUICK = """
 method: grid
 parameters:
@@ -88,15 +97,19 @@ parameters:
 command:
   - ${interpreter}
   - -c
-  - "import os, sys; print('trial', os.environ['GENSCALE_RUN_ID'], sys.argv[1:]); sys.exit(3 if 'a=2' in sys.argv else 0)"
+  - "import os, sys; print('trial', os.environ['GENSCALE_RUN_ID'], sys.argv[1:], os.environ.get('OMP_NUM_THREADS'));
+     sys.exit(3 if 'a=2' in sys.argv else 0)"
   - ${args_no_hyphens}
 """
 
 
 @pytest.mark.parametrize("parallel", [1, 3])
-def test_local_trials_one_at_a_time_or_together_record_each_exit(tmp_path, capsys, sweep_file, parallel):
+def test_local_trials_one_at_a_time_or_together_record_each_exit(tmp_path, capsys, monkeypatch, sweep_file, parallel):
     """Any program can be a sweep's command: a failing trial fails the sweep, the others still run, and
-    each trial's line records its exit code (concurrent trials: and the log holding its output)."""
+    each trial's line records its exit code (concurrent trials: and the log holding its output, and
+    with no GPUs, an equal share of the CPU cores as OMP_NUM_THREADS)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     rc = main(["sweep", str(sweep_file(QUICK)), "--root", str(tmp_path), "--id", "q", "--parallel", str(parallel)])
     assert rc == 1
     lines = sorted((json.loads(x) for x in (tmp_path / "sweeps" / "q" / "trials.jsonl").read_text().splitlines()),
@@ -108,5 +121,6 @@ def test_local_trials_one_at_a_time_or_together_record_each_exit(tmp_path, capsy
         assert all("log" not in x for x in lines)
     else:
         for x in lines:
-            assert Path(x["log"]).read_text().startswith(f"trial q-{x['trial']:03d} ['a={x['trial'] + 1}']")
+            threads = max(1, os.cpu_count() // 3)
+            assert Path(x["log"]).read_text().startswith(f"trial q-{x['trial']:03d} ['a={x['trial'] + 1}'] {threads}")
         assert f"trial 2 failed (exit 3); its output: {lines[1]['log']}" in printed
