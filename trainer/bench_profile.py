@@ -15,6 +15,7 @@ name no rule matches is "other". They are a reading aid: the top list is the dat
 from __future__ import annotations
 
 import re
+import time
 from collections import defaultdict
 from typing import Iterable, List, Optional, Tuple
 
@@ -119,14 +120,10 @@ class ProfileWindow:
         self._t0 = 0.0
 
     def start(self) -> None:
-        import time
-
         self.prof.__enter__()
         self._t0 = time.perf_counter()
 
     def stop(self, iters: int, step_s: Optional[float], top: int) -> dict:
-        import time
-
         if self.cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - self._t0
