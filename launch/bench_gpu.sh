@@ -2,10 +2,11 @@
 # Issue 10's speed switches, each measured on and off on the same card in the same run.
 #   bash launch/bench_gpu.sh OUTDIR [BUDGET_S]
 #   CHECK=1 bash launch/bench_gpu.sh OUTDIR   (no GPU needed: every bench command's arguments and configs are
-#                                              checked, `genscale bench train --check`; nothing is timed)
+#                                              checked, `genscale bench train|memory --check`; nothing is timed)
 # Rows marked P also run 2 iterations under torch.profiler after their timed ones (`--profile 2`,
 # trainer/bench_profile.py): the GPU's busy share of the step, kernels per iteration, time by kind
 # of kernel and the costliest kernels, in bench.log and in each JSON row's `profile`.
+# The largest batch per GPU (`genscale bench memory`) in OUTDIR/memory.jsonl, with every probe's row.
 # One JSON line per measurement in OUTDIR/bench.jsonl (`genscale bench train --out`; each row records
 # its `variant` overrides and the switches: compile_mode, channels_last, optimizer_impl, cudnn_benchmark),
 # the tables in OUTDIR/bench.log, every command's whole output in OUTDIR/bench_raw.log and the GPU tests'
@@ -46,19 +47,22 @@ limit_for() {  # limit_for WANTED_S: WANTED_S cut to what is left of the budget;
   local left=$((BUDGET - SECONDS)) want=$1
   if [ "$left" -lt 25 ]; then echo 0; elif [ "$want" -gt "$left" ]; then echo "$left"; else echo "$want"; fi
 }
-bench() {  # bench LIMIT_S EXPERIMENT ARGS...: one process, its rows appended to $J as they are measured
-  local limit exp=$2 from; limit=$(limit_for "$1"); shift 2
+run_bench() {  # run_bench SUB OUTFILE LIMIT_S EXPERIMENT ARGS...: one `genscale bench SUB` process
+  local sub=$1 out=$2 limit exp=$4 from; limit=$(limit_for "$3"); shift 4
   if [ "$limit" -eq 0 ]; then
-    echo "=== SKIPPED (budget of ${BUDGET}s spent): bench $exp $*" | tee -a "$LOG"; return
+    echo "=== SKIPPED (budget of ${BUDGET}s spent): bench $sub $exp $*" | tee -a "$LOG"; return
   fi
-  echo "=== bench $exp $* (limit ${limit}s, at ${SECONDS}s, $(date +%T))" | tee -a "$LOG" "$RAW"
+  echo "=== bench $sub $exp $* (limit ${limit}s, at ${SECONDS}s, $(date +%T))" | tee -a "$LOG" "$RAW"
   from=$(wc -l < "$RAW")
-  timeout -k 10 "$limit" $G bench train "$exp" trainer.accelerator=gpu trainer.devices=1 "$@" --out "$J" \
+  timeout -k 10 "$limit" $G bench "$sub" "$exp" trainer.accelerator=gpu trainer.devices=1 "$@" --out "$out" \
     ${CHECK:+--check} >> "$RAW" 2>&1
   local rc=$?
-  tail -n +$((from + 1)) "$RAW" | grep -E "^\||^ok: |^profile |^  |Error|Exception|error:|out of memory" | tee -a "$LOG" | tail -12
+  tail -n +$((from + 1)) "$RAW" | grep -E "^\||^ok: |^profile |^  |^probe |largest batch|no batch fits|Error|Exception|error:|out of memory" \
+    | tee -a "$LOG" | tail -16
   echo "=== exit $rc at ${SECONDS}s" | tee -a "$LOG"
 }
+bench() { run_bench train "$J" "$@"; }  # bench LIMIT_S EXPERIMENT ARGS...: rows appended to $J as measured
+memory() { run_bench memory "$OUT/memory.jsonl" "$@"; }  # the largest batch per GPU: one process per probe
 [ -n "${CHECK:-}" ] || nvidia-smi -L | tee -a "$LOG"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$LOG"
 
@@ -74,8 +78,9 @@ PG="pgan_celebahq1024 data.resolution=256 pgan.fade_images=[1] pgan.stable_image
 #    against separate layers (values, gradients, peak memory), PGAN's fused resampling convolutions (images,
 #    D's peak memory), device syncs per step as CUDA reports them, the switches against the plain path, the fused attention
 #    kernel at BigGAN-128's sizes, the profile's CUDA kernel records, Glow compiled per step under CUDA graphs
-#    against eager; 45 s at f2ef648, when the gan_digits sync count failed, text lost)
-limit=$(limit_for 130)
+#    against eager, the largest batch under a 1.5 GB allocator cap (about 5 probe processes); 45 s at f2ef648,
+#    when the gan_digits sync count failed, text lost)
+limit=$(limit_for 170)
 if [ -n "${CHECK:-}" ]; then
   echo "=== SKIPPED (CHECK): tests/gpu" | tee -a "$LOG"
 elif [ "$limit" -gt 0 ]; then
@@ -86,7 +91,12 @@ else
   echo "=== SKIPPED (budget of ${BUDGET}s spent): tests/gpu" | tee -a "$LOG"
 fi
 
-# 2. Glow CIFAR-10 (K=32, L=3, width 512, affine, LU, Adamax), eager: ActNorm and the zero convs' scales
+# 2. The largest BigGAN-128 batch per GPU (issue 10 asks for it; never measured): `genscale bench memory`,
+#    a fresh process per probed batch (bf16, eager, fused attention: batch 256 took 47.5 GB at f2ef648),
+#    doubling from 256, then bisecting on multiples of 32: about 5 probes of 10-20 s
+memory 120 $BIG model.attention_impl=sdpa --precision bf16-mixed --no-compile --start 256 --multiple 32 --max 2048
+
+# 3. Glow CIFAR-10 (K=32, L=3, width 512, affine, LU, Adamax), eager: ActNorm and the zero convs' scales
 #    as separate layers (flow.fused=false, the arithmetic of every earlier Glow row: 303 / 846 img/s fp32
 #    at batch 64 / 256 at f2ef648) against folded into the convolutions (flow.fused, half the fp32
 #    activation memory, a fifth of it in bf16); fp32 at 64 and 256, bf16 at 256
@@ -95,7 +105,7 @@ bench 90 glow_cifar10 --batch 64 256 --precision 32 --steps 12 --warmup 3 --prof
 bench 60 glow_cifar10 --batch 256 --precision bf16-mixed --steps 12 --warmup 3 --variant "trainer.compile=off flow.fused=false" \
   --variant "trainer.compile=off"
 
-# 3. BigGAN-128 ch96 bf16 batch 256 (1 D + 1 G step), eager, channels_last: self-attention as explicit
+# 4. BigGAN-128 ch96 bf16 batch 256 (1 D + 1 G step), eager, channels_last: self-attention as explicit
 #    matmuls (the (hw x hw/4) map materialised, its softmax in fp32 under autocast) against the fused
 #    F.scaled_dot_product_attention (model.attention_impl=sdpa); then sdpa as shipped (compiled), against
 #    737 img/s with matmul at f2ef648
@@ -103,7 +113,7 @@ bench 90 $BIG --steps 8 --warmup 2 --profile 2 --variant "trainer.compile=off" \
   --variant "trainer.compile=off model.attention_impl=sdpa"  # P
 bench 200 $BIG model.attention_impl=sdpa --steps 8 --warmup 4 --profile 2  # P
 
-# 4. Progressive GAN grown to 256 px (the paper's network), timed in the 256 px stable phase: phases of
+# 5. Progressive GAN grown to 256 px (the paper's network), timed in the 256 px stable phase: phases of
 #    1 image put every step after the first at 256 px, alpha 1, so FLOPs are counted at 256 px too.
 #    WGAN-GP, bf16, batch 16, eager: resampling and convolutions separate (pgan.fused_scale=false, as at
 #    f2ef648: 54.1 img/s), folded into one strided / transposed conv (pgan.fused_scale, 0.65x the FLOPs),
@@ -116,7 +126,7 @@ bench 80 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --profile 2 
 bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --profile 2 \
   --variant "trainer.channels_last=true trainer.compile=default"  # P
 
-# 5. Glow CIFAR-10 fp32 with CUDA graphs (the experiment's compile reduce-overhead) compiled per flow step
+# 6. Glow CIFAR-10 fp32 with CUDA graphs (the experiment's compile reduce-overhead) compiled per flow step
 #    (trainer.compile_scope=block: a few small graphs instead of one of 96 steps; the whole-flow compile at
 #    batch 256 did not finish within its limit at f2ef648), at batch 64 and 256, fp32 and bf16 (eager bf16
 #    lost to fp32 at f2ef648 on its extra cast kernels, which graphs and fusion remove); warmup_s in each
@@ -124,10 +134,11 @@ bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --profile 2
 bench 180 glow_cifar10 trainer.compile_scope=block --batch 64 256 --precision 32 bf16-mixed --steps 15 --warmup 5 \
   --profile 2  # P
 
-# 6. If time is left: PGAN compiled with the penalty in bf16; Glow CIFAR-10 fp32 as shipped (CUDA graphs,
+# 7. If time is left: PGAN compiled with the penalty in bf16; Glow CIFAR-10 fp32 as shipped (CUDA graphs,
 #    compile reduce-overhead of the whole flow; now with flow.fused) at batch 64 (815 img/s at f2ef648) and 256; BigGAN
 #    baseline and cuDNN autotuning alone (the row that ran out of
-#    memory at f2ef648); Glow graphs in bf16; PGAN compiled at batch 64; the largest BigGAN batch, eager
+#    memory at f2ef648); Glow graphs in bf16; PGAN compiled at batch 64; the largest BigGAN batch
+#    as shipped (compiled, so each probe compiles)
 bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 \
   --variant "trainer.channels_last=true trainer.compile=default loss.gp_autocast=true"
 bench 150 glow_cifar10 --batch 64 --precision 32 --steps 15 --warmup 5 --profile 2  # P
@@ -135,5 +146,5 @@ bench 150 glow_cifar10 --batch 256 --precision 32 --steps 15 --warmup 5 --profil
 bench 90 $BIG --steps 8 --warmup 2 --variant "$OLD" --variant "$FOREACH"
 bench 150 glow_cifar10 --batch 64 --precision bf16-mixed --steps 15 --warmup 5
 bench 120 $PG --batch 64 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
-bench 90 $BIG --batch 384 512 --steps 4 --warmup 2 --variant "$EAGER model.attention_impl=sdpa"
+memory 150 $BIG --precision bf16-mixed --start 256 --multiple 32 --max 2048  # as shipped: compiled
 echo "=== done at ${SECONDS}s ($(date +%T))" | tee -a "$LOG"

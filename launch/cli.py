@@ -181,6 +181,8 @@ def _data_parser(sp) -> None:
 def cmd_bench(args) -> int:
     if args.bench_command == "train":
         return cmd_bench_train(args)
+    if args.bench_command == "memory":
+        return cmd_bench_memory(args)
     from data_pipelines.bench import format_table, run_data_bench
 
     result = run_data_bench(resolutions=args.resolution, encodings=args.encoding, workers=args.workers,
@@ -199,9 +201,15 @@ def cmd_bench(args) -> int:
 
 
 def cmd_bench_train(args) -> int:
-    from trainer.bench import bench_config, format_table, run_variant
+    from trainer.bench import bench_config, cap_device_memory, format_table, run_variant
     from trainer.bench_profile import format_profiles
 
+    if args.memory_gb and not args.check:
+        try:
+            cap_device_memory(args.memory_gb)
+        except ValueError as e:
+            print(f"genscale bench train: error: {e}", file=sys.stderr)
+            return 2
     cases = [(b, p, v) for b in args.batch or [None] for p in args.precision or [None] for v in args.variant or [""]]
     if args.check:  # every case's config, nothing built or timed: errors surface before GPU time is spent
         for batch, precision, variant in cases:
@@ -215,7 +223,7 @@ def cmd_bench_train(args) -> int:
         rows.append(run_variant(args.experiment, args.overrides, variant, batch=batch, steps=args.steps,
                                 warmup=args.warmup, precision=precision, compile_nets=args.compile,
                                 log=lambda m: print(m, file=sys.stderr, flush=True), profile=args.profile,
-                                profile_top=args.profile_top))
+                                profile_top=args.profile_top, memory_gb=args.memory_gb))
         if args.out:  # each row as soon as it is measured: a later one may be cut off by a time limit
             with open(args.out, "a") as fh:
                 fh.write(json.dumps(rows[-1]) + "\n")
@@ -227,15 +235,43 @@ def cmd_bench_train(args) -> int:
     return 0
 
 
+def cmd_bench_memory(args) -> int:
+    from trainer.bench_memory import ProbeError, format_memory, probe_config, run_memory_bench
+
+    if args.check:
+        cfg = probe_config(args.experiment, args.overrides, args.start, args.precision, args.steps, args.warmup)
+        mode = "off" if args.compile is False else cfg.trainer.compile if cfg.trainer.compile != "off" or \
+            not args.compile else "default"
+        print(f"ok: {args.experiment} from batch {cfg.data.batch_size} {cfg.trainer.precision} compile {mode} "
+              "(largest batch)")
+        return 0
+    try:
+        result = run_memory_bench(args.experiment, args.overrides, start=args.start, multiple=args.multiple,
+                                  maximum=args.max, precision=args.precision, compile_nets=args.compile,
+                                  steps=args.steps, warmup=args.warmup, memory_gb=args.memory_gb,
+                                  probe_timeout=args.probe_timeout,
+                                  log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (ProbeError, ValueError) as e:
+        print(f"genscale bench memory: error: {e}", file=sys.stderr)
+        return 2
+    print(format_memory(result))
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(result) + "\n")
+    return 0 if result["largest_batch"] is not None else 1
+
+
 def _bench_parser(sp) -> None:
-    b = sp.add_parser("bench", help="benchmarks: data loading (`bench data`), training step speed (`bench train`)",
+    b = sp.add_parser("bench", help="benchmarks: data loading (`bench data`), training step speed (`bench train`), "
+                                    "the largest batch per device (`bench memory`)",
                       description=(
         "`genscale bench data` builds a workload in a temporary directory (JPEG crops of scikit-image's "
         "photographs, genscale shards of them, mnist5k PNGs) and measures images/s delivered to the training "
         "loop by genscale's shard reader against a one-file-per-sample PIL DataLoader (torchvision ImageFolder "
         "style), with the same workers and batch size, in one interleaved run. `genscale bench train` times training iterations of an "
-        "experiment: s/iter, images/s, FLOPs, TFLOP/s and peak memory."))
-    bsp = b.add_subparsers(dest="bench_command", metavar="{data,train}")
+        "experiment: s/iter, images/s, FLOPs, TFLOP/s and peak memory. `genscale bench memory` finds the largest "
+        "batch per device that trains it."))
+    bsp = b.add_subparsers(dest="bench_command", metavar="{data,train,memory}")
     bsp.required = True
     d = bsp.add_parser("data", help="shards vs per-file loading: images/s, CPU per image")
     d.add_argument("--resolution", type=int, nargs="+", default=[64, 128], help="target resolutions (px)")
@@ -282,6 +318,33 @@ def _bench_parser(sp) -> None:
     t.add_argument("--check", action="store_true", help="only load each case's config (overrides, batch, "
                                                        "precision, variant) and report errors; nothing is built "
                                                        "or timed: a dry run before spending GPU time")
+    t.add_argument("--memory-gb", type=float, default=None, metavar="G",
+                   help="CUDA: let the allocator use at most G GB (out of memory beyond it, as on a smaller card)")
+    m = bsp.add_parser("memory", help="the largest batch per device that trains: one probe process per batch",
+                       description="Finds the largest batch per device that runs EXPERIMENT's training step: each "
+                                   "probe is a fresh `bench train` process on one device at one batch "
+                                   "(optim.accumulate=1, a few iterations); from --start it doubles while a "
+                                   "batch fits, then bisects on multiples of --multiple. On CUDA a batch fits when "
+                                   "it does not run out of memory (--memory-gb: below the card); on the CPU when "
+                                   "the probe's peak resident memory is at most --memory-gb (required there). "
+                                   "Exit 0 with the answer, 1 when no batch fits, 2 when a probe fails otherwise.")
+    m.add_argument("experiment", help="experiment name or YAML path")
+    m.add_argument("overrides", nargs="*", help="key=value config overrides (trainer.accelerator=gpu for a GPU)")
+    m.add_argument("--start", type=int, default=None, help="first batch probed (default: the config's)")
+    m.add_argument("--multiple", type=int, default=8, help="batches probed are multiples of this")
+    m.add_argument("--max", type=int, default=8192, help="largest batch probed")
+    m.add_argument("--precision", default=None, choices=["32", "bf16-mixed", "16-mixed"],
+                   help="precision (default: the config's)")
+    m.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="as `bench train --compile`: compiled networks use less memory, and each probe compiles")
+    m.add_argument("--steps", type=int, default=2, help="timed iterations per probe (after the FLOP-count one)")
+    m.add_argument("--warmup", type=int, default=1, help="untimed iterations per probe")
+    m.add_argument("--memory-gb", type=float, default=None, metavar="G",
+                   help="the memory budget: CUDA, the allocator's limit below the card; CPU, peak resident memory")
+    m.add_argument("--probe-timeout", type=float, default=600, metavar="S", help="seconds one probe may take")
+    m.add_argument("--out", default=None, help="append the result (every probe's row) as one JSON line here")
+    m.add_argument("--check", action="store_true", help="only load the probes' config and report errors")
+    m.set_defaults(takes_overrides=True)
     b.set_defaults(fn=cmd_bench)
 
 

@@ -93,6 +93,34 @@ def _commit() -> str:
         return "unknown"
 
 
+def peak_host_gb() -> float:
+    """The process's peak resident memory so far, GB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 30 if sys.platform == "darwin" else rss / 2 ** 20
+
+
+def cap_device_memory(gb: float) -> float:
+    """Lets this process's CUDA allocator use at most ``gb`` GB of device 0 (beyond it: out of memory, as
+    on a smaller card); returns the card's total GB."""
+    if not torch.cuda.is_available():
+        raise ValueError("--memory-gb caps CUDA memory and there is no CUDA device here; on the CPU a bench row "
+                         "reports the process's peak resident memory (peak_host_gb)")
+    total = torch.cuda.get_device_properties(0).total_memory
+    if gb * 2 ** 30 > total:
+        raise ValueError(f"--memory-gb {gb:g} is more than the card's {total / 2 ** 30:.1f} GB")
+    torch.cuda.set_per_process_memory_fraction(gb * 2 ** 30 / total, 0)
+    return total / 2 ** 30
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """The allocator's error, or cuDNN's / cuBLAS's own when a workspace cannot be had."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("CUDA out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED"))
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -224,8 +252,11 @@ def bench_config(experiment: str, overrides: Optional[List[str]], batch: Optiona
 
 def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batch: Optional[int] = None,
                     steps: int = 20, warmup: int = 5, precision: Optional[str] = None, compile_nets: Optional[bool] = None,
-                    log: Callable[[str], None] = lambda m: None, profile: int = 0, profile_top: int = 12) -> dict:
+                    log: Callable[[str], None] = lambda m: None, profile: int = 0, profile_top: int = 12,
+                    memory_gb: Optional[float] = None) -> dict:
     cfg = bench_config(experiment, overrides, batch, steps, warmup, precision, profile)
+    if memory_gb:
+        cap_device_memory(memory_gb)
     apply_cpu_threads(cfg)  # as `genscale train` does (the row's device names the thread count)
     channels, classes = data_shape(cfg)
     module = build_module(cfg, channels=channels, num_classes=classes)
@@ -273,6 +304,9 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
         "flops_per_iter": timer.flops, "tflops_per_s": timer.flops / med / 1e12,
         "peak_mem_gb": timer.peak_bytes / 2 ** 30 if timer.peak_bytes else None,
         "peak_reserved_gb": timer.reserved_bytes / 2 ** 30 if timer.reserved_bytes else None,
+        "peak_host_gb": peak_host_gb(), "memory_limit_gb": memory_gb,
+        "device_mem_gb": (torch.cuda.get_device_properties(timer.device).total_memory / 2 ** 30
+                          if timer.device is not None and timer.device.type == "cuda" else None),
         "overrides": list(overrides or []),
         "profile": timer.profile_summary,
     }
@@ -322,12 +356,15 @@ def run_variant(experiment: str, overrides: Optional[List[str]], variant: str, *
     more than half of an 80 GB card)."""
     try:
         row = run_train_bench(experiment, list(overrides or []) + variant.split(), **kw)
-    except torch.cuda.OutOfMemoryError as e:  # "does batch B fit?" is itself a result worth a row
+    except RuntimeError as e:  # "does batch B fit?" is itself a result worth a row
+        if not is_out_of_memory(e):
+            raise
         row = {"experiment": experiment, "batch": kw.get("batch"), "precision": kw.get("precision"),
                "error": "out of memory", "detail": str(e).splitlines()[0][:300], "commit": _commit(),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "device": _device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-               "overrides": list(overrides or [])}
+               "overrides": list(overrides or []), "peak_host_gb": peak_host_gb(),
+               "memory_limit_gb": kw.get("memory_gb")}
     finally:
         release_device_memory()
     row["variant"] = variant

@@ -230,3 +230,23 @@ def test_glow_compiled_per_step_with_cuda_graphs_gives_eager_log_density(tmp_pat
     torch.testing.assert_close(out["compiled"][0], out["eager"][0], rtol=1e-4, atol=1e-2)
     for ge, gc in zip(out["eager"][1], out["compiled"][1]):
         assert float((gc - ge).norm()) <= 1e-2 * float(ge.norm()) + 1e-6
+
+
+def test_largest_batch_under_a_memory_cap_on_cuda(tmp_path):
+    """`bench memory` on CUDA, the allocator capped at 1.5 GB: real probe processes run out of memory
+    above some batch; the answer's peak reserved memory is within the cap, the next multiple ran out
+    of memory, and peak memory grows with the batch among the batches that fit."""
+    from launch.cli import main
+
+    out = tmp_path / "memory.jsonl"
+    rc = main(["bench", "memory", "wgan_gp_mnist5k", "trainer.accelerator=gpu", f"logging.root={tmp_path}",
+               "data.resolution=64", "model.g_width=64", "model.d_width=64", "--start", "64", "--multiple", "64",
+               "--max", "4096", "--memory-gb", "1.5", "--precision", "32", "--no-compile", "--out", str(out)])
+    assert rc == 0
+    r = __import__("json").loads(out.read_text())
+    best, probes = r["largest_batch"], {p["batch"]: p for p in r["probes"]}
+    assert best is not None and r["smallest_failing"] == best + 64, sorted(probes)
+    assert probes[best]["fits"] and probes[best]["peak_reserved_gb"] <= 1.5
+    assert probes[best + 64]["error"] == "out of memory" and probes[best]["memory_limit_gb"] == 1.5
+    fitting = [probes[b]["peak_mem_gb"] for b in sorted(probes) if probes[b]["fits"]]
+    assert fitting == sorted(fitting) and len(fitting) >= 2, fitting

@@ -77,7 +77,9 @@ def test_every_command_of_the_gpu_bench_script_checks_on_cpu(tmp_path, capsys):
     subprocess.run(["bash", "launch/bench_gpu.sh", str(tmp_path / "out"), "600"], env=env, check=True,
                    capture_output=True, timeout=120)
     commands = [shlex.split(line) for line in calls.read_text().splitlines()]
-    assert len(commands) >= 6 and all(c[:2] == ["bench", "train"] and "--check" in c for c in commands)
+    assert len(commands) >= 6 and all(c[0] == "bench" and c[1] in ("train", "memory") and "--check" in c
+                                      for c in commands)
+    assert sum(c[1] == "memory" for c in commands) >= 1
     capsys.readouterr()
     for argv in commands:
         assert main(argv) == 0, argv

@@ -1,0 +1,117 @@
+"""`genscale bench memory`'s search and verdicts, against brute force (the probes themselves, real
+processes, are in tests/integration/test_bench_memory.py and tests/gpu/test_speed_gpu.py)."""
+import itertools
+
+import pytest
+
+from trainer.bench_memory import format_memory, run_probe, search_largest
+
+
+def _brute(limit, multiple, maximum):
+    fitting = [b for b in range(multiple, maximum + 1, multiple) if b <= limit]
+    return fitting[-1] if fitting else None
+
+
+@pytest.mark.parametrize("start,multiple,maximum", list(itertools.product([1, 8, 24, 64, 300], [1, 8, 32],
+                                                                          [64, 100, 1000])))
+def test_search_finds_the_largest_fitting_multiple(start, multiple, maximum):
+    """Every memory limit from 0 to past the maximum: the answer is the largest multiple that fits, the
+    failure reported is the next multiple (or none when the maximum fits, or the smallest multiple
+    when nothing does), no batch is probed twice, and the probe count stays logarithmic."""
+    for limit in range(0, 1100, 5):
+        probed = []
+        good, bad = search_largest(lambda b: probed.append(b) or b <= limit, start, multiple, maximum)
+        want = _brute(limit, multiple, maximum)
+        assert good == want, (limit, probed)
+        assert bad == (None if want == maximum // multiple * multiple else multiple if want is None
+                       else want + multiple), (limit, probed)
+        assert len(probed) == len(set(probed)), probed
+        assert all(b % multiple == 0 and multiple <= b <= maximum for b in probed), probed
+        assert len(probed) <= 2 * (maximum // multiple).bit_length() + 2, (limit, probed)
+
+
+def test_search_probe_order_by_hand():
+    probed = []
+    assert search_largest(lambda b: probed.append(b) or b <= 420, 256, 32, 8192) == (416, 448)
+    assert probed == [256, 512, 384, 448, 416]  # up by doubling, then bisection
+    probed.clear()
+    assert search_largest(lambda b: probed.append(b) or b <= 40, 256, 8, 8192) == (40, 48)
+    assert probed == [256, 128, 64, 32, 48, 40]  # down by halving, then bisection
+
+
+def test_search_refuses_an_empty_range():
+    with pytest.raises(ValueError, match="multiple <= maximum"):
+        search_largest(lambda b: True, 8, 16, 8)
+
+
+def _probe_script(tmp_path, row, rc=0):
+    """A stand-in probe command that writes ``row`` where --out says (run_probe's parsing, not the bench)."""
+    script = tmp_path / "probe.py"
+    script.write_text("import json, sys\nout = sys.argv[sys.argv.index('--out') + 1]\n"
+                      + (f"open(out, 'a').write(json.dumps({row!r}) + '\\n')\n" if row else "")
+                      + f"print('Traceback: ValueError: bad key', file=sys.stderr)\nsys.exit({rc})\n")
+    import sys
+    return [sys.executable, str(script), "--out", str(tmp_path / "row.jsonl")]
+
+
+def test_probe_verdicts(tmp_path):
+    cpu_row = {"batch": 64, "peak_host_gb": 1.5, "images_per_s": 10.0}
+    assert run_probe(_probe_script(tmp_path, cpu_row), 64, 2.0, False, 30)["fits"]
+    (tmp_path / "row.jsonl").unlink()
+    over = run_probe(_probe_script(tmp_path, cpu_row), 64, 1.0, False, 30)
+    assert not over["fits"] and over["error"] == "peak resident memory 1.50 GB > 1 GB"
+    (tmp_path / "row.jsonl").unlink()
+    oom = run_probe(_probe_script(tmp_path, {"batch": 64, "error": "out of memory"}), 64, None, True, 30)
+    assert not oom["fits"]
+    (tmp_path / "row.jsonl").unlink()
+    assert run_probe(_probe_script(tmp_path, {"batch": 64, "peak_mem_gb": 70.0}), 64, None, True, 30)["fits"]
+
+
+def test_probe_without_a_row_is_an_error_with_its_stderr(tmp_path):
+    from trainer.bench_memory import ProbeError
+
+    with pytest.raises(ProbeError, match=r"batch 64 failed \(exit 2\) without a result:\nTraceback: ValueError"):
+        run_probe(_probe_script(tmp_path, None, rc=2), 64, 1.0, False, 30)
+
+
+def test_format_memory_verdicts():
+    probes = [{"batch": 256, "fits": True, "peak_mem_gb": 47.5, "peak_reserved_gb": 50.0, "peak_host_gb": 3.0,
+               "images_per_s": 380.0, "probe_s": 20.0},
+              {"batch": 512, "fits": False, "error": "out of memory", "peak_host_gb": 3.1, "probe_s": 9.0}]
+    base = {"experiment": "biggan_imagenet128", "device": "NVIDIA H100 80GB HBM3", "memory_limit_gb": None,
+            "device_memory_gb": 79.1, "multiple": 32, "probes": probes}
+    text = format_memory({**base, "largest_batch": 256, "smallest_failing": 512})
+    assert "| 256 | yes | 47.50 GB | 50.00 GB | 3.00 GB | 380.0 | 20 |" in text
+    assert "| 512 | no: out of memory |  |  | 3.10 GB |  | 9 |" in text
+    assert text.endswith("largest batch per device: 256 (79.1 GB card, multiples of 32; 512 does not fit)")
+    text = format_memory({**base, "memory_limit_gb": 40.0, "largest_batch": None, "smallest_failing": 32})
+    assert text.endswith("no batch fits (40 GB limit; batch 32 does not)")
+
+
+def test_out_of_memory_is_told_from_other_errors():
+    import torch
+
+    from trainer.bench import is_out_of_memory
+
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB"))
+    assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x3 and 4x5)"))
+    assert not is_out_of_memory(ValueError("CUDA out of memory"))  # not the allocator's type
+
+
+def test_a_variant_fails_loudly_unless_it_ran_out_of_memory(monkeypatch):
+    import trainer.bench as bench
+
+    def boom(message):
+        def run(*a, **kw):
+            raise RuntimeError(message)
+        return run
+
+    monkeypatch.setattr(bench, "release_device_memory", lambda: None)
+    monkeypatch.setattr(bench, "run_train_bench", boom("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    row = bench.run_variant("gan_digits", [], "", batch=512, memory_gb=1.5)
+    assert row["error"] == "out of memory" and row["batch"] == 512 and row["memory_limit_gb"] == 1.5
+    monkeypatch.setattr(bench, "run_train_bench", boom("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        bench.run_variant("gan_digits", [], "", batch=512)
