@@ -116,9 +116,10 @@ def cap_device_memory(gb: float) -> float:
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    """The allocator's error, or cuDNN's / cuBLAS's own when a workspace cannot be had."""
+    """The caching allocator's error, or the driver's, cuDNN's or cuBLAS's own ("CUDA error: out of memory",
+    "..._STATUS_ALLOC_FAILED"), or the CPU allocator's."""
     return isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, RuntimeError) and any(
-        s in str(e) for s in ("CUDA out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED"))
+        s in str(e) for s in ("out of memory", "_STATUS_ALLOC_FAILED", "can't allocate memory"))
 
 
 def _device_name(device: torch.device) -> str:

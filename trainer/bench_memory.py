@@ -108,7 +108,8 @@ def run_probe(cmd: List[str], batch: int, memory_gb: Optional[float], cuda: bool
         if Path(out).is_file() else []
     if not rows:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-        raise ProbeError(f"the probe at batch {batch} failed (exit {proc.returncode}) without a result:\n{tail}")
+        why = " (killed: by the kernel's out-of-memory killer?)" if proc.returncode == -9 else ""
+        raise ProbeError(f"the probe at batch {batch} failed (exit {proc.returncode}{why}) without a result:\n{tail}")
     row = rows[-1]
     if "error" in row:
         row["fits"] = False
