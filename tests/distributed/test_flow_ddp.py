@@ -1,14 +1,12 @@
 """2-process CPU DDP (gloo) FlowModule run with different data per rank: the ActNorm init from
 all-reduced moments leaves the ranks' parameters identical, and they stay identical after steps."""
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from models.glow import squeeze2d
 
-from tests.distributed.helpers import REPO, clean_env, finish_all, free_port
+from tests.distributed.helpers import ForkedWorker, clean_env, finish_all, free_port
 
 WORKER = Path(__file__).with_name("flow_worker.py")
 
@@ -19,8 +17,7 @@ def test_flow_ddp_ranks_identical_after_init_and_steps(tmp_path):
     for r in range(2):
         env = clean_env()
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(r))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), "3"], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(ForkedWorker(WORKER, [tmp_path, "3"], env))
     finish_all(procs, timeout=240)
     for stage in ("init", "final"):
         p0, p1 = (torch.load(tmp_path / f"{stage}_rank{r}.pt") for r in range(2))
