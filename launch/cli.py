@@ -236,14 +236,13 @@ def cmd_bench_train(args) -> int:
 
 
 def cmd_bench_memory(args) -> int:
+    from trainer.bench import resolve_compile_mode
     from trainer.bench_memory import ProbeError, format_memory, probe_config, run_memory_bench
 
     if args.check:
         cfg = probe_config(args.experiment, args.overrides, args.start, args.precision, args.steps, args.warmup)
-        mode = "off" if args.compile is False else cfg.trainer.compile if cfg.trainer.compile != "off" or \
-            not args.compile else "default"
-        print(f"ok: {args.experiment} from batch {cfg.data.batch_size} {cfg.trainer.precision} compile {mode} "
-              "(largest batch)")
+        print(f"ok: {args.experiment} from batch {cfg.data.batch_size} {cfg.trainer.precision} compile "
+              f"{resolve_compile_mode(str(cfg.trainer.compile), args.compile)} (largest batch)")
         return 0
     try:
         result = run_memory_bench(args.experiment, args.overrides, start=args.start, multiple=args.multiple,

@@ -102,9 +102,9 @@ def peak_host_gb() -> float:
     return rss / 2 ** 30 if sys.platform == "darwin" else rss / 2 ** 20
 
 
-def cap_device_memory(gb: float) -> float:
+def cap_device_memory(gb: float) -> None:
     """Lets this process's CUDA allocator use at most ``gb`` GB of device 0 (beyond it: out of memory, as
-    on a smaller card); returns the card's total GB."""
+    on a smaller card)."""
     if not torch.cuda.is_available():
         raise ValueError("--memory-gb caps CUDA memory and there is no CUDA device here; on the CPU a bench row "
                          "reports the process's peak resident memory (peak_host_gb)")
@@ -112,7 +112,6 @@ def cap_device_memory(gb: float) -> float:
     if gb * 2 ** 30 > total:
         raise ValueError(f"--memory-gb {gb:g} is more than the card's {total / 2 ** 30:.1f} GB")
     torch.cuda.set_per_process_memory_fraction(gb * 2 ** 30 / total, 0)
-    return total / 2 ** 30
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -234,6 +233,13 @@ def optimizer_impl(opt) -> str:
     return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "plain"
 
 
+def resolve_compile_mode(configured: str, compile_nets: Optional[bool]) -> str:
+    """compile_nets None: as configured; True: compile (in the configured mode, default if off); False: eager."""
+    if compile_nets is False:
+        return "off"
+    return configured if configured != "off" else ("default" if compile_nets else "off")
+
+
 def _quantile(xs: List[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))]
@@ -262,9 +268,7 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
     channels, classes = data_shape(cfg)
     module = build_module(cfg, channels=channels, num_classes=classes)
     t = cfg.trainer
-    # compile_nets None: as configured; True: compile (in the configured mode, default if off); False: eager
-    compile_mode = "off" if compile_nets is False else (
-        str(t.compile) if t.compile != "off" else ("default" if compile_nets else "off"))
+    compile_mode = resolve_compile_mode(str(t.compile), compile_nets)
     module.cfg["trainer"]["compile"] = "off"  # compiled by the timer after the eager FLOP count instead
     timer = BenchTimer(warmup, steps, compile_mode, log, profile, profile_top)
     callbacks: list = [timer]

@@ -77,9 +77,14 @@ def probe_overrides(overrides: Optional[List[str]]) -> List[str]:
 
 def probe_config(experiment: str, overrides: Optional[List[str]], batch: Optional[int], precision: Optional[str],
                  steps: int = 2, warmup: int = 1):
-    """The config a probe trains with (loading it is `--check`, and catches config errors before any probe)."""
+    """The config a probe trains with (loading it is `--check`, and catches config errors before any probe);
+    batch None: the micro-batch the experiment runs (its batch over its accumulation steps)."""
     from trainer.bench import bench_config
+    from trainer.config import load_config
 
+    if batch is None:
+        cfg = load_config(experiment, list(overrides or []))
+        batch = max(1, int(cfg.data.batch_size) // max(1, int(cfg.optim.accumulate)))
     return bench_config(experiment, probe_overrides(overrides), batch, steps, warmup, precision)
 
 
@@ -137,7 +142,7 @@ def run_memory_bench(experiment: str, overrides: Optional[List[str]] = None, *, 
     if not cuda and not memory_gb:
         raise ValueError("on the CPU nothing runs out of memory: give --memory-gb G (a probe fits when its "
                          "peak resident memory is at most G GB), or run on a GPU (trainer.accelerator=gpu)")
-    start = start or int(cfg.data.batch_size)
+    start = int(cfg.data.batch_size)
     probes: List[dict] = []
 
     def fits(batch: int) -> bool:

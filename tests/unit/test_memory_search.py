@@ -118,3 +118,12 @@ def test_a_variant_fails_loudly_unless_it_ran_out_of_memory(monkeypatch):
     monkeypatch.setattr(bench, "run_train_bench", boom("mat1 and mat2 shapes cannot be multiplied"))
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         bench.run_variant("gan_digits", [], "", batch=512)
+
+
+def test_probes_start_from_the_experiments_micro_batch_on_one_device():
+    from trainer.bench_memory import probe_config
+
+    cfg = probe_config("biggan_imagenet128", ["trainer.devices=4"], None, "bf16-mixed")
+    assert (cfg.data.batch_size, cfg.optim.accumulate) == (256, 1)  # 2048 in 8 micro-batches of 256
+    assert (str(cfg.trainer.devices), cfg.trainer.num_nodes, cfg.trainer.precision) == ("1", 1, "bf16-mixed")
+    assert probe_config("biggan_imagenet128", None, 384, None).data.batch_size == 384
