@@ -329,7 +329,8 @@ def _bench_parser(sp) -> None:
                                    "Exit 0 with the answer, 1 when no batch fits, 2 when a probe fails otherwise.")
     m.add_argument("experiment", help="experiment name or YAML path")
     m.add_argument("overrides", nargs="*", help="key=value config overrides (trainer.accelerator=gpu for a GPU)")
-    m.add_argument("--start", type=int, default=None, help="first batch probed (default: the config's)")
+    m.add_argument("--start", type=int, default=None,
+                   help="first batch probed (default: the micro-batch, data.batch_size / optim.accumulate)")
     m.add_argument("--multiple", type=int, default=8, help="batches probed are multiples of this")
     m.add_argument("--max", type=int, default=8192, help="largest batch probed")
     m.add_argument("--precision", default=None, choices=["32", "bf16-mixed", "16-mixed"],
