@@ -236,6 +236,8 @@ def test_largest_batch_under_a_memory_cap_on_cuda(tmp_path):
     """`bench memory` on CUDA, the allocator capped at 1.5 GB: real probe processes run out of memory
     above some batch; the answer's peak reserved memory is within the cap, the next multiple ran out
     of memory, and peak memory grows with the batch among the batches that fit."""
+    import json
+
     from launch.cli import main
 
     out = tmp_path / "memory.jsonl"
@@ -243,7 +245,7 @@ def test_largest_batch_under_a_memory_cap_on_cuda(tmp_path):
                "data.resolution=64", "model.g_width=64", "model.d_width=64", "--start", "64", "--multiple", "64",
                "--max", "4096", "--memory-gb", "1.5", "--precision", "32", "--no-compile", "--out", str(out)])
     assert rc == 0
-    r = __import__("json").loads(out.read_text())
+    r = json.loads(out.read_text())
     best, probes = r["largest_batch"], {p["batch"]: p for p in r["probes"]}
     assert best is not None and r["smallest_failing"] == best + 64, sorted(probes)
     assert probes[best]["fits"] and probes[best]["peak_reserved_gb"] <= 1.5
