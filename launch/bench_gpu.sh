@@ -93,7 +93,8 @@ fi
 
 # 2. The largest BigGAN-128 batch per GPU (issue 10 asks for it; never measured): `genscale bench memory`,
 #    a fresh process per probed batch (bf16, eager, fused attention: batch 256 took 47.5 GB at f2ef648),
-#    doubling from 256, then bisecting on multiples of 32: about 5 probes of 10-20 s
+#    from 256 in multiples of 32, each next probe where a line through the measured memory reaches the card
+#    (doubling and bisection as a fallback): 3-5 probes of 10-20 s
 memory 120 $BIG model.attention_impl=sdpa --precision bf16-mixed --no-compile --start 256 --multiple 32 --max 2048
 
 # 3. Glow CIFAR-10 (K=32, L=3, width 512, affine, LU, Adamax), eager: ActNorm and the zero convs' scales

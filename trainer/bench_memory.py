@@ -14,7 +14,9 @@ required and a probe fits when its process's peak resident memory (VmHWM) is at 
 
 Search (``search_largest``): from ``start``, double while it fits (up to ``maximum``); then bisect between
 the largest batch that fits and the smallest that does not, on multiples of ``multiple``. It assumes
-memory grows with the batch, so about log2(answer / multiple) probes.
+memory grows with the batch. Where the probes measured their memory, a straight line through them
+predicts where the limit is reached (``predict_largest``), and the next probe goes there: with memory
+close to linear in the batch, about three probes after the first instead of about 2 log2(answer / start).
 """
 from __future__ import annotations
 
@@ -34,40 +36,55 @@ class ProbeError(RuntimeError):
     """A probe failed for a reason other than memory (a config error, a crash, its time limit)."""
 
 
-def search_largest(fits: Callable[[int], bool], start: int, multiple: int,
-                   maximum: int) -> Tuple[Optional[int], Optional[int]]:
+def search_largest(fits: Callable[[int], bool], start: int, multiple: int, maximum: int,
+                   guess: Optional[Callable[[], Optional[float]]] = None) -> Tuple[Optional[int], Optional[int]]:
     """(largest batch that fits, smallest that does not), both multiples of ``multiple`` in
     [multiple, maximum]; None for the first when not even ``multiple`` fits, None for the second
-    when ``maximum`` fits."""
+    when ``maximum`` fits.
+
+    Plain steps double the largest batch that fits until one does not, then bisect (or, when even
+    ``start`` fails, halve down first). ``guess``, when given, predicts the largest batch that fits from
+    the probes so far (memory is close to linear in the batch); the next probe goes there, kept inside
+    the bracket. At most three predicted probes come in a row before a plain step, so a poor prediction
+    cannot make the search much longer than plain bisection."""
     if multiple < 1 or maximum < multiple:
         raise ValueError(f"need 1 <= multiple <= maximum, got multiple {multiple}, maximum {maximum}")
     top = maximum // multiple * multiple
     down = lambda b: max(multiple, min(top, b // multiple * multiple))  # noqa: E731
     good, bad = None, None
-    b = down(start)
-    while True:  # up: double while it fits
-        if not fits(b):
-            bad = b
-            break
-        good = b
-        if b >= top:
-            return good, None
-        b = down(2 * b)
-    while good is None and bad > multiple:  # even the start failed: halve down to the first that fits
-        b = down(bad // 2)
+    b, guessed = down(start), 0
+    while True:  # every probe lies strictly between good and bad
         if fits(b):
             good = b
         else:
             bad = b
-    if good is None:
-        return None, bad
-    while bad - good > multiple:  # bisect
-        b = down((good + bad) // 2)
-        if fits(b):
-            good = b
+        if good is None:  # nothing fits yet: halve down
+            if bad <= multiple:
+                return None, bad
+            b = down(bad // 2)
+            continue
+        if good >= top or bad is not None and bad - good <= multiple:
+            return good, bad
+        g = guess() if guess is not None and guessed < 3 else None
+        if g is not None and g > 0:
+            b, guessed = min(max(down(int(g)), good + multiple), top if bad is None else bad - multiple), guessed + 1
         else:
-            bad = b
-    return good, bad
+            b, guessed = down(2 * good) if bad is None else down((good + bad) // 2), 0
+
+
+def predict_largest(points: List[Tuple[int, float]], limit: float) -> Optional[float]:
+    """The batch at which memory reaches ``limit``, from (batch, peak memory) of batches that fit: a
+    least-squares line through two or more, through the origin for one (which overestimates the
+    per-image memory, so the prediction errs low and the next probe is likely to fit)."""
+    if not points or limit <= 0:
+        return None
+    if len({b for b, _ in points}) == 1:
+        b, m = points[-1]
+        return b * limit / m if m > 0 else None
+    n = len(points)
+    mb, mm = sum(b for b, _ in points) / n, sum(m for _, m in points) / n
+    slope = sum((b - mb) * (m - mm) for b, m in points) / sum((b - mb) ** 2 for b, _ in points)
+    return mb + (limit - mm) / slope if slope > 0 else None
 
 
 def probe_overrides(overrides: Optional[List[str]]) -> List[str]:
@@ -158,7 +175,13 @@ def run_memory_bench(experiment: str, overrides: Optional[List[str]] = None, *, 
             + f", {row['probe_s']:.0f} s")
         return row["fits"]
 
-    best, first_bad = search_largest(fits, start, multiple, maximum)
+    def guess() -> Optional[float]:  # on CUDA the allocator's reserved memory is what the limit bounds
+        key = "peak_reserved_gb" if cuda else "peak_host_gb"
+        points = [(p["batch"], p[key]) for p in probes if p["fits"] and p.get(key)]
+        limit = memory_gb or next((p.get("device_mem_gb") for p in probes if p.get("device_mem_gb")), None)
+        return predict_largest(points, limit) if limit else None
+
+    best, first_bad = search_largest(fits, start, multiple, maximum, guess)
     by_batch = {p["batch"]: p for p in probes}
     top = by_batch.get(best, {})
     return {
