@@ -66,7 +66,7 @@ def search_largest(fits: Callable[[int], bool], start: int, multiple: int, maxim
         if good >= top or bad is not None and bad - good <= multiple:
             return good, bad
         g = guess() if guess is not None and guessed < 3 else None
-        if g is not None and g > 0:
+        if g is not None and 0 < g < float("inf"):  # (NaN fails both)
             b, guessed = min(max(down(int(g)), good + multiple), top if bad is None else bad - multiple), guessed + 1
         else:
             b, guessed = down(2 * good) if bad is None else down((good + bad) // 2), 0
