@@ -43,7 +43,8 @@ def test_any_prediction_leaves_the_answer_unchanged(seed):
             continue
         start, limit = rng.randint(1, maximum), rng.randint(0, maximum + 50)
         probed = []
-        guess = lambda: rng.choice([None, -5, 0, rng.uniform(0, 2 * maximum), 1e9, float("inf"), float("nan")])  # noqa: E731
+        odd = [None, -5, 0, 1e9, float("inf"), float("nan")]
+        guess = lambda: rng.choice(odd + [rng.uniform(0, 2 * maximum)])  # noqa: E731
         good, _ = search_largest(lambda b: probed.append(b) or b <= limit, start, multiple, maximum, guess)
         assert good == _brute(limit, multiple, maximum), (start, multiple, maximum, limit, probed)
         assert len(probed) == len(set(probed)), probed
