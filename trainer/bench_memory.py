@@ -10,7 +10,7 @@ another found 36 GB reserved but fragmented).
 Fits = the probe ran its iterations. On CUDA the limit is the allocator's own out-of-memory error;
 ``memory_gb`` lowers it below the card (torch.cuda.set_per_process_memory_fraction in the probe), to
 answer "does it fit on a 40 GB card?" on an 80 GB one. On the CPU nothing runs out, so ``memory_gb`` is
-required and a probe fits when its process's peak resident memory (VmHWM) is at most that.
+required and a probe fits when its process's peak resident memory (ru_maxrss) is at most that.
 
 Search (``search_largest``): from ``start``, double while it fits (up to ``maximum``); then bisect between
 the largest batch that fits and the smallest that does not, on multiples of ``multiple``. It assumes
@@ -175,10 +175,13 @@ def run_memory_bench(experiment: str, overrides: Optional[List[str]] = None, *, 
             + f", {row['probe_s']:.0f} s")
         return row["fits"]
 
+    def card_gb() -> Optional[float]:  # the card's memory, as the probes read it (None on the CPU)
+        return next((p["device_mem_gb"] for p in probes if p.get("device_mem_gb")), None)
+
     def guess() -> Optional[float]:  # on CUDA the allocator's reserved memory is what the limit bounds
         key = "peak_reserved_gb" if cuda else "peak_host_gb"
         points = [(p["batch"], p[key]) for p in probes if p["fits"] and p.get(key)]
-        limit = memory_gb or next((p.get("device_mem_gb") for p in probes if p.get("device_mem_gb")), None)
+        limit = memory_gb or card_gb()
         return predict_largest(points, limit) if limit else None
 
     best, first_bad = search_largest(fits, start, multiple, maximum, guess)
@@ -188,7 +191,7 @@ def run_memory_bench(experiment: str, overrides: Optional[List[str]] = None, *, 
         "kind": "largest_batch", "experiment": experiment, "overrides": list(overrides or []),
         "device": (probes[-1].get("device") if probes else None), "precision": top.get("precision", precision),
         "compile_mode": top.get("compile_mode"), "memory_limit_gb": memory_gb,
-        "device_memory_gb": next((p.get("device_mem_gb") for p in probes if p.get("device_mem_gb")), None),
+        "device_memory_gb": card_gb(),
         "multiple": multiple, "maximum": maximum, "largest_batch": best, "smallest_failing": first_bad,
         "peak_mem_gb": top.get("peak_mem_gb"), "peak_reserved_gb": top.get("peak_reserved_gb"),
         "peak_host_gb": top.get("peak_host_gb"), "images_per_s": top.get("images_per_s"),
@@ -211,5 +214,5 @@ def format_memory(result: dict) -> str:
     else:
         verdict = (f"largest batch per device: {result['largest_batch']} ({limit}, multiples of "
                    f"{result['multiple']}; " + (f"{result['smallest_failing']} does not fit)"
-                                               if result["smallest_failing"] else f"the maximum searched)"))
+                                               if result["smallest_failing"] else "the maximum searched)"))
     return "\n".join(lines + [f"{result['experiment']} on {result['device']}: {verdict}"])
