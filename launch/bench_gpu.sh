@@ -16,12 +16,15 @@
 # 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl deepspeed==0.19.8 hjson==3.1.0
 # omegaconf==2.4.0 mlxtend==0.25.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0
 # typing_inspection==0.4.5` (.whl is git-ignored; the set of 2026-11-26), then one device call with
-# carry [".whl"]: `python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
-# --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; export GENSCALE_COMMIT=<sha>;
-# bash launch/bench_gpu.sh $OUT 540`.
+# carry [".whl", ".compile_cache"] and timeout_s 595: `python3 -m pip install -q --no-index --no-deps
+# --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site ||
+# exit; export GENSCALE_COMMIT=<sha>; bash launch/bench_gpu.sh $OUT 520`. Afterwards, keep the returned
+# compile cache for the next session: `rm -rf .compile_cache && mkdir .compile_cache && cp
+# FILES_AT/compile_cache.*.tar.xz .compile_cache/` (git-ignored; a missing folder just means no cache).
 #
-# Time: the whole script stays within BUDGET_S seconds (default 540 = 9 minutes, of a 15-minute device
-# allowance that also pays for the machine's start). Each command runs under its own limit, cut to what
+# Time: the measurements stay within BUDGET_S seconds (default 540 = 9 minutes, of a 15-minute device
+# allowance that also pays for the machine's start); packing the compile cache after them takes at most
+# 40 s more. Each command runs under its own limit, cut to what
 # is left of the budget; a command with under 25 s left is skipped and says so. Output goes to files,
 # not pipes: a timed-out compile leaves inductor's worker processes behind, and they held a pipe open
 # until the device call's own limit (run of f2ef648). Times on an H100 at f2ef648 (BENCHMARKS.md):
@@ -64,6 +67,11 @@ run_bench() {  # run_bench SUB OUTFILE LIMIT_S EXPERIMENT ARGS...: one `genscale
 bench() { run_bench train "$J" "$@"; }  # bench LIMIT_S EXPERIMENT ARGS...: rows appended to $J as measured
 memory() { run_bench memory "$OUT/memory.jsonl" "$@"; }  # the largest batch per GPU: one process per probe
 [ -n "${CHECK:-}" ] || nvidia-smi -L | tee -a "$LOG"
+# torch.compile's caches from the last lent machine, if carried (launch/compile_cache.py): compiles that
+# took minutes at f2ef648 become loads; every row's compile_cache field and "(cached)" say which did.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/genscale_inductor}
+python3 -m launch.compile_cache unpack "$TORCHINDUCTOR_CACHE_DIR" "${COMPILE_CACHE_FROM:-.compile_cache}" >> "$LOG" 2>&1
+tail -n 3 "$LOG"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$LOG"
 
 EAGER="trainer.compile=off trainer.channels_last=false"   # biggan_imagenet128 ships with both on
@@ -149,3 +157,7 @@ bench 150 glow_cifar10 --batch 64 --precision bf16-mixed --steps 15 --warmup 5
 bench 120 $PG --batch 64 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
 memory 150 $BIG --precision bf16-mixed --start 256 --multiple 32 --max 2048  # as shipped: compiled
 echo "=== done at ${SECONDS}s ($(date +%T))" | tee -a "$LOG"
+# For the next session: the caches as at most 3 parts of 15 MiB (with the 5 files above, the 8 files of
+# 16 MiB a device call returns), to be carried as .compile_cache/ (the header's command). Outside the budget.
+timeout -k 5 40 python3 -m launch.compile_cache pack "$TORCHINDUCTOR_CACHE_DIR" "$OUT/compile_cache" >> "$LOG" 2>&1
+tail -n 2 "$LOG"

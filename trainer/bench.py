@@ -17,7 +17,8 @@ step). Order of events:
   5. with ``profile`` N > 0, N more run under torch.profiler (trainer/bench_profile.py: the device's
      kernels on CUDA, the aten ops on the CPU), after the timing, so the profiler slows nothing timed.
 Reported: the seconds from the FLOP count to the first timed iteration (``warmup_s``: compilation
-and the warm-up iterations, what a run pays before full speed), median, p10 and p90 seconds per
+and the warm-up iterations, what a run pays before full speed; ``compile_cache`` says how many of the
+compile's graphs came from inductor's on-disk cache instead), median, p10 and p90 seconds per
 iteration, images/s (images per iteration / median), TFLOP/s achieved (FLOPs / median), peak device memory in the timed window, device, precision,
 batch, strategy and the commit, and which speed switches were on (compile mode, channels_last,
 optimiser kernels as resolved on the device, cuDNN autotuning), so rows differing in one switch compare it.
@@ -41,6 +42,7 @@ from trainer.build import _devices, _strategy, apply_cpu_threads, build_module, 
 from trainer.callbacks.ema import EMACallback
 from trainer.config import is_flow, load_config, to_dict
 from trainer.counters import iteration_of, images_of
+from trainer.speed import compile_cache_counts
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN = {"mnist5k": (1, 10), "digits": (1, 10), "cifar10": (3, 10)}
@@ -286,7 +288,9 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
     loader = DataLoader(data, batch_size=None, pin_memory=torch.cuda.is_available())
     log(f"bench train {experiment}: batch {cfg.data.batch_size}, precision {t.precision}, "
         f"{warmup} warm-up + {steps} timed iterations")
+    cache_before = compile_cache_counts()
     trainer.fit(module, train_dataloaders=loader)
+    cache = {k: v - cache_before[k] for k, v in compile_cache_counts().items()}
     if len(timer.times) != steps or (profile and timer.profile_summary is None):
         raise RuntimeError(f"{len(timer.times)} of {steps} iterations were timed"
                            + (", and the profile did not finish" if profile and timer.profile_summary is None else ""))
@@ -304,6 +308,7 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
         "world_size": int(trainer.world_size),
         "device": _device_name(timer.device or module.device), "torch": torch.__version__, "commit": _commit(),
         "date": time.strftime("%Y-%m-%d"), "steps": steps, "warmup": warmup, "warmup_s": timer.warmup_s,
+        "compile_cache": cache,
         "s_per_iter_median": med, "s_per_iter_p10": _quantile(timer.times, 0.1),
         "s_per_iter_p90": _quantile(timer.times, 0.9), "images_per_s": per_iter / med,
         "flops_per_iter": timer.flops, "tflops_per_s": timer.flops / med / 1e12,
@@ -344,8 +349,15 @@ def _timing_table(rows: List[dict]) -> str:
                      f"{r['s_per_iter_median']:.4f} ({r['s_per_iter_p10']:.4f}-{r['s_per_iter_p90']:.4f}) | "
                      f"{r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f}x | {r['flops_per_iter'] / 1e12:.3f} | "
                      f"{r['tflops_per_s']:.2f} | {mem} | "
-                     f"{r.get('warmup_s', 0):.1f} |")
+                     f"{r.get('warmup_s', 0):.1f}{_cache_label(r.get('compile_cache'))} |")
     return "\n".join(lines)
+
+
+def _cache_label(c: Optional[dict]) -> str:
+    """' (cached)' when every compile-cache lookup of the row hit, ' (part cached)' when some did."""
+    hits, misses = (c or {}).get("fx_hit", 0) + (c or {}).get("aot_hit", 0), \
+        (c or {}).get("fx_miss", 0) + (c or {}).get("aot_miss", 0)
+    return "" if not hits else " (cached)" if not misses else " (part cached)"
 
 
 def _compile_label(r: dict) -> str:

@@ -76,6 +76,18 @@ def compile_modules(nets: Dict[str, Callable], mode: str) -> Dict[str, Callable]
     return {name: torch.compile(net, mode=mode, dynamic=False) for name, net in nets.items()}
 
 
+def compile_cache_counts() -> Dict[str, int]:
+    """This process's on-disk compile-cache lookups so far, as torch counts them: FX graphs (inductor)
+    and AOTAutograd graphs, hits and misses. A compile whose lookups all hit loaded its kernels instead
+    of generating them (launch/compile_cache.py carries the cache between machines), so its warm-up
+    time says little about a cold start."""
+    from torch._dynamo.utils import counters
+
+    fx, aot = counters["inductor"], counters["aot_autograd"]
+    return {"fx_hit": fx["fxgraph_cache_hit"], "fx_miss": fx["fxgraph_cache_miss"],
+            "aot_hit": aot["autograd_cache_hit"], "aot_miss": aot["autograd_cache_miss"]}
+
+
 def mark_cudagraph_step(mode: str) -> None:
     """reduce-overhead replays CUDA graphs whose outputs the next replay overwrites: a new step must be
     announced when a compiled network runs more than once per step (G in D's and in G's phase)."""

@@ -70,12 +70,27 @@ def test_every_command_of_the_gpu_bench_script_checks_on_cpu(tmp_path, capsys):
     import shlex
     import subprocess
 
+    import tarfile
+
+    from launch.compile_cache import pack
+
     recorder, calls = tmp_path / "argv.sh", tmp_path / "calls.txt"
     recorder.write_text('#!/bin/bash\nprintf "%q " "$@" >> "$ARGV_OUT"; echo >> "$ARGV_OUT"\n')
     recorder.chmod(0o755)
-    env = dict(os.environ, CHECK="1", GENSCALE_CMD=str(recorder), ARGV_OUT=str(calls))
+    # the compile cache a previous session returned, carried in; the script unpacks it first and packs
+    # the cache (grown by its compiles) for the next session last
+    (tmp_path / "before" / "fxgraph" / "k").mkdir(parents=True)
+    (tmp_path / "before" / "fxgraph" / "k" / "entry").write_bytes(b"graph")
+    pack(str(tmp_path / "before"), str(tmp_path / "carried" / "compile_cache"), log=lambda m: None)
+    env = dict(os.environ, CHECK="1", GENSCALE_CMD=str(recorder), ARGV_OUT=str(calls),
+               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), COMPILE_CACHE_FROM=str(tmp_path / "carried"))
     subprocess.run(["bash", "launch/bench_gpu.sh", str(tmp_path / "out"), "600"], env=env, check=True,
                    capture_output=True, timeout=120)
+    assert (tmp_path / "inductor" / "fxgraph" / "k" / "entry").read_bytes() == b"graph"
+    with tarfile.open(tmp_path / "out" / "compile_cache.00.tar.xz") as t:
+        assert "fxgraph/k/entry" in t.getnames()
+    log = (tmp_path / "out" / "bench.log").read_text()
+    assert "compile cache: unpacked 1 files from 1 part(s)" in log and "compile cache: packed 1 files" in log
     commands = [shlex.split(line) for line in calls.read_text().splitlines()]
     assert len(commands) >= 6 and all(c[0] == "bench" and c[1] in ("train", "memory") and "--check" in c
                                       for c in commands)

@@ -217,7 +217,14 @@ def test_bench_rows_record_the_switches(tmp_path):
     assert row["channels_last"] is True and row["optimizer_impl"] == "fused/foreach"  # G fused, D auto on CPU
     assert row["compile_scope"] == "model" and 0 <= row["warmup_s"] < 60
     assert row["compile"] is False and row["compile_mode"] == "off" and row["cudnn_benchmark"] is True
+    assert row["compile_cache"] == {"fx_hit": 0, "fx_miss": 0, "aot_hit": 0, "aot_miss": 0}  # nothing compiled
     assert "| no | yes | fused/foreach |" in format_table([row])
+    w = f"{row['warmup_s']:.1f}"  # the warm-up says whether the compile came from the on-disk cache
+    assert format_table([row]).endswith(f"| {w} |")
+    assert format_table([{**row, "compile_cache": {"fx_hit": 4, "fx_miss": 0, "aot_hit": 2, "aot_miss": 0}}]) \
+        .endswith(f"| {w} (cached) |")
+    assert format_table([{**row, "compile_cache": {"fx_hit": 1, "fx_miss": 3, "aot_hit": 0, "aot_miss": 2}}]) \
+        .endswith(f"| {w} (part cached) |")
     assert "| reduce-overhead per block | yes |" in format_table(
         [{**row, "compile": True, "compile_mode": "reduce-overhead", "compile_scope": "block"}])
     # each row names its variant and compares with the first row of its experiment, batch and precision
