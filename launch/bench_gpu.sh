@@ -116,22 +116,23 @@ bench 60 glow_cifar10 --batch 256 --precision bf16-mixed --steps 12 --warmup 3 -
 
 # 4. BigGAN-128 ch96 bf16 batch 256 (1 D + 1 G step), eager, channels_last: self-attention as explicit
 #    matmuls (the (hw x hw/4) map materialised, its softmax in fp32 under autocast) against the fused
-#    F.scaled_dot_product_attention (model.attention_impl=sdpa); then sdpa as shipped (compiled), against
-#    737 img/s with matmul at f2ef648
+#    F.scaled_dot_product_attention (model.attention_impl=sdpa)
 bench 90 $BIG --steps 8 --warmup 2 --profile 2 --variant "trainer.compile=off" \
   --variant "trainer.compile=off model.attention_impl=sdpa"  # P
-bench 200 $BIG model.attention_impl=sdpa --steps 8 --warmup 4 --profile 2  # P
 
 # 5. Progressive GAN grown to 256 px (the paper's network), timed in the 256 px stable phase: phases of
 #    1 image put every step after the first at 256 px, alpha 1, so FLOPs are counted at 256 px too.
 #    WGAN-GP, bf16, batch 16, eager: resampling and convolutions separate (pgan.fused_scale=false, as at
 #    f2ef648: 54.1 img/s), folded into one strided / transposed conv (pgan.fused_scale, 0.65x the FLOPs),
 #    then also the penalty's critic in bf16 instead of fp32 (loss.gp_autocast, as a step wrapped whole in
-#    autocast runs it; the reference's bf16 row: 59 img/s); then compiled G, D and gradient penalty (one
-#    graph with its double backward; at f2ef648 the penalty ran D eagerly)
+#    autocast runs it; the reference's bf16 row: 59 img/s). Then the compiled rows, which cost minutes of
+#    compiling unless the carried cache has them (so they come after every eager row): BigGAN with sdpa as
+#    shipped (against 737 img/s with matmul at f2ef648), and PGAN's compiled G, D and gradient penalty
+#    (one graph with its double backward; at f2ef648 the penalty ran D eagerly)
 bench 80 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --profile 2 \
   --variant "trainer.compile=off pgan.fused_scale=false" --variant "trainer.compile=off" \
   --variant "trainer.compile=off loss.gp_autocast=true"  # P
+bench 200 $BIG model.attention_impl=sdpa --steps 8 --warmup 4 --profile 2  # P
 bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --profile 2 \
   --variant "trainer.channels_last=true trainer.compile=default"  # P
 
