@@ -11,7 +11,7 @@ machine and unpacked on the next turns repeated compiles into loads, and a stale
     python -m launch.compile_cache unpack CACHE_DIR [PART_OR_FOLDER ...]
 
 ``pack`` writes at most ``--parts`` archives ``OUT_PREFIX.NN.tar.xz`` of at most ``--part-mb`` each
-(the device tool returns 8 files of 16 MiB at most), compressed in parallel. The files of one folder
+(the device tool returns 8 files of 16 MiB at most), compressed in parallel threads. The files of one folder
 stay in one part: a Triton kernel is a folder whose metadata without its binary would fail, not miss.
 If the parts would be too large it drops, in turn, Triton's intermediate IR (never read back when a
 kernel is loaded) and its PTX (only the cubin is launched); if still too large it writes nothing and
@@ -27,7 +27,7 @@ import os
 import sys
 import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -116,7 +116,8 @@ def pack(cache_dir: str, prefix: str, part_mb: float = 15.0, parts: int = 3, pre
                  (f"{MANIFEST}.{i:02d}.json", {"packed_from": str(cache.resolve()), "part": i, "parts": len(groups),
                                                "files": len(names), "dropped": list(drop), **env}))
                 for i, (names, path) in enumerate(zip(groups, paths))]
-        with ProcessPoolExecutor(len(jobs)) as pool:
+        # threads: lzma releases the GIL while it compresses (and no fork of a process holding CUDA)
+        with ThreadPoolExecutor(len(jobs)) as pool:
             sizes = list(pool.map(_write_part, jobs))
         what = f"{sum(len(g) for g in groups)} files, {raw / 2 ** 20:.1f} MiB -> " + \
                " + ".join(f"{s / 2 ** 20:.1f}" for s in sizes) + " MiB"
