@@ -47,8 +47,10 @@ def cache_files(cache_dir: Path, drop: Sequence[str] = ()) -> Dict[str, List[Tup
         if rel.split(os.sep)[0] == "locks":
             dirs[:] = []
             continue
+        dirs[:] = [d for d in dirs if not d.startswith("tmp.")]  # a kernel folder being written (TritonBundler)
         for n in names:
-            if n.endswith((".lock", ".tmp")) or n.startswith(MANIFEST) or n.endswith(tuple(drop)):
+            # files being written: inductor's ``.*.tmp``, Triton's ``NAME.tmp.pid_*``
+            if n.endswith(".lock") or ".tmp" in n or n.startswith(MANIFEST) or n.endswith(tuple(drop)):
                 continue
             p = os.path.join(root, n)
             if os.path.isfile(p) and not os.path.islink(p):
@@ -70,7 +72,10 @@ def _write_part(args) -> int:
     cache_dir, names, path, preset, manifest = args
     with tarfile.open(path, "w:xz", preset=preset) as tar:
         for n in names:
-            tar.add(os.path.join(cache_dir, n), arcname=n, recursive=False)
+            try:
+                tar.add(os.path.join(cache_dir, n), arcname=n, recursive=False)
+            except FileNotFoundError:  # replaced or removed since it was listed (a compile still running)
+                continue
         info = tarfile.TarInfo(manifest[0])
         data = json.dumps(manifest[1], indent=1).encode()
         info.size, info.mtime = len(data), int(time.time())

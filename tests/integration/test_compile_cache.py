@@ -68,6 +68,22 @@ def _names(parts) -> set:
     return names
 
 
+def test_files_being_written_are_left_out_and_a_vanished_one_is_skipped(tmp_path):
+    from launch.compile_cache import _write_part
+
+    cache = tmp_path / "c"
+    (cache / "triton" / "0" / "tmp.5f2a").mkdir(parents=True)  # TritonBundler's folder before its rename
+    (cache / "triton" / "0" / "tmp.5f2a" / "k.cubin").write_bytes(b"x")
+    (cache / "triton" / "0" / "k1").mkdir()
+    for n in ("k.cubin", "k.cubin.tmp.pid_7_1234", ".7.140.tmp", "__grp__k.json"):
+        (cache / "triton" / "0" / "k1" / n).write_bytes(b"x")
+    assert {f for fs in cache_files(cache).values() for f, _ in fs} == {"triton/0/k1/k.cubin",
+                                                                      "triton/0/k1/__grp__k.json"}
+    out = tmp_path / "p.tar.xz"
+    _write_part((str(cache), ["triton/0/k1/k.cubin", "triton/0/k1/gone.cubin"], str(out), 0, ("m.json", {})))
+    assert _names([out]) == {"triton/0/k1/k.cubin", "m.json"}
+
+
 def test_parts_keep_each_folder_whole_and_balance_the_bytes():
     folders = {f"d{i}": [(f"d{i}/a", s), (f"d{i}/b", 1)] for i, s in enumerate([50, 40, 30, 20, 10, 10])}
     groups = split_parts(folders, 3)
