@@ -84,18 +84,18 @@ def _write_part(args) -> int:
 
 
 def _environment() -> dict:
-    env = {"python": sys.version.split()[0]}
-    for mod in ("torch", "triton"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing or broken module is recorded as absent
-            env[mod] = None
-    try:
-        import torch
+    """What the cache's keys depend on, recorded in each part's manifest and compared at unpack."""
+    import torch
 
-        env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    except Exception:  # noqa: BLE001
-        env["device"] = None
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "triton": None, "device": "cpu"}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:  # CPU builds have none; inductor's CPU backend needs none
+        pass
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
     return env
 
 

@@ -355,8 +355,8 @@ def _timing_table(rows: List[dict]) -> str:
 
 def _cache_label(c: Optional[dict]) -> str:
     """' (cached)' when every compile-cache lookup of the row hit, ' (part cached)' when some did."""
-    hits, misses = (c or {}).get("fx_hit", 0) + (c or {}).get("aot_hit", 0), \
-        (c or {}).get("fx_miss", 0) + (c or {}).get("aot_miss", 0)
+    c = c or {}
+    hits, misses = c.get("fx_hit", 0) + c.get("aot_hit", 0), c.get("fx_miss", 0) + c.get("aot_miss", 0)
     return "" if not hits else " (cached)" if not misses else " (part cached)"
 
 
