@@ -82,22 +82,27 @@ PG="pgan_celebahq1024 data.resolution=256 pgan.fade_images=[1] pgan.stable_image
 # In priority order: what this commit changed and what earlier runs left unknown (measured rows are
 # in BENCHMARKS.md).
 
+gpu_tests() {  # gpu_tests LIMIT_S PYTEST_K: the -m gpu tests that -k selects, their output appended to gpu_tests.log
+  local limit; limit=$(limit_for "$1")
+  if [ -n "${CHECK:-}" ]; then
+    echo "=== SKIPPED (CHECK): tests/gpu -k '$2'" | tee -a "$LOG"
+  elif [ "$limit" -gt 0 ]; then
+    echo "=== pytest -m gpu tests/gpu -k '$2' (limit ${limit}s, at ${SECONDS}s)" | tee -a "$LOG" "$OUT/gpu_tests.log"
+    timeout -k 10 "$limit" python3 -m pytest -q -p no:cacheprovider -rA -m gpu tests/gpu -k "$2" >> "$OUT/gpu_tests.log" 2>&1
+    grep -E "^(PASSED|FAILED|ERROR)|passed|failed|skipped|^E " "$OUT/gpu_tests.log" | tail -30 | tee -a "$LOG"
+  else
+    echo "=== SKIPPED (budget of ${BUDGET}s spent): tests/gpu -k '$2'" | tee -a "$LOG"
+  fi
+}
+SLOW_GPU_TESTS="largest_batch_under_a_memory_cap or compiled_per_step_with_cuda_graphs"
+
 # 1. The GPU tests (tests/gpu: bf16 against fp32, finite bf16 iterations, one fp16 scaler per network, Glow fused
 #    against separate layers (values, gradients, peak memory), PGAN's fused resampling convolutions (images,
 #    D's peak memory), device syncs per step as CUDA reports them, the switches against the plain path, the fused attention
-#    kernel at BigGAN-128's sizes, the profile's CUDA kernel records, Glow compiled per step under CUDA graphs
-#    against eager, the largest batch under a 1.5 GB allocator cap (about 5 probe processes); 45 s at f2ef648,
-#    when the gan_digits sync count failed, text lost)
-limit=$(limit_for 170)
-if [ -n "${CHECK:-}" ]; then
-  echo "=== SKIPPED (CHECK): tests/gpu" | tee -a "$LOG"
-elif [ "$limit" -gt 0 ]; then
-  echo "=== pytest -m gpu tests/gpu (limit ${limit}s, at ${SECONDS}s)" | tee -a "$LOG"
-  timeout -k 10 "$limit" python3 -m pytest -q -p no:cacheprovider -rA -m gpu tests/gpu > "$OUT/gpu_tests.log" 2>&1
-  grep -E "^(PASSED|FAILED|ERROR)|passed|failed|skipped|^E " "$OUT/gpu_tests.log" | tail -30 | tee -a "$LOG"
-else
-  echo "=== SKIPPED (budget of ${BUDGET}s spent): tests/gpu" | tee -a "$LOG"
-fi
+#    kernel at BigGAN-128's sizes, the profile's CUDA kernel records; 45 s at f2ef648, when the gan_digits sync
+#    count failed, text lost). The two slow ones (about 5 probe processes under a 1.5 GB allocator cap; Glow
+#    compiled per step under CUDA graphs against eager) run in step 7, so the measurements come first.
+gpu_tests 120 "not ($SLOW_GPU_TESTS)"
 
 # 2. The largest BigGAN-128 batch per GPU (issue 10 asks for it; never measured): `genscale bench memory`,
 #    a fresh process per probed batch (bf16, eager, fused attention: batch 256 took 47.5 GB at f2ef648),
@@ -108,11 +113,9 @@ memory 120 $BIG model.attention_impl=sdpa --precision bf16-mixed --no-compile --
 # 3. Glow CIFAR-10 (K=32, L=3, width 512, affine, LU, Adamax), eager: ActNorm and the zero convs' scales
 #    as separate layers (flow.fused=false, the arithmetic of every earlier Glow row: 303 / 846 img/s fp32
 #    at batch 64 / 256 at f2ef648) against folded into the convolutions (flow.fused, half the fp32
-#    activation memory, a fifth of it in bf16); fp32 at 64 and 256, bf16 at 256
+#    activation memory, a fifth of it in bf16); fp32 at 64 and 256 (bf16 at 256: step 7)
 bench 90 glow_cifar10 --batch 64 256 --precision 32 --steps 12 --warmup 3 --profile 2 \
   --variant "trainer.compile=off flow.fused=false" --variant "trainer.compile=off"  # P
-bench 60 glow_cifar10 --batch 256 --precision bf16-mixed --steps 12 --warmup 3 --variant "trainer.compile=off flow.fused=false" \
-  --variant "trainer.compile=off"
 
 # 4. BigGAN-128 ch96 bf16 batch 256 (1 D + 1 G step), eager, channels_last: self-attention as explicit
 #    matmuls (the (hw x hw/4) map materialised, its softmax in fp32 under autocast) against the fused
@@ -144,11 +147,14 @@ bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --profile 2
 bench 180 glow_cifar10 trainer.compile_scope=block --batch 64 256 --precision 32 bf16-mixed --steps 15 --warmup 5 \
   --profile 2  # P
 
-# 7. If time is left: PGAN compiled with the penalty in bf16; Glow CIFAR-10 fp32 as shipped (CUDA graphs,
+# 7. If time is left: the two slow GPU tests; Glow eager bf16 at batch 256, fused on and off; PGAN compiled with the penalty in bf16; Glow CIFAR-10 fp32 as shipped (CUDA graphs,
 #    compile reduce-overhead of the whole flow; now with flow.fused) at batch 64 (815 img/s at f2ef648) and 256; BigGAN
 #    baseline and cuDNN autotuning alone (the row that ran out of
 #    memory at f2ef648); Glow graphs in bf16; PGAN compiled at batch 64; the largest BigGAN batch
 #    as shipped (compiled, so each probe compiles)
+gpu_tests 150 "$SLOW_GPU_TESTS"
+bench 60 glow_cifar10 --batch 256 --precision bf16-mixed --steps 12 --warmup 3 --variant "trainer.compile=off flow.fused=false" \
+  --variant "trainer.compile=off"
 bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 \
   --variant "trainer.channels_last=true trainer.compile=default loss.gp_autocast=true"
 bench 150 glow_cifar10 --batch 64 --precision 32 --steps 15 --warmup 5 --profile 2  # P

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from launch.cli import main
-from trainer.bench import run_train_bench
+from trainer.bench import REPO, run_train_bench
 
 
 def _bench(tmp_path, batch, *extra, exp="gan_digits"):
@@ -101,6 +101,17 @@ def test_every_command_of_the_gpu_bench_script_checks_on_cpu(tmp_path, capsys):
         printed = capsys.readouterr().out
         variants = max(1, argv.count("--variant"))
         assert printed.count("ok: ") >= variants, (argv, printed)
+
+
+def test_the_gpu_scripts_slow_tests_name_real_gpu_tests():
+    """The script runs the GPU tests in two groups by name (-k): a renamed test would silently drop out
+    of the later group, so each name must still be (part of) exactly one test in tests/gpu."""
+    import re
+
+    script = (REPO / "launch" / "bench_gpu.sh").read_text()
+    names = re.search(r'^SLOW_GPU_TESTS="(.+)"$', script, re.M).group(1).split(" or ")
+    tests = re.findall(r"^def (test_\w+)", "".join(p.read_text() for p in (REPO / "tests" / "gpu").glob("test_*.py")), re.M)
+    assert len(names) == 2 and all(sum(n in t for t in tests) == 1 for n in names), (names, tests)
 
 
 def test_bench_overrides_may_follow_the_options(capsys):
