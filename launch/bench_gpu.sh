@@ -150,7 +150,8 @@ bench 180 glow_cifar10 trainer.compile_scope=block --batch 64 256 --precision 32
 # 7. If time is left: the two slow GPU tests; Glow eager bf16 at batch 256, fused on and off; PGAN compiled with the penalty in bf16; Glow CIFAR-10 fp32 as shipped (CUDA graphs,
 #    compile reduce-overhead of the whole flow; now with flow.fused) at batch 64 (815 img/s at f2ef648) and 256; BigGAN
 #    baseline and cuDNN autotuning alone (the row that ran out of
-#    memory at f2ef648); Glow graphs in bf16; PGAN compiled at batch 64; the largest BigGAN batch
+#    memory at f2ef648); Glow graphs in bf16; PGAN compiled at batch 64; PGAN with CUDA graphs at batch 16
+#    (many small kernels at its low resolutions); the largest BigGAN batch
 #    as shipped (compiled, so each probe compiles)
 gpu_tests 150 "$SLOW_GPU_TESTS"
 bench 60 glow_cifar10 --batch 256 --precision bf16-mixed --steps 12 --warmup 3 --variant "trainer.compile=off flow.fused=false" \
@@ -162,6 +163,8 @@ bench 150 glow_cifar10 --batch 256 --precision 32 --steps 15 --warmup 5 --profil
 bench 90 $BIG --steps 8 --warmup 2 --variant "$OLD" --variant "$FOREACH"
 bench 150 glow_cifar10 --batch 64 --precision bf16-mixed --steps 15 --warmup 5
 bench 120 $PG --batch 64 --precision bf16-mixed --steps 8 --warmup 3 --variant "trainer.channels_last=true trainer.compile=default"
+bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --profile 2 \
+  --variant "trainer.channels_last=true trainer.compile=reduce-overhead"  # P: CUDA graphs at batch 16
 memory 150 $BIG --precision bf16-mixed --start 256 --multiple 32 --max 2048  # as shipped: compiled
 # Glow at batch 64 ran at 20x its floors (BENCHMARKS.md, "targets against their floors"), in many small
 # convolutions: inductor's max-autotune benchmarks Triton templates against cuDNN for each of them. Its compile is long, so
