@@ -109,13 +109,18 @@ def pack(cache_dir: str, prefix: str, part_mb: float = 15.0, parts: int = 3, pre
         return []
     env = _environment()
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    ratio = None  # compressed / raw bytes of the last tier tried
     for drop in DROP_TIERS:
         folders = cache_files(cache, drop)
         if not folders:
             log(f"compile cache: {cache} is empty; nothing packed")
             return []
-        groups = split_parts(folders, parts)
         raw = sum(s for fs in folders.values() for _, s in fs)
+        if ratio is not None and raw * ratio > parts * limit:  # would not fit either: spare the compression
+            log(f"compile cache: {raw / 2 ** 20:.1f} MiB without {', '.join(drop)} would compress to about "
+                f"{raw * ratio / 2 ** 20:.1f} MiB, over {parts} x {part_mb:g} MiB")
+            continue
+        groups = split_parts(folders, parts)
         paths = [f"{prefix}.{i:02d}{SUFFIX}" for i in range(len(groups))]
         jobs = [(str(cache), names, path, preset,
                  (f"{MANIFEST}.{i:02d}.json", {"packed_from": str(cache.resolve()), "part": i, "parts": len(groups),
@@ -132,6 +137,7 @@ def pack(cache_dir: str, prefix: str, part_mb: float = 15.0, parts: int = 3, pre
             return paths
         for p in paths:
             os.remove(p)
+        ratio = sum(sizes) / raw
         log(f"compile cache: {what}" + (f" without {', '.join(drop)}" if drop else "")
             + f" is over {parts} x {part_mb:g} MiB")
     log("compile cache: not packed (too large even without Triton's IR and PTX)")

@@ -108,13 +108,18 @@ def test_pack_drops_the_ir_then_the_ptx_until_the_parts_fit_or_writes_nothing(tm
     assert {n.rsplit(".", 1)[-1] for n in names if n.startswith("triton")} == {"cubin", "ptx", "json"}
     assert "fxgraph/entry" in names and not any("lock" in n for n in names)
     assert "left out .ttir" in log[-1]
-    # 2 x 0.35 MiB: only the cubins (300 kB a part) fit
+    # 2 x 0.35 MiB: only the cubins (300 kB a part) fit. Without the IR alone (1.2 MB at the measured
+    # ratio of about 1) they could not, so that tier is not even compressed.
+    log.clear()
     parts = pack(str(cache), str(tmp_path / "b"), part_mb=0.35, parts=2, log=log.append)
     assert {n.rsplit(".", 1)[-1] for n in _names(parts) if n.startswith("triton")} == {"cubin", "json"}
+    assert log[1].startswith("compile cache: 1.1 MiB without .ttir") and "over 2 x 0.35 MiB" in log[1]
+    assert "left out" in log[2]
     # 1 x 0.25 MiB: not even the cubins (600 kB) fit; nothing is left behind
     log.clear()
     assert pack(str(cache), str(tmp_path / "z"), part_mb=0.25, parts=1, log=log.append) == []
     assert "not packed" in log[-1] and not list(tmp_path.glob("z.*"))
+    assert len(log) == 4 and log[1].count("would compress") == log[2].count("would compress") == 1
 
 
 def test_unpack_skips_a_bad_part_and_says_what_will_miss(tmp_path):
