@@ -83,13 +83,15 @@ PG="pgan_celebahq1024 data.resolution=256 pgan.fade_images=[1] pgan.stable_image
 # in BENCHMARKS.md).
 
 gpu_tests() {  # gpu_tests LIMIT_S PYTEST_K: the -m gpu tests that -k selects, their output appended to gpu_tests.log
-  local limit; limit=$(limit_for "$1")
+  local limit from; limit=$(limit_for "$1")
   if [ -n "${CHECK:-}" ]; then
     echo "=== SKIPPED (CHECK): tests/gpu -k '$2'" | tee -a "$LOG"
   elif [ "$limit" -gt 0 ]; then
     echo "=== pytest -m gpu tests/gpu -k '$2' (limit ${limit}s, at ${SECONDS}s)" | tee -a "$LOG" "$OUT/gpu_tests.log"
+    from=$(wc -l < "$OUT/gpu_tests.log")
     timeout -k 10 "$limit" python3 -m pytest -q -p no:cacheprovider -rA -m gpu tests/gpu -k "$2" >> "$OUT/gpu_tests.log" 2>&1
-    grep -E "^(PASSED|FAILED|ERROR)|passed|failed|skipped|^E " "$OUT/gpu_tests.log" | tail -30 | tee -a "$LOG"
+    tail -n +$((from + 1)) "$OUT/gpu_tests.log" | grep -E "^(PASSED|FAILED|ERROR)|passed|failed|skipped|^E " | tail -30 \
+      | tee -a "$LOG"  # this group's results only
   else
     echo "=== SKIPPED (budget of ${BUDGET}s spent): tests/gpu -k '$2'" | tee -a "$LOG"
   fi
