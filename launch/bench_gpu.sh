@@ -130,13 +130,15 @@ bench 90 $BIG --steps 8 --warmup 2 --profile 2 --variant "trainer.compile=off" \
 #    WGAN-GP, bf16, batch 16, eager: resampling and convolutions separate (pgan.fused_scale=false, as at
 #    f2ef648: 54.1 img/s), folded into one strided / transposed conv (pgan.fused_scale, 0.65x the FLOPs),
 #    then also the penalty's critic in bf16 instead of fp32 (loss.gp_autocast, as a step wrapped whole in
-#    autocast runs it; the reference's bf16 row: 59 img/s). Then the compiled rows, which cost minutes of
+#    autocast runs it; the reference's bf16 row: 59 img/s), and the second row with the finite-loss check
+#    on the host (trainer.finite_check=host: 2 syncs per iteration; the rows above decide it on the
+#    device in the fused Adam, with none). Then the compiled rows, which cost minutes of
 #    compiling unless the carried cache has them (so they come after every eager row): BigGAN with sdpa as
 #    shipped (against 737 img/s with matmul at f2ef648), and PGAN's compiled G, D and gradient penalty
 #    (one graph with its double backward; at f2ef648 the penalty ran D eagerly)
 bench 80 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --profile 2 \
   --variant "trainer.compile=off pgan.fused_scale=false" --variant "trainer.compile=off" \
-  --variant "trainer.compile=off loss.gp_autocast=true"  # P
+  --variant "trainer.compile=off loss.gp_autocast=true" --variant "trainer.compile=off trainer.finite_check=host"  # P
 bench 200 $BIG model.attention_impl=sdpa --steps 8 --warmup 4 --profile 2  # P
 bench 150 $PG --batch 16 --precision bf16-mixed --steps 8 --warmup 3 --profile 2 \
   --variant "trainer.channels_last=true trainer.compile=default"  # P

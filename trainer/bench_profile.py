@@ -11,13 +11,21 @@ and ``busy`` is the share of the step spent inside aten ops rather than in Pytho
 
 The kinds come from the kernels' names (cuDNN, cuBLAS, CUTLASS and Triton name theirs predictably); a
 name no rule matches is "other". They are a reading aid: the top list is the data.
+
+The training modules mark the parts of their step with ``phase`` (D's fakes, forward, penalty, backward
+and update, G's forward, backward and update, the EMA; the flow's forward, backward and update). Each
+part is reported with its host milliseconds, the device milliseconds of the kernels it launched, and its
+kernels (aten ops on the CPU), nested parts excluded; "outside" is the host time of the iteration in
+none of them (Lightning's loop, callbacks, the batch). Under the profiler the host runs slower than
+without it, so host times are upper bounds.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections import defaultdict
-from typing import Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -36,6 +44,43 @@ KINDS: List[Tuple[str, re.Pattern]] = [(k, re.compile(p, re.I)) for k, p in [
     ("reduction", r"reduce|aten::(sum|mean|max|min|norm|linalg_vector_norm)\b"),
     ("elementwise", r"elementwise|vectorized|unrolled|pointwise|aten::"),
 ]]
+
+
+PHASE = "genscale/"
+
+
+def phase(name: str):
+    """A named part of the training step for `bench train --profile`: a torch.profiler range while a
+    profiler runs, nothing otherwise (one C call per use)."""
+    if not torch._C._autograd._profiler_enabled():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(PHASE + name)
+
+
+def phase_times(events, cuda: bool) -> Dict[str, List[float]]:
+    """{part: [host us, device us, kernels (CPU: aten ops)]} over the profiled events, each part's
+    figures without the parts nested in it."""
+    from torch.autograd import DeviceType
+
+    out: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+    for e in events:
+        if e.device_type != DeviceType.CPU or not e.name.startswith(PHASE):
+            continue
+        host, dev, ops = e.cpu_time_total, (e.device_time_total if cuda else 0.0), 0
+        stack = list(e.cpu_children)
+        while stack:
+            c = stack.pop()
+            if c.name.startswith(PHASE):  # a nested part: its time is its own
+                host -= c.cpu_time_total
+                dev -= c.device_time_total if cuda else 0.0
+                continue
+            ops += len(c.kernels) if cuda else int(c.name.startswith("aten::"))
+            stack.extend(c.cpu_children)
+        row = out[e.name[len(PHASE):]]
+        row[0] += host
+        row[1] += dev
+        row[2] += ops
+    return dict(out)
 
 
 def kind_of(name: str) -> str:
@@ -59,13 +104,15 @@ def union_us(intervals: Iterable[Tuple[float, float]]) -> float:
 
 
 def records_of(prof, cuda: bool):
-    """(records [(name, microseconds)], busy microseconds, host counts) of a finished profile."""
+    """(records [(name, microseconds)], busy microseconds, host counts, parts) of a finished profile."""
     from torch.autograd import DeviceType
 
     events = prof.events()
     host = defaultdict(int)
     if cuda:
-        device = [e for e in events if e.device_type == DeviceType.CUDA]
+        # user annotations (torch.optim's Optimizer.step, the step's parts) have device-side copies that
+        # span their kernels and the gaps between them: not kernels
+        device = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
         records = [(e.name, e.time_range.elapsed_us()) for e in device]
         busy = union_us((e.time_range.start, e.time_range.end) for e in device)
         for e in events:  # the CUDA runtime calls, by name (no kernel is named like them)
@@ -79,11 +126,12 @@ def records_of(prof, cuda: bool):
         ops = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
         records = [(e.name, e.self_cpu_time_total) for e in ops]
         busy = sum(us for _, us in records)
-    return records, busy, dict(host)
+    return records, busy, dict(host), phase_times(events, cuda)
 
 
 def summarise(records: List[Tuple[str, float]], busy_us: float, iters: int, step_s: Optional[float],
-              wall_s: float, host: Optional[dict] = None, top: int = 12) -> dict:
+              wall_s: float, host: Optional[dict] = None, top: int = 12,
+              phases: Optional[Dict[str, List[float]]] = None) -> dict:
     """Per-iteration figures of ``iters`` profiled iterations; ``step_s``: the unprofiled median step
     (the profiler slows the host, so ``busy`` is measured against the step as timed without it)."""
     by_name = defaultdict(lambda: [0, 0.0])
@@ -103,6 +151,10 @@ def summarise(records: List[Tuple[str, float]], busy_us: float, iters: int, step
         "records_per_iter": len(records) / iters,
         "host_per_iter": {k: v / iters for k, v in sorted((host or {}).items())},
         "kinds_ms_per_iter": {k: v / iters / 1e3 for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "phases": {n: {"host_ms": h / iters / 1e3, "device_ms": d / iters / 1e3, "kernels": k / iters}
+                   for n, (h, d, k) in sorted((phases or {}).items(), key=lambda kv: (-kv[1][1], -kv[1][0]))},
+        "outside_phases_host_ms": (wall_s * 1e3 - sum(h for h, _, _ in (phases or {}).values()) / 1e3) / iters
+                                  if phases else None,
         "top": [{"name": n[:160], "calls_per_iter": c / iters, "ms_per_iter": us / iters / 1e3,
                  "share": us / total_us if total_us else 0.0} for n, (c, us) in ranked],
     }
@@ -128,9 +180,9 @@ class ProfileWindow:
             torch.cuda.synchronize()
         wall = time.perf_counter() - self._t0
         self.prof.__exit__(None, None, None)
-        records, busy, host = records_of(self.prof, self.cuda)
+        records, busy, host, phases = records_of(self.prof, self.cuda)
         return {"device": "cuda" if self.cuda else "cpu",
-                **summarise(records, busy, iters, step_s, wall, host, top)}
+                **summarise(records, busy, iters, step_s, wall, host, top, phases)}
 
 
 def format_profiles(rows: List[dict], top: int = 8) -> str:
@@ -147,6 +199,12 @@ def format_profiles(rows: List[dict], top: int = 8) -> str:
                    f"{r['s_per_iter_median'] * 1e3:.1f} ms step), {p['records_per_iter']:.0f} records/iter"
                    + (f"; host per iter: {host}" if host else ""))
         out.append("  kinds (ms/iter): " + ", ".join(f"{k} {v:.1f}" for k, v in p["kinds_ms_per_iter"].items()))
+        if p.get("phases"):
+            dev = p["device"] == "cuda"
+            parts = [f"{n} {v['host_ms']:.1f}" + (f"/{v['device_ms']:.1f}" if dev else "") + f" x{v['kernels']:.0f}"
+                     for n, v in p["phases"].items()]
+            out.append(f"  parts (host{'/device' if dev else ''} ms per iter, x {'kernels' if dev else 'aten ops'}): "
+                       + ", ".join(parts) + f"; outside {p['outside_phases_host_ms']:.1f} host")
         for t in p["top"][:top]:
             out.append(f"  {t['ms_per_iter']:8.2f} ms {t['share']:6.1%} x{t['calls_per_iter']:<6.0f} {t['name'][:110]}")
     return "\n".join(out)

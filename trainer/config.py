@@ -75,6 +75,12 @@ class TrainerConfig:
     preemption: bool = f(True, "On SIGUSR1/SIGTERM: checkpoint at the end of the current step, requeue the "
                                "SLURM job (if any) and stop; a requeued job resumes with resume=auto.")
     max_nonfinite: int = f(20, "Stop the run after this many consecutive steps with a non-finite loss.")
+    finite_check: str = f("auto", "GANs: where the per-step check that the loss is finite is decided. auto: on "
+                                  "the device when the optimiser is fused (a non-finite step is skipped inside "
+                                  "the fused update, as GradScaler's found_inf does, with no host sync; a streak "
+                                  "of trainer.max_nonfinite is then noticed at the next trainer.log_every "
+                                  "iteration), else on the host. host: always on the host (one sync per "
+                                  "optimiser phase; a streak stops the run at the step that completes it).")
     progress_bar: bool = f(True, "Show a progress bar with images/s and kimg.")
     channels_last: bool = f(False, "Keep G and D (or the flow), their optimiser state and the real images in "
                                    "channels_last (NHWC) memory, the layout tensor-core GPU convolutions use "
@@ -358,6 +364,7 @@ CHOICES = {
     "optim.d.impl": ["auto", "fused", "foreach", "plain"],
     "trainer.compile": ["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
     "trainer.compile_scope": ["model", "block"],
+    "trainer.finite_check": ["auto", "host"],
     "model.attention_impl": ["matmul", "sdpa"],
     "knowledge.constraint": ["class_consistency", "symmetry"],
 }
@@ -635,6 +642,12 @@ def _validate_pgan(cfg: DictConfig) -> None:
     bad = [b for b in sched.batch_sizes if b % cfg.optim.accumulate]
     if bad:
         raise ConfigError(f"pgan.batch_sizes {bad} are not divisible by optim.accumulate={cfg.optim.accumulate}.")
+    # feature maps at stage s (resolution 2^(s+1)) are min(fmap_base / 2^s, fmap_max): the last stage's must
+    # be at least 1
+    if p.fmap_max < 1 or p.fmap_base < cfg.data.resolution // 2:
+        raise ConfigError(f"pgan.fmap_base={p.fmap_base}, pgan.fmap_max={p.fmap_max} leave no feature maps at "
+                          f"{cfg.data.resolution} px (min(fmap_base / 2^stage, fmap_max), stage log2(resolution) - 1): "
+                          f"set pgan.fmap_base to at least {cfg.data.resolution // 2} and pgan.fmap_max to at least 1.")
 
 def is_flow(cfg) -> bool:
     """Whether model.name names a normalising flow (models.glow.FLOWS) rather than a GAN."""

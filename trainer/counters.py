@@ -8,7 +8,9 @@ step, and the callbacks that run after every step, read them several times per s
 
 So during training a Python int per counter is the source of truth: ``add_count``/``set_count``
 change it and write the buffer with an in-place device op (``add_``/``fill_`` with a Python
-scalar: queued, never waited for), and ``count``/``it``/``seen`` read the int. The mirror is
+scalar: queued, never waited for), and ``count``/``it``/``seen`` read the int. ``add_count_device``
+adds a device tensor instead (a count only the device knows, e.g. a skipped step decided there): that
+counter's mirror goes stale and the next ``count`` of it reads the buffer once. The mirror is
 filled from the buffers once, at the first read after it was invalidated: at fit start and after a
 ``load_state_dict`` (a checkpoint restore, `genscale sample`/`eval`). Outside a fit (tests or tools
 that write a buffer directly), reads go to the buffer.
@@ -39,15 +41,27 @@ class HostCounters:
         return self._host
 
     def count(self, name: str) -> int:
-        """The counter's value as an int: the host mirror while training (no sync), else the buffer."""
+        """The counter's value as an int: the host mirror while training (no sync unless the counter
+        went stale), else the buffer."""
         host = self._mirror()
-        return host[name] if host is not None else int(getattr(self, name))
+        if host is None:
+            return int(getattr(self, name))
+        if host[name] is None:  # stale after add_count_device: one read of the buffer
+            host[name] = int(getattr(self, name))
+        return host[name]
 
     def add_count(self, name: str, k: int) -> None:
         host = self._mirror()
-        if host is not None:
+        if host is not None and host[name] is not None:
             host[name] += k
         getattr(self, name).add_(k)
+
+    def add_count_device(self, name: str, k: torch.Tensor) -> None:
+        """Adds a 0-dim device tensor without reading it; the counter's mirror goes stale."""
+        host = self._mirror()
+        if host is not None:
+            host[name] = None
+        getattr(self, name).add_(k.to(torch.long))
 
     def set_count(self, name: str, value: int) -> None:
         host = self._mirror()

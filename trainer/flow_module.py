@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.glow import Glow, build_flow
+from trainer.bench_profile import phase
 from trainer.callbacks.ema import ema_beta, ema_update
 from trainer.counters import HostCounters
 from trainer.speed import SpeedSwitches, compile_modules, nhwc, optimizer_kwargs
@@ -265,7 +266,8 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = lr
         self.new_phase()
-        terms = self.losses(x, y)
+        with phase("flow forward"):
+            terms = self.losses(x, y)
         loss = terms["bpd"].mean()
         if "bits_y" in terms:
             loss = loss + f["weight_y"] * terms["bits_y"].mean()
@@ -318,8 +320,14 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
         """The EMA update right after the optimiser step: callbacks' on_train_batch_end hooks run before
         the module's, so an update there would come after that step's checkpoint and sample grid (a
         resume from that checkpoint would then miss one update)."""
-        super().optimizer_step(*args, **kwargs)
-        self._update_ema()
+        with phase("flow update"):  # the step's closure (forward, backward) runs inside: its own parts
+            super().optimizer_step(*args, **kwargs)
+        with phase("EMA"):
+            self._update_ema()
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        with phase("flow backward"):
+            super().backward(loss, *args, **kwargs)
 
     def _update_ema(self) -> None:
         if self.glow_ema is None or not self._stepped:

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 
+from trainer.bench_profile import phase
 from trainer.counters import HostCounters
 from trainer.speed import SpeedSwitches, nhwc, optimizer_kwargs
 from trainer.losses import clip_weights, drift_penalty, get_loss, gradient_penalty, ortho_params, ortho_reg
@@ -79,6 +80,7 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
         self.register_buffer("fixed_z", torch.randn(grid, z_dim, generator=g))
         self.g_stepped = False  # whether the last training_step ended with a G step (callbacks read it)
         self._nonfinite_streak = {"D": 0, "G": 0}
+        self._device_streak: dict = {}  # finite_check on the device: network -> 0-dim float tensor
         self._scalers: dict = {}  # 16-mixed outside DeepSpeed: one GradScaler per network
         self._pending_scalers: dict = {}  # their states from a checkpoint, loaded at fit start
         self.overflow_skips = {"D": 0, "G": 0}
@@ -189,9 +191,61 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
         self.overflow_skips[name] += int(not applied)
         return applied
 
+    def _device_skip(self, opt) -> bool:
+        """Whether this phase's finite check stays on the device (trainer.finite_check=auto): a fused
+        torch optimiser takes a device flag and leaves weights, moments and step count untouched when it
+        is set (found_inf, as GradScaler uses it), so the host never waits for the loss. Not under a
+        loss scaler or DeepSpeed engine (they decide on the host), nor with several ranks (gan_ddp reads
+        its has-gradient mask on the host in the same all-reduce that carries the flag)."""
+        inner = getattr(opt, "optimizer", opt)
+        trainer = getattr(self, "_trainer", None)
+        return (self.cfg["trainer"].get("finite_check", "auto") == "auto"
+                and getattr(inner, "_step_supports_amp_scaling", False)
+                and all(g.get("fused") for g in inner.param_groups) and not self._scalers
+                and self._strategy_hook("engine_step") is None
+                and (trainer is None or trainer.world_size == 1))
+
+    def _device_step(self, opt, name: str, loss: torch.Tensor) -> None:
+        """The fused optimiser steps with the loss's non-finite flag; the skip count and the streak of
+        non-finite steps stay on the device until ``_check_streaks`` reads them."""
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32)
+        inner = getattr(opt, "optimizer", opt)
+        inner.found_inf = bad
+        try:
+            opt.step()
+        finally:
+            del inner.found_inf
+        streak = self._device_streak.get(name)
+        self._device_streak[name] = bad if streak is None else (streak + 1.0) * bad
+        self.add_count_device("nonfinite_total", bad)
+
+    def _check_streaks(self) -> None:
+        """The device-side streaks of non-finite steps, read once every trainer.log_every iterations:
+        the stop that trainer.max_nonfinite asks for, at most that many iterations late (the skipped
+        steps left the weights untouched, so nothing is lost but their time)."""
+        if not self._device_streak:
+            return
+        names = list(self._device_streak)
+        streaks = torch.stack([self._device_streak[n] for n in names]).tolist()
+        limit = self.cfg["trainer"]["max_nonfinite"]
+        for n, k in zip(names, streaks):
+            if k >= limit:
+                raise NonFiniteLossError(
+                    f"The {n} loss was non-finite for the last {int(k)} consecutive steps, found at iteration "
+                    f"{self.it} ({self.count('nonfinite_total')} skipped in all; with a fused optimiser the check "
+                    f"runs every trainer.log_every iterations). {self._NONFINITE_ADVICE}")
+
+    _NONFINITE_ADVICE = ("Those steps were skipped and the run stopped; the last checkpoint written before them "
+                         "is intact. Lower the learning rates, use trainer.precision=32, or raise "
+                         "trainer.max_nonfinite if the spikes are transient.")
+
     def _step(self, net: nn.Module, opt, name: str, loss: torch.Tensor) -> bool:
         """The phase's update: gradients averaged (or the step skipped on every rank after a
-        non-finite loss), then the optimiser (or DeepSpeed engine) steps. Returns whether it did."""
+        non-finite loss), then the optimiser (or DeepSpeed engine) steps. Returns whether it did
+        (True when the fused optimiser decided on the device: clipping unchanged weights is a no-op)."""
+        if self._device_skip(opt):
+            self._device_step(opt, name, loss)
+            return True
         if not self._finite_or_skip(self._sync_grads(net, loss), opt, name):
             discard = self._strategy_hook("discard_grads")
             if discard is not None:
@@ -229,10 +283,7 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
         if self._nonfinite_streak[net] >= limit:
             raise NonFiniteLossError(
                 f"The {net} loss was non-finite for {self._nonfinite_streak[net]} consecutive steps "
-                f"(iteration {self.it}, {self.count('nonfinite_total')} skipped in all). "
-                "Those steps were skipped and the run stopped; the last checkpoint written before them "
-                "is intact. Lower the learning rates, use trainer.precision=32, or raise "
-                "trainer.max_nonfinite if the spikes are transient.")
+                f"(iteration {self.it}, {self.count('nonfinite_total')} skipped in all). {self._NONFINITE_ADVICE}")
         return False
 
     def sample_latents(self, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -304,26 +355,29 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
         y_real = labels.chunk(accum) if labels is not None else [None] * accum
         for k, r in enumerate(real.chunk(accum)):
             with self._sync_ctx(self.D, last=k == accum - 1):
-                with torch.no_grad():
+                with torch.no_grad(), phase("D fakes"):
                     z = self.sample_latents(r.shape[0], gen)
                     y_fake = self.sample_labels(r.shape[0], gen)
                     fake = self._g(z, y_fake)
-                s_real, s_fake = self._d_real_fake(r, fake, y_real[k], y_fake)
-                loss = self.loss.d(s_real, s_fake)
+                with phase("D forward"):
+                    s_real, s_fake = self._d_real_fake(r, fake, y_real[k], y_fake)
+                    loss = self.loss.d(s_real, s_fake)
                 if self.loss.uses_gp:
-                    eps = self.sample_mix(r.shape[0], gen)
-                    gp = self.fast("gradient_penalty")(r, fake, eps, y_real[k], self._param_dtype(self.D),
-                                                       *self.net_args())
-                    loss = loss + c["gp_weight"] * gp
-                    stats["d/gp"] += gp.detach() / accum
+                    with phase("D penalty"):
+                        eps = self.sample_mix(r.shape[0], gen)
+                        gp = self.fast("gradient_penalty")(r, fake, eps, y_real[k], self._param_dtype(self.D),
+                                                           *self.net_args())
+                        loss = loss + c["gp_weight"] * gp
+                        stats["d/gp"] += gp.detach() / accum
                 if c["drift"] > 0:
                     loss = loss + c["drift"] * drift_penalty(s_real)
-                self._backward(self.D, loss / accum)
+                with phase("D backward"):
+                    self._backward(self.D, loss / accum)
             total = total + loss.detach() / accum
             stats["d/real"] += s_real.detach().mean() / accum
             stats["d/fake"] += s_fake.detach().mean() / accum
-        if self._step(self.D, opt, "D", total):
-            if self.loss.clips_weights:
+        with phase("D update"):
+            if self._step(self.D, opt, "D", total) and self.loss.clips_weights:
                 clip_weights(self.D, c["clip"])
         stats["d/loss"] = total
         return stats
@@ -342,13 +396,16 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
                 y = self.sample_labels(micro, gen)
                 # The regulariser enters unscaled once per step (the backward divides by accum); g/loss
                 # includes it, g/ortho shows it alone.
-                fake = self._g(z, y)
-                loss = self.loss.g(self._d(fake, y).float()) + accum * self._ortho_penalty(k == accum - 1)
-                for hook in self.g_loss_hooks:
-                    loss = loss + hook(fake, y)
-                self._backward(self.G, loss / accum)
+                with phase("G forward"):
+                    fake = self._g(z, y)
+                    loss = self.loss.g(self._d(fake, y).float()) + accum * self._ortho_penalty(k == accum - 1)
+                    for hook in self.g_loss_hooks:
+                        loss = loss + hook(fake, y)
+                with phase("G backward"):
+                    self._backward(self.G, loss / accum)
             total = total + loss.detach() / accum
-        self._step(self.G, opt, "G", total)
+        with phase("G update"):
+            self._step(self.G, opt, "G", total)
         set_requires_grad(self.D, True)
         return {"g/loss": total, "g/ortho": self._ortho_last} if self._ortho else {"g/loss": total}
 
@@ -364,7 +421,8 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
             ensure(self)  # DeepSpeed: engines built at the first step (after a resume's weights)
         opt_g, opt_d = self.optimizers()
         gen = self._rng()
-        real = self._prep(images, gen)
+        with phase("batch"):
+            real = self._prep(images, gen)
         labels = labels.to(self.device, torch.long) if self.num_classes else None
         stats = self.d_step(real, gen, opt_d, labels)
         self.add_count("d_steps", 1)
@@ -378,6 +436,8 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
             self.g_stepped = True
         self._sync_buffers()
         if self.g_stepped:
+            if self.it % self.cfg["trainer"]["log_every"] == 0:
+                self._check_streaks()
             self._log_progress(stats)
         if self.it >= self.cfg["trainer"]["max_iters"]:
             self.trainer.should_stop = True

@@ -100,6 +100,24 @@ def apply_channels_last_to_optimizers(optimizers: Iterable[torch.optim.Optimizer
         match_state_layout(getattr(opt, "optimizer", opt))
 
 
+def restore_kernel_choice(opt: torch.optim.Optimizer) -> None:
+    """A checkpoint's param_groups carry the fused/foreach flags they were written with, and
+    load_state_dict puts them over the ones this run built the optimiser with: a run resumed with another
+    optimiser impl would silently keep the old kernels. The built ones (the optimiser's defaults, which
+    loading leaves alone) win, and the step counters move to where that kernel keeps them (fused: on the
+    parameter's device, else on the host)."""
+    for group in opt.param_groups:
+        keys = [k for k in ("fused", "foreach") if k in opt.defaults and group.get(k) != opt.defaults[k]]
+        if not keys:
+            continue
+        group.update({k: opt.defaults[k] for k in keys})
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=p.device if on_device else "cpu", dtype=torch.float32)
+
+
 class SpeedSwitches:
     """Mixin for the training modules: applies trainer.channels_last and trainer.compile to the
     networks ``train_nets()`` names (and their EMA copies, ``ema_nets()``)."""
@@ -144,6 +162,9 @@ class SpeedSwitches:
 
     def on_train_start(self) -> None:
         super().on_train_start()
+        for opt in self.trainer.optimizers:  # after a checkpoint's optimiser state was restored
+            if isinstance(getattr(opt, "optimizer", opt), torch.optim.Optimizer):
+                restore_kernel_choice(getattr(opt, "optimizer", opt))
         if self.channels_last_on:  # optimiser state restored from a checkpoint arrives NCHW
             apply_channels_last_to_optimizers(self.trainer.optimizers)
         mode = self.cfg["trainer"].get("compile", "off")

@@ -94,6 +94,50 @@ def test_persistent_nonfinite_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert not list((run.run_dir / "checkpoints").glob(".*tmp*"))
 
 
+FUSED = ["optim.g.impl=fused", "optim.d.impl=fused"]
+
+
+def _nan_run(tmp_path, run_id, extra, start, count=10**9):
+    run = prepare_run("gan_digits", _base(tmp_path) + [f"logging.run_id={run_id}", "model.g_width=8",
+                                                       "model.d_width=8", "data.batch_size=16", *extra])
+    run.module.loss = GANLoss(_NaNAfter(run.module, start=start, count=count), ns_g)
+    return run
+
+
+def test_fused_optimisers_skip_nonfinite_steps_on_the_device_like_the_host_check(tmp_path):
+    """trainer.finite_check=auto with fused Adam decides the skip on the device (found_inf): the run
+    must end with the same weights, Adam state and skip count as the host decision, bit for bit."""
+    finals = {}
+    for check in ("host", "auto"):
+        run = _nan_run(tmp_path, check, FUSED + ["trainer.max_iters=8", "trainer.max_nonfinite=5",
+                                                 f"trainer.finite_check={check}"], start=3, count=2)
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+        m = run.module
+        assert m._device_skip(m.optimizers()[1]) == (check == "auto")
+        assert int(m.nonfinite_total) == 2 and m.count("nonfinite_total") == 2 and int(m.iteration) == 8
+        opt_d = m.optimizers(use_pl_optimizer=False)[1]
+        # the skipped D steps did not count: 8 D steps taken, 2 skipped
+        assert {float(st["step"]) for st in opt_d.state.values()} == {6.0}
+        finals[check] = ({k: v.clone() for k, v in m.state_dict().items()},
+                         [st["exp_avg_sq"].clone() for st in opt_d.state.values()])
+    (w_host, v_host), (w_dev, v_dev) = finals["host"], finals["auto"]
+    assert all(torch.equal(w_host[k], w_dev[k]) for k in w_host)
+    assert all(torch.equal(a, b) for a, b in zip(v_host, v_dev))
+    assert all(torch.isfinite(v).all() for v in w_dev.values() if v.is_floating_point())
+
+
+def test_fused_optimisers_stop_a_nonfinite_streak_at_the_next_log_check(tmp_path):
+    run = _nan_run(tmp_path, "streak", FUSED + ["trainer.max_iters=50", "trainer.max_nonfinite=3",
+                                                "trainer.log_every=4"], start=10)
+    # D steps 10, 11, ... (iterations 11, 12, ...) are non-finite: the streak reaches 3 at iteration 13,
+    # and the check at iteration 16 (a multiple of log_every) finds 6 and stops the run there
+    with pytest.raises(NonFiniteLossError, match=r"non-finite for the last 6 consecutive steps, "
+                                                 r"found at iteration 16 \(6 skipped"):
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+    m = run.module
+    assert int(m.iteration) == 16 and all(torch.isfinite(p).all() for p in m.D.parameters())
+
+
 def test_gpu_count_that_does_not_match_the_machine_or_allocation(tmp_path, capsys, monkeypatch):
     import torch
 

@@ -16,7 +16,7 @@ def _bench(tmp_path, batch, *extra, exp="gan_digits"):
 def test_flops_scale_with_batch_and_critic_steps(tmp_path):
     a = _bench(tmp_path, 8, "optim.n_critic=1")
     b = _bench(tmp_path, 16, "optim.n_critic=1")
-    c = _bench(tmp_path, 8, "optim.n_critic=2")
+    c = _bench(tmp_path, 8, "optim.n_critic=2", "optim.g.impl=fused", "optim.d.impl=fused")
     # every convolution and matmul is linear in the batch
     assert abs(b["flops_per_iter"] / a["flops_per_iter"] - 2.0) < 0.01, (a["flops_per_iter"], b["flops_per_iter"])
     # one more D step per iteration: a D step (G forward + D forward/backward) is between a third and all of it
@@ -28,6 +28,9 @@ def test_flops_scale_with_batch_and_critic_steps(tmp_path):
         assert abs(r["images_per_s"] - r["images_per_iter"] / r["s_per_iter_median"]) < 1e-6
         assert abs(r["tflops_per_s"] - r["flops_per_iter"] / r["s_per_iter_median"] / 1e12) < 1e-9
         assert r["device"].startswith("CPU") and r["commit"] and r["precision"] == "32"
+    # foreach Adam (the CPU default) decides the finite check on the host, fused Adam on the device
+    assert (a["optimizer_impl"], a["finite_check"], c["optimizer_impl"], c["finite_check"]) == (
+        "foreach/foreach", "host", "fused/fused", "device")
 
 
 def test_cli_writes_json_lines_for_a_flow(tmp_path, capsys):
@@ -142,6 +145,14 @@ def test_profile_counts_each_iterations_convolutions(tmp_path, capsys):
         assert calls["aten::convolution_backward"] == 2 * convs["D"] + convs["G"] == 6
         assert sum(p["kinds_ms_per_iter"].values()) == pytest.approx(p["busy_ms_per_iter"])  # CPU: self times add up
         assert 0 < p["busy"] < 5 and p["kinds_ms_per_iter"]["matmul/conv"] > 0
+        # the step's marked parts (no penalty: a vanilla GAN), each with host time and aten ops; with the
+        # host time outside them they make up the profiled iteration
+        assert set(p["phases"]) == {"batch", "D fakes", "D forward", "D backward", "D update", "G forward",
+                                    "G backward", "G update", "EMA"}
+        assert all(v["host_ms"] > 0 and v["kernels"] > 0 and v["device_ms"] == 0 for v in p["phases"].values())
+        assert sum(v["host_ms"] for v in p["phases"].values()) + p["outside_phases_host_ms"] == pytest.approx(
+            p["profiled_wall_ms_per_iter"])
+        assert 0 < p["outside_phases_host_ms"] < p["profiled_wall_ms_per_iter"]
     out = tmp_path / "p.jsonl"
     assert main(["bench", "train", "gan_digits", *ov, "--steps", "2", "--warmup", "0", "--batch", "8",
                  "--profile", "1", "--profile-top", "3", "--out", str(out)]) == 0

@@ -286,6 +286,10 @@ def test_resume_into_channels_last_with_fused_adam(tmp_path):
     resumed = train(None, [f"resume={tmp_path}/gan_digits/half", "trainer.max_iters=4", "trainer.channels_last=true",
                            "optim.g.impl=fused", "optim.d.impl=fused"])
     assert int(resumed.module.iteration) == 4
+    # the fused kernels this run asked for, not the foreach ones the checkpoint was written with
+    opts = resumed.trainer.optimizers
+    assert all(g["fused"] and not g["foreach"] for opt in opts for g in opt.param_groups)
+    assert all(s["step"].dtype == torch.float32 for opt in opts for s in opt.state.values())
     states = [s["exp_avg"] for opt in resumed.trainer.optimizers for s in opt.state.values()
               if s["exp_avg"].dim() == 4 and s["exp_avg"].shape[-1] > 1]
     assert states and all(s.is_contiguous(memory_format=CL) for s in states)

@@ -46,8 +46,13 @@ def test_summary_per_iteration_by_hand():
     records = [("gemm_a", 300.0), ("gemm_a", 300.0), ("triton_poi_fused_add_0", 100.0), ("Memset (Device)", 50.0),
                ("gemm_a", 250.0), ("triton_poi_fused_add_0", 100.0)]
     s = summarise(records, busy_us=1000.0, iters=2, step_s=0.002, wall_s=0.01,
-                  host={"launches": 12, "graph_replays": 2}, top=2)
+                  host={"launches": 12, "graph_replays": 2}, top=2,
+                  phases={"D backward": [3000.0, 600.0, 8], "D update": [1000.0, 50.0, 2], "EMA": [500.0, 0.0, 1]})
     assert s["iters"] == 2 and s["records_per_iter"] == 3.0
+    # per iteration, costliest on the device first; outside = 10 ms of wall over 2 iterations minus 4.5 ms of parts
+    assert list(s["phases"]) == ["D backward", "D update", "EMA"]
+    assert s["phases"]["D backward"] == pytest.approx({"host_ms": 1.5, "device_ms": 0.3, "kernels": 4})
+    assert s["outside_phases_host_ms"] == pytest.approx(5.0 - 2.25)
     assert s["busy_ms_per_iter"] == pytest.approx(0.5) and s["busy"] == pytest.approx(0.25)  # 0.5 of a 2 ms step
     assert s["profiled_wall_ms_per_iter"] == pytest.approx(5.0)
     assert s["host_per_iter"] == {"graph_replays": 1.0, "launches": 6.0}
@@ -59,7 +64,9 @@ def test_summary_per_iteration_by_hand():
     text = format_profiles([{"experiment": "x", "batch": 4, "precision": "32", "variant": "", "s_per_iter_median": 0.002,
                              "profile": {"device": "cuda", **s}}, {"experiment": "y", "profile": None}])
     assert "0.5 ms/iter (25% busy of the 2.0 ms step)" in text and "launches 6" in text
-    assert "profile y" not in text and len(text.splitlines()) == 2 + 2  # a row without a profile adds nothing
+    assert "parts (host/device ms per iter, x kernels): D backward 1.5/0.3 x4, D update 0.5/0.0 x1, EMA 0.2/0.0 x0; " \
+           "outside 2.8 host" in text
+    assert "profile y" not in text and len(text.splitlines()) == 3 + 2  # a row without a profile adds nothing
 
 
 def test_cuda_records_are_the_device_events_and_the_runtime_calls_are_counted():
@@ -72,19 +79,62 @@ def test_cuda_records_are_the_device_events_and_the_runtime_calls_are_counted():
 
     from trainer.bench_profile import records_of
 
-    def ev(name, dev, start, end):
-        return SimpleNamespace(name=name, device_type=dev, time_range=Interval(start, end), self_cpu_time_total=end - start)
+    def ev(name, dev, start, end, annotation=False):
+        return SimpleNamespace(name=name, device_type=dev, time_range=Interval(start, end), self_cpu_time_total=end - start,
+                               is_user_annotation=annotation, cpu_children=[], cpu_time_total=end - start)
 
     events = [ev("aten::convolution", DeviceType.CPU, 0, 50), ev("cudaLaunchKernel", DeviceType.CPU, 1, 3),
               ev("cudaLaunchKernel", DeviceType.CPU, 4, 6), ev("cudaGraphLaunch", DeviceType.CPU, 7, 9),
               ev("cudaStreamSynchronize", DeviceType.CPU, 10, 40),
               ev("sm90_xmma_fprop_implicit_gemm", DeviceType.CUDA, 10, 30),
               ev("triton_poi_fused_add_0", DeviceType.CUDA, 25, 35),  # overlaps the GEMM (another stream)
-              ev("Memcpy HtoD (Pageable -> Device)", DeviceType.CUDA, 50, 54)]
-    records, busy, host = records_of(SimpleNamespace(events=lambda: events), cuda=True)
+              ev("Memcpy HtoD (Pageable -> Device)", DeviceType.CUDA, 50, 54),
+              # torch.optim's record_function range, as its device-side copy: it spans gaps, it is no kernel
+              ev("Optimizer.step#Adam.step", DeviceType.CUDA, 10, 80, annotation=True)]
+    records, busy, host, parts = records_of(SimpleNamespace(events=lambda: events), cuda=True)
     assert records == [("sm90_xmma_fprop_implicit_gemm", 20), ("triton_poi_fused_add_0", 10),
                        ("Memcpy HtoD (Pageable -> Device)", 4)]
     assert busy == 25 + 4
     assert host == {"launches": 2, "graph_replays": 1, "syncs": 1}
-    cpu_records, cpu_busy, cpu_host = records_of(SimpleNamespace(events=lambda: events), cuda=False)
+    cpu_records, cpu_busy, cpu_host, cpu_parts = records_of(SimpleNamespace(events=lambda: events), cuda=False)
     assert cpu_records == [("aten::convolution", 50)] and cpu_busy == 50 and cpu_host == {}
+    assert parts == cpu_parts == {}  # no step part was marked
+
+
+def test_step_parts_count_their_own_time_and_ops_not_their_nested_parts():
+    """``phase`` ranges under the CPU profiler: each part's host time and aten ops without the parts
+    nested in it; outside a profiler ``phase`` costs nothing."""
+    import contextlib
+    import time
+
+    import torch
+    from torch.autograd import DeviceType
+
+    from trainer.bench_profile import PHASE, phase, phase_times
+
+    assert isinstance(phase("x"), contextlib.nullcontext)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            with phase("outer"):
+                torch.ones(3).add_(1)
+                with phase("inner"):
+                    time.sleep(0.02)
+                    torch.zeros(2).mul_(2)
+                    torch.zeros(2).mul_(2)
+    events = prof.events()
+    parts = phase_times(events, cuda=False)
+    assert set(parts) == {"outer", "inner"}
+
+    def ops_under(name):  # aten events whose nearest part is ``name``, counted by hand
+        n = 0
+        for e in events:
+            if e.device_type == DeviceType.CPU and e.name.startswith("aten::"):
+                p = e.cpu_parent
+                while p is not None and not p.name.startswith(PHASE):
+                    p = p.cpu_parent
+                n += p is not None and p.name == PHASE + name
+        return n
+
+    assert parts["inner"][2] == ops_under("inner") > 0 and parts["outer"][2] == ops_under("outer") > 0
+    assert parts["inner"][0] >= 2 * 20_000  # both sleeps are inner's
+    assert parts["outer"][0] < 20_000 and parts["outer"][1] == parts["inner"][1] == 0.0

@@ -350,3 +350,19 @@ def test_compile_off_survives_yaml_reading_it_as_a_boolean(word, tmp_path):
     exp = tmp_path / "exp.yaml"
     exp.write_text(f"extends: glow_cifar10\ntrainer:\n  compile: {word}\n")
     assert load_config(str(exp)).trainer.compile == "off"
+
+
+def test_pgan_feature_maps_that_run_out_before_the_last_resolution_are_refused():
+    """fmaps at stage s are min(fmap_base / 2^s, fmap_max): at 256 px (stage 7) fmap_base 64 gives 0 maps,
+    which used to surface as a ZeroDivisionError deep in the layer constructors."""
+    base = ["data.resolution=256", "pgan.fade_images=[1]", "pgan.stable_images=[1]", "pgan.batch_sizes=[]"]
+    with pytest.raises(ConfigError, match=r"pgan.fmap_base=64, pgan.fmap_max=8 leave no feature maps at 256 px.*"
+                                          r"at least 128"):
+        load_config("pgan_celebahq1024", base + ["pgan.fmap_base=64", "pgan.fmap_max=8"])
+    with pytest.raises(ConfigError, match="pgan.fmap_max to at least 1"):
+        load_config("pgan_celebahq1024", base + ["pgan.fmap_max=0"])
+    from models.pgan import build_pgan
+
+    cfg = load_config("pgan_celebahq1024", base + ["pgan.fmap_base=128", "pgan.fmap_max=8"])  # the smallest that works
+    G, D = build_pgan(8, 256, 3, fmap_base=cfg.pgan.fmap_base, fmap_max=cfg.pgan.fmap_max)
+    assert G.levels == D.levels == 7

@@ -10,6 +10,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn as nn
+from trainer.bench_profile import phase
 from trainer.counters import iteration_of
 
 
@@ -42,4 +43,5 @@ class EMACallback(L.Callback):
             return
         # `iteration` already counts the step just taken; the schedule uses the step's own index.
         it = iteration_of(pl_module) - 1
-        ema_update(pl_module.G_ema, pl_module.G, ema_beta(it, self.decay, self.start_iter, self.rampup_iters))
+        with phase("EMA"):
+            ema_update(pl_module.G_ema, pl_module.G, ema_beta(it, self.decay, self.start_iter, self.rampup_iters))

@@ -79,8 +79,9 @@ class GANDDPStrategy(DDPStrategy):
         world = self.world_size
         device = params[0].device if params else self.root_device
         # meta = [has-grad mask per parameter..., non-finite flag], summed over ranks
+        # built on the host and queued to the device (a blocking copy would wait for the device)
         meta = torch.tensor([float(p.grad is not None) for p in params] + [0.0 if finite else 1.0],
-                            dtype=torch.float32, device=device)
+                            dtype=torch.float32).to(device, non_blocking=True)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flats, works, buckets = [], [], _buckets(grads, self.bucket_cap_bytes)
         meta_in = next((k for k, b in enumerate(buckets) if grads[b[0]].dtype == torch.float32), None)
@@ -98,6 +99,7 @@ class GANDDPStrategy(DDPStrategy):
             meta = flats[meta_in][-meta.numel():]
         else:
             meta = flats[-1]
+        meta = meta.tolist()  # the phase's one host read (not one per parameter)
         for b, flat in zip(buckets, flats):
             off = 0
             for i in b:
@@ -109,7 +111,7 @@ class GANDDPStrategy(DDPStrategy):
                     else:
                         p.grad.copy_(g)
                 off += n
-        return bool(meta[-1] == 0)
+        return meta[-1] == 0
 
     def all_finite(self, finite: bool) -> bool:
         """True when ``finite`` holds on every rank (one tiny all-reduce)."""
