@@ -28,7 +28,7 @@ from trainer.config import ConfigError, is_flow, load_config, to_dict, to_yaml
 from trainer.gan_module import GANModule, NonFiniteLossError
 from trainer.progress import ThroughputBar
 from trainer.strategies.gan_ddp import STRATEGY_NAME as GAN_DDP, GANDDPStrategy
-from trainer.tracking import KimgAxis, make_wandb_logger, wandb_loggers
+from trainer.tracking import KimgAxis, make_wandb_logger, wait_for_exit_record, wandb_loggers
 
 
 class RunDirError(ValueError):
@@ -429,7 +429,10 @@ def train(experiment: Optional[str] = None, overrides: Optional[List[str]] = Non
 
 
 def close_loggers(trainer: L.Trainer) -> None:
-    """Flush the W&B run to its files now (Lightning leaves it open until the process exits)."""
+    """Flush the W&B run to its files now (Lightning leaves it open until the process exits), and wait
+    until its run file is complete, so a reader in this process (a test, a report) sees every record."""
     for logger in wandb_loggers(trainer):
         if trainer.is_global_zero and logger._experiment is not None:
+            run_file = logger._experiment.settings.sync_file
             logger._experiment.finish()
+            wait_for_exit_record(run_file)

@@ -18,6 +18,7 @@ import netrc
 import os
 import socket
 import struct
+import time
 import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -206,6 +207,8 @@ def read_records(path: str | os.PathLike) -> Iterator[object]:
         if kind == 0 and length == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a chunk still being written (a live run's file): stop before it
+            return
         buf += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST
@@ -213,6 +216,18 @@ def read_records(path: str | os.PathLike) -> Iterator[object]:
             rec.ParseFromString(buf)
             buf = b""
             yield rec
+
+
+def wait_for_exit_record(path: str | os.PathLike, timeout_s: float = 30.0) -> bool:
+    """Whether the run file at ``path`` ends with its exit record within ``timeout_s``: wandb 0.31's
+    ``finish()`` can return while its core process is still writing the file's last records."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if Path(path).exists() and any(r.WhichOneof("record_type") == "exit" for r in read_records(path)):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _item_value(item):

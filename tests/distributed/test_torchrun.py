@@ -67,8 +67,16 @@ def test_two_nodes_on_localhost_train_and_checkpoint_together(tmp_path):
              for r in (0, 1)]
     outs = []
     try:
+        # Training takes about 12 s. The limit is above torch elastic's exit barrier (300 s), where an agent
+        # waits for the other node's agent at the end: once in a CI run (f331fc4) node 0's agent stayed
+        # there after both workers had finished and checkpointed.
         for p in nodes:
-            outs.append(p.communicate(timeout=240)[0])
+            outs.append(p.communicate(timeout=360)[0])
+    except subprocess.TimeoutExpired:
+        for p in nodes:
+            p.kill()
+        tails = "\n".join(f"--- node {r}:\n{(p.communicate()[0] or '')[-3000:]}" for r, p in enumerate(nodes))
+        raise AssertionError(f"the nodes did not exit within 360 s:\n{tails}") from None
     finally:
         for p in nodes:
             if p.poll() is None:

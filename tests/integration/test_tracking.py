@@ -64,6 +64,28 @@ def test_run_record_has_config_group_tags_and_kimg_axis(resumed_run):
     assert axes.get("*") == "progress/kimg"
 
 
+def test_a_run_file_still_being_written_reads_as_its_complete_records(resumed_run, tmp_path):
+    """wandb's core process appends the run file after finish() may have returned: cut anywhere, the
+    file reads as the records written in full so far (no decode error), and the exit record that
+    close_loggers waits for is the last one."""
+    from trainer.tracking import wait_for_exit_record
+
+    path = run_file(offline_runs(resumed_run[0])[0])
+    full = [r.SerializeToString() for r in read_records(path)]
+    assert wait_for_exit_record(path, timeout_s=0) and read_records_kind(path)[-1] == "exit"
+    data = path.read_bytes()
+    cut = tmp_path / "cut.wandb"
+    for n in sorted({7, 50, len(data) // 3, len(data) // 2, len(data) - 30, len(data) - 1}):
+        cut.write_bytes(data[:n])
+        got = [r.SerializeToString() for r in read_records(cut)]
+        assert got == full[:len(got)] and len(got) < len(full)
+    assert not wait_for_exit_record(cut, timeout_s=0.1)
+
+
+def read_records_kind(path):
+    return [r.WhichOneof("record_type") for r in read_records(path)]
+
+
 def test_resume_continues_the_same_wandb_run(resumed_run):
     run_dir, second = resumed_run
     dirs = offline_runs(run_dir)
