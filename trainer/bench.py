@@ -306,7 +306,7 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
         "compile_scope": str(t.get("compile_scope", "model")), "channels_last": bool(t.channels_last),
         "optimizer_impl": "/".join(timer.optimizer_impls), "cudnn_benchmark": cudnn_benchmark(t),
         # where the finite-loss check was decided: on the device (fused optimisers, no host sync) or host
-        "finite_check": "device" if getattr(module, "_device_streak", None) else "host",
+        "finite_check": "device" if getattr(module, "_device_streaks", None) else "host",
         "world_size": int(trainer.world_size),
         "device": _device_name(timer.device or module.device), "torch": torch.__version__, "commit": _commit(),
         "date": time.strftime("%Y-%m-%d"), "steps": steps, "warmup": warmup, "warmup_s": timer.warmup_s,

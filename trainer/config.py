@@ -75,8 +75,8 @@ class TrainerConfig:
     preemption: bool = f(True, "On SIGUSR1/SIGTERM: checkpoint at the end of the current step, requeue the "
                                "SLURM job (if any) and stop; a requeued job resumes with resume=auto.")
     max_nonfinite: int = f(20, "Stop the run after this many consecutive steps with a non-finite loss.")
-    finite_check: str = f("auto", "GANs: where the per-step check that the loss is finite is decided. auto: on "
-                                  "the device when the optimiser is fused (a non-finite step is skipped inside "
+    finite_check: str = f("auto", "Where the per-step check that the loss is finite is decided. auto: on "
+                                  "the device when the optimiser is fused, e.g. Adam on CUDA (a non-finite step is skipped inside "
                                   "the fused update, as GradScaler's found_inf does, with no host sync; a streak "
                                   "of trainer.max_nonfinite is then noticed at the next trainer.log_every "
                                   "iteration), else on the host. host: always on the host (one sync per "

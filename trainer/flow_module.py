@@ -31,6 +31,7 @@ from models.glow import Glow, build_flow
 from trainer.bench_profile import phase
 from trainer.callbacks.ema import ema_beta, ema_update
 from trainer.counters import HostCounters
+from trainer.finite import DeviceStreaks, clear_skip_flag, device_check_possible, nonfinite_flag, set_skip_flag
 from trainer.speed import SpeedSwitches, compile_modules, nhwc, optimizer_kwargs
 from trainer.gan_module import CHECKPOINT_FORMAT, NonFiniteLossError, mix_seed, set_requires_grad
 
@@ -132,6 +133,7 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
         self.register_buffer("fixed_z", torch.randn(cfg["trainer"]["sample_grid"], glow.n_dims, generator=g))
         self._init_checked = False  # once per process: a host read of every ActNorm flag
         self._nonfinite_streak = 0
+        self._device_streaks = DeviceStreaks()  # trainer.finite_check on the device (trainer/finite.py)
         self._stepped = False
         self.loss_hooks: list = []  # callables (module, x, y) -> extra loss, e.g. the knowledge callback's
 
@@ -241,6 +243,19 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
         bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         return float(bad) == 0.0
 
+    def _check_streaks(self) -> None:
+        """The device-side streak of non-finite steps (fused Adam), read every trainer.log_every steps."""
+        longest = self._device_streaks.longest()
+        if longest is not None and longest[1] >= self.cfg["trainer"]["max_nonfinite"]:
+            raise NonFiniteLossError(
+                f"The flow loss was non-finite for the last {longest[1]} consecutive steps, found at step "
+                f"{self.it} ({self.count('nonfinite_total')} skipped in all; with a fused optimiser the check "
+                f"runs every trainer.log_every steps). {self._NONFINITE_ADVICE}")
+
+    _NONFINITE_ADVICE = ("Those steps were skipped and the run stopped; the last checkpoint is intact. Lower "
+                         "flow.lr, lengthen flow.warmup_images, use trainer.precision=32, or raise "
+                         "trainer.max_nonfinite.")
+
     def _skip_nonfinite(self) -> None:
         self.add_count("nonfinite_total", 1)
         self._nonfinite_streak += 1
@@ -248,9 +263,7 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
         if self._nonfinite_streak >= limit:
             raise NonFiniteLossError(
                 f"The flow loss was non-finite for {self._nonfinite_streak} consecutive steps (step "
-                f"{self.it}, {self.count('nonfinite_total')} skipped in all). Those steps were skipped "
-                "and the run stopped; the last checkpoint is intact. Lower flow.lr, lengthen "
-                "flow.warmup_images, use trainer.precision=32, or raise trainer.max_nonfinite.")
+                f"{self.it}, {self.count('nonfinite_total')} skipped in all). {self._NONFINITE_ADVICE}")
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
@@ -275,18 +288,29 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
             loss = loss + hook(self, x, y)
         self.add_count("iteration", 1)
         self.add_count("images_seen", x.shape[0] * self._world())
-        self._stepped = self._all_finite(loss)
-        if not self._stepped:
-            self._skip_nonfinite()
-            return None  # no backward, no optimiser step: the NaN never reaches the weights
-        self._nonfinite_streak = 0
+        opt = self.optimizers()
+        if device_check_possible(self, opt):
+            # fused Adam skips its own update when the flag is set (trainer/finite.py): no host sync
+            bad = nonfinite_flag(loss)
+            set_skip_flag(opt, bad)  # read by the optimiser after this closure; cleared in optimizer_step
+            self._device_streaks.add("flow", bad)
+            self.add_count_device("nonfinite_total", bad)
+            self._stepped = True
+            if self.it % self.cfg["trainer"].get("log_every", 1) == 0:
+                self._check_streaks()
+        else:
+            self._stepped = self._all_finite(loss)
+            if not self._stepped:
+                self._skip_nonfinite()
+                return None  # no backward, no optimiser step: the NaN never reaches the weights
+            self._nonfinite_streak = 0
         logged = {"train/bpd": terms["bpd"].mean().detach()}
         if "bits_y" in terms:
             logged["train/bits_y"] = terms["bits_y"].mean().detach()
         # The device tensors stay in callback_metrics for checkpoint ranking (no host copy per step);
         # the loggers get rows keyed by iteration, with the host scalars added there.
         self.log_dict(logged, prog_bar=False, logger=False, on_step=True, on_epoch=False)
-        self._log_rows({**logged, "train/lr": lr, "train/nonfinite_skipped": float(self.count("nonfinite_total"))})
+        self._log_rows({**logged, "train/lr": lr})
         if self.it >= self.cfg["trainer"]["max_iters"]:
             self.trainer.should_stop = True
         return loss
@@ -298,6 +322,8 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
         every = self.cfg["trainer"].get("log_every", 1)
         if not self.trainer.loggers or (it % every and it != 1):
             return
+        # read here, on logging steps only: under a device-side finite check the count lives on the device
+        logged = {**logged, "train/nonfinite_skipped": float(self.count("nonfinite_total"))}
         keys = list(logged)
         vals = torch.stack([torch.as_tensor(logged[k], dtype=torch.float32, device=self.device) for k in keys])
         vals = self.trainer.strategy.reduce(vals, reduce_op="mean")
@@ -320,8 +346,11 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
         """The EMA update right after the optimiser step: callbacks' on_train_batch_end hooks run before
         the module's, so an update there would come after that step's checkpoint and sample grid (a
         resume from that checkpoint would then miss one update)."""
-        with phase("flow update"):  # the step's closure (forward, backward) runs inside: its own parts
-            super().optimizer_step(*args, **kwargs)
+        try:
+            with phase("flow update"):  # the step's closure (forward, backward) runs inside: its own parts
+                super().optimizer_step(*args, **kwargs)
+        finally:
+            clear_skip_flag(self.optimizers())  # the device-side skip flag training_step may have set
         with phase("EMA"):
             self._update_ema()
 

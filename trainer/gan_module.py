@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from trainer.bench_profile import phase
 from trainer.counters import HostCounters
+from trainer.finite import DeviceStreaks, device_check_possible, nonfinite_flag, skip_if
 from trainer.speed import SpeedSwitches, nhwc, optimizer_kwargs
 from trainer.losses import clip_weights, drift_penalty, get_loss, gradient_penalty, ortho_params, ortho_reg
 
@@ -80,7 +81,7 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
         self.register_buffer("fixed_z", torch.randn(grid, z_dim, generator=g))
         self.g_stepped = False  # whether the last training_step ended with a G step (callbacks read it)
         self._nonfinite_streak = {"D": 0, "G": 0}
-        self._device_streak: dict = {}  # finite_check on the device: network -> 0-dim float tensor
+        self._device_streaks = DeviceStreaks()  # trainer.finite_check on the device (trainer/finite.py)
         self._scalers: dict = {}  # 16-mixed outside DeepSpeed: one GradScaler per network
         self._pending_scalers: dict = {}  # their states from a checkpoint, loaded at fit start
         self.overflow_skips = {"D": 0, "G": 0}
@@ -191,49 +192,25 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
         self.overflow_skips[name] += int(not applied)
         return applied
 
-    def _device_skip(self, opt) -> bool:
-        """Whether this phase's finite check stays on the device (trainer.finite_check=auto): a fused
-        torch optimiser takes a device flag and leaves weights, moments and step count untouched when it
-        is set (found_inf, as GradScaler uses it), so the host never waits for the loss. Not under a
-        loss scaler or DeepSpeed engine (they decide on the host), nor with several ranks (gan_ddp reads
-        its has-gradient mask on the host in the same all-reduce that carries the flag)."""
-        inner = getattr(opt, "optimizer", opt)
-        trainer = getattr(self, "_trainer", None)
-        return (self.cfg["trainer"].get("finite_check", "auto") == "auto"
-                and getattr(inner, "_step_supports_amp_scaling", False)
-                and all(g.get("fused") for g in inner.param_groups) and not self._scalers
-                and self._strategy_hook("engine_step") is None
-                and (trainer is None or trainer.world_size == 1))
-
     def _device_step(self, opt, name: str, loss: torch.Tensor) -> None:
-        """The fused optimiser steps with the loss's non-finite flag; the skip count and the streak of
-        non-finite steps stay on the device until ``_check_streaks`` reads them."""
-        bad = (~torch.isfinite(loss.detach())).to(torch.float32)
-        inner = getattr(opt, "optimizer", opt)
-        inner.found_inf = bad
-        try:
+        """The fused optimiser steps with the loss's non-finite flag (trainer/finite.py); the skip count
+        and the streak stay on the device until ``_check_streaks`` reads them."""
+        bad = nonfinite_flag(loss)
+        with skip_if(opt, bad):
             opt.step()
-        finally:
-            del inner.found_inf
-        streak = self._device_streak.get(name)
-        self._device_streak[name] = bad if streak is None else (streak + 1.0) * bad
+        self._device_streaks.add(name, bad)
         self.add_count_device("nonfinite_total", bad)
 
     def _check_streaks(self) -> None:
-        """The device-side streaks of non-finite steps, read once every trainer.log_every iterations:
-        the stop that trainer.max_nonfinite asks for, at most that many iterations late (the skipped
-        steps left the weights untouched, so nothing is lost but their time)."""
-        if not self._device_streak:
-            return
-        names = list(self._device_streak)
-        streaks = torch.stack([self._device_streak[n] for n in names]).tolist()
-        limit = self.cfg["trainer"]["max_nonfinite"]
-        for n, k in zip(names, streaks):
-            if k >= limit:
-                raise NonFiniteLossError(
-                    f"The {n} loss was non-finite for the last {int(k)} consecutive steps, found at iteration "
-                    f"{self.it} ({self.count('nonfinite_total')} skipped in all; with a fused optimiser the check "
-                    f"runs every trainer.log_every iterations). {self._NONFINITE_ADVICE}")
+        """The device-side streaks, read once every trainer.log_every iterations: the stop that
+        trainer.max_nonfinite asks for, at most that many iterations late (the skipped steps left the
+        weights untouched, so nothing is lost but their time)."""
+        longest = self._device_streaks.longest()
+        if longest is not None and longest[1] >= self.cfg["trainer"]["max_nonfinite"]:
+            raise NonFiniteLossError(
+                f"The {longest[0]} loss was non-finite for the last {longest[1]} consecutive steps, found at "
+                f"iteration {self.it} ({self.count('nonfinite_total')} skipped in all; with a fused optimiser the "
+                f"check runs every trainer.log_every iterations). {self._NONFINITE_ADVICE}")
 
     _NONFINITE_ADVICE = ("Those steps were skipped and the run stopped; the last checkpoint written before them "
                          "is intact. Lower the learning rates, use trainer.precision=32, or raise "
@@ -243,7 +220,7 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
         """The phase's update: gradients averaged (or the step skipped on every rank after a
         non-finite loss), then the optimiser (or DeepSpeed engine) steps. Returns whether it did
         (True when the fused optimiser decided on the device: clipping unchanged weights is a no-op)."""
-        if self._device_skip(opt):
+        if device_check_possible(self, opt):
             self._device_step(opt, name, loss)
             return True
         if not self._finite_or_skip(self._sync_grads(net, loss), opt, name):

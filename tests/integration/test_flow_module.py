@@ -15,6 +15,7 @@ from trainer.flow_module import (FLOW_DEFAULTS, FlowModule, bits_per_dim, check_
                                  dequantize, glow_from_config, merge_config, warmup_lr)
 from trainer.callbacks.samples import SampleGridCallback
 from trainer.checkpointing import IterationCheckpoint
+from trainer.finite import device_check_possible
 from trainer.gan_module import NonFiniteLossError
 
 # ---- pure functions by hand ----------------------------------------------------------------------
@@ -195,6 +196,50 @@ def test_nonfinite_loss_is_skipped_and_counted_then_stops_the_run(digits, monkey
     m2 = make({"trainer": {"max_nonfinite": 1}})
     with pytest.raises(NonFiniteLossError, match="non-finite"):
         fit(m2, digits, 4)
+
+
+def _nan_at(monkeypatch, steps):
+    """The flow's loss is NaN at these step indices (iteration before the step)."""
+    orig = FlowModule.losses
+
+    def losses(self, x, y, glow=None):
+        out = orig(self, x, y, glow)
+        if int(self.iteration) in steps:
+            out["bpd"] = out["bpd"] * float("nan")
+        return out
+
+    monkeypatch.setattr(FlowModule, "losses", losses)
+
+
+def test_fused_adam_skips_nonfinite_steps_on_the_device_like_the_host_check(digits, monkeypatch):
+    """trainer.finite_check=auto with fused Adam: the fused update skips itself on the loss's flag (no
+    host read); the run ends with the host decision's weights and Adam state, bit for bit."""
+    _nan_at(monkeypatch, {2, 3})
+    ends = {}
+    for check in ("host", "auto"):
+        m = make({"flow": {"optimizer_impl": "fused"}, "trainer": {"finite_check": check}})
+        trainer = fit(m, digits, 6)
+        opt = trainer.optimizers[0]
+        assert device_check_possible(m, opt) == (check == "auto") and "found_inf" not in vars(opt)
+        assert int(m.nonfinite_total) == 2 and m.count("nonfinite_total") == 2 and int(m.iteration) == 6
+        assert {float(st["step"]) for st in opt.state.values()} == {4.0}  # 6 steps, 2 skipped
+        ends[check] = ({k: v.clone() for k, v in m.state_dict().items()},
+                       [st["exp_avg_sq"].clone() for st in opt.state.values()])
+    assert all(torch.equal(ends["host"][0][k], v) for k, v in ends["auto"][0].items())
+    assert all(torch.equal(a, b) for a, b in zip(ends["host"][1], ends["auto"][1]))
+    assert all(torch.isfinite(v).all() for v in ends["auto"][0].values() if v.is_floating_point())
+
+
+def test_fused_adam_stops_a_nonfinite_streak_at_the_next_log_check(digits, monkeypatch):
+    _nan_at(monkeypatch, set(range(1, 100)))
+    m = make({"flow": {"optimizer_impl": "fused"}, "trainer": {"max_nonfinite": 2, "log_every": 3}})
+    # steps 2, 3, ... are non-finite: the streak reaches 2 at step 3, which is also the first check
+    with pytest.raises(NonFiniteLossError, match=r"non-finite for the last 2 consecutive steps, found at step 3"):
+        fit(m, digits, 10)
+    m = make({"flow": {"optimizer_impl": "fused"}, "trainer": {"max_nonfinite": 3, "log_every": 4}})
+    with pytest.raises(NonFiniteLossError, match=r"last 3 consecutive steps, found at step 4 \(3 skipped"):
+        fit(m, digits, 10)
+    assert all(torch.isfinite(p).all() for p in m.glow.parameters())
 
 
 def test_bf16_mixed_and_checkpointing_train(digits):

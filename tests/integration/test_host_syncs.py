@@ -9,9 +9,9 @@ sample steps, through the real `genscale train` path (module, callbacks, strateg
 What remains, by design (trainer/gan_module.py ``_sync_grads``, trainer/flow_module.py ``_all_finite``):
 one read per optimiser phase of whether the loss was finite, because the step must be skipped on every
 rank before the optimiser touches the weights, and a streak of trainer.max_nonfinite must stop the run
-at that step. A GAN iteration with one D step has two phases (D, G); a flow step has one. A GAN with
-fused optimisers (the CUDA default) reads nothing: the fused update skips itself on a device flag
-(``GANModule._device_step``), and the streak is read every trainer.log_every iterations.
+at that step. A GAN iteration with one D step has two phases (D, G); a flow step has one. A GAN or a flow
+with fused Adam (the CUDA default) reads nothing: the fused update skips itself on a device flag
+(trainer/finite.py), and the streak is read every trainer.log_every iterations.
 
 Not counted, and checked by reading the code instead: blocking host-to-device copies (a Python number
 logged with self.log is copied to the device and waited for; the step no longer logs Python numbers
@@ -31,9 +31,9 @@ from trainer.build import prepare_run
 # Expected reads per training step (one D step + one G step for the GANs, one step for the flow). With
 # knowledge constraints the flow adds one: whether the importance weights' effective sample size clears
 # knowledge.ess_min decides the step's loss term and the skip counter (KnowledgeCallback._flow_term).
-# With fused optimisers (the CUDA default) a GAN decides the skip on the device (trainer.finite_check=auto)
-# and reads nothing.
-EXPECTED = {"gan": 2, "gan_fused": 0, "flow": 1, "flow_knowledge": 2}
+# With fused optimisers (Adam's CUDA default) the skip is decided on the device (trainer.finite_check=auto)
+# and the step reads nothing.
+EXPECTED = {"gan": 2, "gan_fused": 0, "flow": 1, "flow_fused": 0, "flow_knowledge": 2, "flow_knowledge_fused": 1}
 FUSED = ["optim.g.impl=fused", "optim.d.impl=fused"]
 
 
@@ -105,6 +105,10 @@ CASES = {
 CASES.update({  # the same runs with fused Adam
     f"{name}+fused": ("gan_fused", CASES[name][1] + FUSED)
     for name in ("gan_digits", "biggan_mnist5k", "pgan_mnist5k", "gan_digits+knowledge")})
+CASES.update({  # glow_digits trains with Adam: fused, its step reads nothing either (with knowledge: the ESS gate)
+    "glow_digits+fused": ("flow_fused", CASES["glow_digits"][1] + ["flow.optimizer_impl=fused"]),
+    "glow_digits+knowledge+fused": ("flow_knowledge_fused",
+                                    CASES["glow_digits+knowledge"][1] + ["flow.optimizer_impl=fused"])})
 
 
 @pytest.mark.parametrize("experiment", list(CASES))

@@ -1,0 +1,82 @@
+"""The per-step check that the loss was finite, decided on the device where the optimiser allows it.
+
+A non-finite step must leave the weights and the optimiser's state untouched, and trainer.max_nonfinite
+of them in a row stop the run. Deciding that on the host costs one device sync per optimiser phase. A
+fused torch optimiser (Adam's default on CUDA) takes the decision as a device flag instead: with
+``found_inf`` set (the attribute GradScaler uses) it leaves weights, moments and step count as they
+were. So with trainer.finite_check=auto the modules hand it the loss's non-finite flag, count skips and
+streaks on the device, and read the streaks only every trainer.log_every iterations.
+
+One difference from the host decision: the host does not know which steps were skipped, so an EMA copy
+takes its step after every step, towards the unchanged weights after a skipped one. The GANs' EMA does
+that on the host path too; a flow's EMA on the host path skips that step.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Optional, Tuple
+
+import torch
+
+
+def device_check_possible(module, opt) -> bool:
+    """Whether ``module``'s step with optimiser ``opt`` can decide the skip on the device: finite_check
+    auto, a fused optimiser, no loss scaler (GradScaler sets found_inf itself), no DeepSpeed engine
+    (it decides on the host) and one rank (the ranks must agree before anyone steps)."""
+    inner = getattr(opt, "optimizer", opt)
+    if module.cfg["trainer"].get("finite_check", "auto") != "auto" or getattr(module, "_scalers", None):
+        return False
+    if not getattr(inner, "_step_supports_amp_scaling", False) or not all(g.get("fused") for g in inner.param_groups):
+        return False
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None:
+        return True
+    return (trainer.world_size == 1 and getattr(trainer.precision_plugin, "scaler", None) is None
+            and getattr(trainer.strategy, "engine_step", None) is None)
+
+
+def nonfinite_flag(loss: torch.Tensor) -> torch.Tensor:
+    """1.0 where the loss is not finite, 0.0 where it is: a 0-dim float tensor on the loss's device."""
+    return (~torch.isfinite(loss.detach())).to(torch.float32)
+
+
+def set_skip_flag(opt, bad: torch.Tensor) -> None:
+    """The fused optimiser's next steps skip themselves when ``bad`` is 1 (until ``clear_skip_flag``)."""
+    getattr(opt, "optimizer", opt).found_inf = bad
+
+
+def clear_skip_flag(opt) -> None:
+    getattr(opt, "optimizer", opt).__dict__.pop("found_inf", None)
+
+
+@contextlib.contextmanager
+def skip_if(opt, bad: torch.Tensor):
+    """The fused optimiser steps inside this context skip themselves when ``bad`` is 1."""
+    set_skip_flag(opt, bad)
+    try:
+        yield
+    finally:
+        clear_skip_flag(opt)
+
+
+class DeviceStreaks:
+    """Consecutive non-finite steps per network, counted on the device; read on demand."""
+
+    def __init__(self):
+        self.streaks: Dict[str, torch.Tensor] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.streaks)
+
+    def add(self, name: str, bad: torch.Tensor) -> None:
+        streak = self.streaks.get(name)
+        self.streaks[name] = bad if streak is None else (streak + 1.0) * bad
+
+    def longest(self) -> Optional[Tuple[str, int]]:
+        """(network, streak) of the longest current streak: one host read of all of them."""
+        if not self.streaks:
+            return None
+        names = list(self.streaks)
+        values = torch.stack([self.streaks[n] for n in names]).tolist()
+        k = max(range(len(names)), key=lambda i: values[i])
+        return names[k], int(values[k])
