@@ -19,6 +19,10 @@ from typing import Dict, Optional, Tuple
 import torch
 
 
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive non-finite losses; the run stops, checkpoints are kept."""
+
+
 def device_check_possible(module, opt) -> bool:
     """Whether ``module``'s step with optimiser ``opt`` can decide the skip on the device: finite_check
     auto, a fused optimiser, no loss scaler (GradScaler sets found_inf itself), no DeepSpeed engine
@@ -80,3 +84,15 @@ class DeviceStreaks:
         values = torch.stack([self.streaks[n] for n in names]).tolist()
         k = max(range(len(names)), key=lambda i: values[i])
         return names[k], int(values[k])
+
+
+def check_streaks(module, unit: str, advice: str) -> None:
+    """Stops the run (NonFiniteLossError) when one of ``module``'s device-side streaks has reached
+    trainer.max_nonfinite. Called every trainer.log_every iterations (``unit``: what the module counts),
+    so the stop comes at most that many late; the skipped steps left the weights untouched."""
+    longest = module._device_streaks.longest()
+    if longest is not None and longest[1] >= module.cfg["trainer"]["max_nonfinite"]:
+        raise NonFiniteLossError(
+            f"The {longest[0]} loss was non-finite for the last {longest[1]} consecutive steps, found at {unit} "
+            f"{module.it} ({module.count('nonfinite_total')} skipped in all; with a fused optimiser the check runs "
+            f"every trainer.log_every {unit}s). {advice}")

@@ -31,7 +31,8 @@ from models.glow import Glow, build_flow
 from trainer.bench_profile import phase
 from trainer.callbacks.ema import ema_beta, ema_update
 from trainer.counters import HostCounters
-from trainer.finite import DeviceStreaks, clear_skip_flag, device_check_possible, nonfinite_flag, set_skip_flag
+from trainer.finite import (DeviceStreaks, check_streaks, clear_skip_flag, device_check_possible, nonfinite_flag,
+                             set_skip_flag)
 from trainer.speed import SpeedSwitches, compile_modules, nhwc, optimizer_kwargs
 from trainer.gan_module import CHECKPOINT_FORMAT, NonFiniteLossError, mix_seed, set_requires_grad
 
@@ -243,15 +244,6 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
         bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         return float(bad) == 0.0
 
-    def _check_streaks(self) -> None:
-        """The device-side streak of non-finite steps (fused Adam), read every trainer.log_every steps."""
-        longest = self._device_streaks.longest()
-        if longest is not None and longest[1] >= self.cfg["trainer"]["max_nonfinite"]:
-            raise NonFiniteLossError(
-                f"The flow loss was non-finite for the last {longest[1]} consecutive steps, found at step "
-                f"{self.it} ({self.count('nonfinite_total')} skipped in all; with a fused optimiser the check "
-                f"runs every trainer.log_every steps). {self._NONFINITE_ADVICE}")
-
     _NONFINITE_ADVICE = ("Those steps were skipped and the run stopped; the last checkpoint is intact. Lower "
                          "flow.lr, lengthen flow.warmup_images, use trainer.precision=32, or raise "
                          "trainer.max_nonfinite.")
@@ -297,7 +289,7 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
             self.add_count_device("nonfinite_total", bad)
             self._stepped = True
             if self.it % self.cfg["trainer"].get("log_every", 1) == 0:
-                self._check_streaks()
+                check_streaks(self, "step", self._NONFINITE_ADVICE)
         else:
             self._stepped = self._all_finite(loss)
             if not self._stepped:

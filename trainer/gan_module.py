@@ -24,15 +24,12 @@ import torch.nn as nn
 
 from trainer.bench_profile import phase
 from trainer.counters import HostCounters
-from trainer.finite import DeviceStreaks, device_check_possible, nonfinite_flag, skip_if
+from trainer.finite import (DeviceStreaks, NonFiniteLossError, check_streaks, device_check_possible,
+                             nonfinite_flag, skip_if)
 from trainer.speed import SpeedSwitches, nhwc, optimizer_kwargs
 from trainer.losses import clip_weights, drift_penalty, get_loss, gradient_penalty, ortho_params, ortho_reg
 
 CHECKPOINT_FORMAT = 1
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised after too many consecutive non-finite losses; the run stops, checkpoints are kept."""
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
@@ -193,24 +190,13 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
         return applied
 
     def _device_step(self, opt, name: str, loss: torch.Tensor) -> None:
-        """The fused optimiser steps with the loss's non-finite flag (trainer/finite.py); the skip count
-        and the streak stay on the device until ``_check_streaks`` reads them."""
+        """The fused optimiser steps with the loss's non-finite flag; the skip count and the streak stay on
+        the device until ``check_streaks`` reads them (trainer/finite.py)."""
         bad = nonfinite_flag(loss)
         with skip_if(opt, bad):
             opt.step()
         self._device_streaks.add(name, bad)
         self.add_count_device("nonfinite_total", bad)
-
-    def _check_streaks(self) -> None:
-        """The device-side streaks, read once every trainer.log_every iterations: the stop that
-        trainer.max_nonfinite asks for, at most that many iterations late (the skipped steps left the
-        weights untouched, so nothing is lost but their time)."""
-        longest = self._device_streaks.longest()
-        if longest is not None and longest[1] >= self.cfg["trainer"]["max_nonfinite"]:
-            raise NonFiniteLossError(
-                f"The {longest[0]} loss was non-finite for the last {longest[1]} consecutive steps, found at "
-                f"iteration {self.it} ({self.count('nonfinite_total')} skipped in all; with a fused optimiser the "
-                f"check runs every trainer.log_every iterations). {self._NONFINITE_ADVICE}")
 
     _NONFINITE_ADVICE = ("Those steps were skipped and the run stopped; the last checkpoint written before them "
                          "is intact. Lower the learning rates, use trainer.precision=32, or raise "
@@ -414,7 +400,7 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
         self._sync_buffers()
         if self.g_stepped:
             if self.it % self.cfg["trainer"]["log_every"] == 0:
-                self._check_streaks()
+                check_streaks(self, "iteration", self._NONFINITE_ADVICE)
             self._log_progress(stats)
         if self.it >= self.cfg["trainer"]["max_iters"]:
             self.trainer.should_stop = True
