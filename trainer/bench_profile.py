@@ -62,19 +62,25 @@ def phase_times(events, cuda: bool) -> Dict[str, List[float]]:
     figures without the parts nested in it."""
     from torch.autograd import DeviceType
 
+    def kernels(ev):
+        # the device records torch attached to the op that launched them; a range's own device-side copy
+        # (record_function's gpu_user_annotation, same name, spanning gaps) is no kernel
+        return [k for k in ev.kernels if k.name != ev.name] if cuda else []
+
     out: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0.0, 0])
     for e in events:
         if e.device_type != DeviceType.CPU or not e.name.startswith(PHASE):
             continue
-        host, dev, ops = e.cpu_time_total, (e.device_time_total if cuda else 0.0), 0
-        stack = list(e.cpu_children)
+        host, dev, ops = e.cpu_time_total, 0.0, 0
+        stack = [e]
         while stack:
             c = stack.pop()
-            if c.name.startswith(PHASE):  # a nested part: its time is its own
+            if c is not e and c.name.startswith(PHASE):  # a nested part: its time is its own
                 host -= c.cpu_time_total
-                dev -= c.device_time_total if cuda else 0.0
                 continue
-            ops += len(c.kernels) if cuda else int(c.name.startswith("aten::"))
+            own = kernels(c)
+            dev += sum(k.duration for k in own)
+            ops += len(own) if cuda else int(c.name.startswith("aten::"))
             stack.extend(c.cpu_children)
         row = out[e.name[len(PHASE):]]
         row[0] += host

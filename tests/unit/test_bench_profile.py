@@ -138,3 +138,32 @@ def test_step_parts_count_their_own_time_and_ops_not_their_nested_parts():
     assert parts["inner"][2] == ops_under("inner") > 0 and parts["outer"][2] == ops_under("outer") > 0
     assert parts["inner"][0] >= 2 * 20_000  # both sleeps are inner's
     assert parts["outer"][0] < 20_000 and parts["outer"][1] == parts["inner"][1] == 0.0
+
+
+def test_step_parts_on_cuda_take_the_device_time_of_the_kernels_they_launched():
+    """phase_times' CUDA branch on events shaped as torch.profiler gives them (no GPU needed): a part's
+    device time and kernels are those of the kernels launched inside it, less the parts nested in it;
+    a range's own device-side copy (a record_function's gpu_user_annotation: same name, spanning the
+    gaps between its kernels) is no kernel."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Kernel
+
+    from trainer.bench_profile import PHASE, phase_times
+
+    def cpu(name, host_us, children=(), kernels=()):
+        return SimpleNamespace(name=name, device_type=DeviceType.CPU, cpu_time_total=host_us,
+                               cpu_children=list(children), kernels=[Kernel(n, 0, us) for n, us in kernels])
+
+    conv = cpu("aten::convolution", 40, [cpu("cudaLaunchKernel", 5)], [("sm90_xmma_fprop", 250), ("nhwcToNchw", 50)])
+    add = cpu("aten::add", 10, [cpu("cudaLaunchKernel", 5)], [("vectorized_elementwise_kernel", 20)])
+    inner = cpu(PHASE + "D penalty", 30, [cpu("aten::mul", 20, kernels=[("elementwise", 40)] * 3)],
+                kernels=[(PHASE + "D penalty", 500)])  # its annotation's device copy
+    step = cpu("Optimizer.step#Adam.step", 8, [cpu("aten::_fused_adam_", 6, kernels=[("FusedAdamMathFunctor", 30)])],
+               kernels=[("Optimizer.step#Adam.step", 90)])
+    outer = cpu(PHASE + "D forward", 100, [conv, add, inner, step], kernels=[(PHASE + "D forward", 2000)])
+    graph = cpu(PHASE + "G forward", 15, [cpu("cudaGraphLaunch", 10)], kernels=[("triton_poi_fused_0", 900)] * 40)
+    events = [outer, conv, add, inner, step, graph, cpu("aten::empty", 1)]
+    parts = phase_times(events, cuda=True)
+    assert parts == {"D forward": [70, 350, 4], "D penalty": [30, 120, 3], "G forward": [15, 36000, 40]}
