@@ -13,7 +13,6 @@ that on the host path too; a flow's EMA on the host path skips that step.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -39,28 +38,18 @@ def device_check_possible(module, opt) -> bool:
             and getattr(trainer.strategy, "engine_step", None) is None)
 
 
-def nonfinite_flag(loss: torch.Tensor) -> torch.Tensor:
-    """1.0 where the loss is not finite, 0.0 where it is: a 0-dim float tensor on the loss's device."""
-    return (~torch.isfinite(loss.detach())).to(torch.float32)
-
-
-def set_skip_flag(opt, bad: torch.Tensor) -> None:
-    """The fused optimiser's next steps skip themselves when ``bad`` is 1 (until ``clear_skip_flag``)."""
+def flag_step(module, opt, name: str, loss: torch.Tensor) -> None:
+    """Hands the fused optimiser ``opt`` the loss's non-finite flag for its next step (it then skips
+    itself: weights, moments and step count untouched) and counts the step on the device: ``module``'s
+    skip counter and its streak for network ``name``. ``clear_skip_flag`` after that step."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.float32)
     getattr(opt, "optimizer", opt).found_inf = bad
+    module._device_streaks.add(name, bad)
+    module.add_count_device("nonfinite_total", bad)
 
 
 def clear_skip_flag(opt) -> None:
     getattr(opt, "optimizer", opt).__dict__.pop("found_inf", None)
-
-
-@contextlib.contextmanager
-def skip_if(opt, bad: torch.Tensor):
-    """The fused optimiser steps inside this context skip themselves when ``bad`` is 1."""
-    set_skip_flag(opt, bad)
-    try:
-        yield
-    finally:
-        clear_skip_flag(opt)
 
 
 class DeviceStreaks:

@@ -31,8 +31,7 @@ from models.glow import Glow, build_flow
 from trainer.bench_profile import phase
 from trainer.callbacks.ema import ema_beta, ema_update
 from trainer.counters import HostCounters
-from trainer.finite import (DeviceStreaks, check_streaks, clear_skip_flag, device_check_possible, nonfinite_flag,
-                             set_skip_flag)
+from trainer.finite import DeviceStreaks, check_streaks, clear_skip_flag, device_check_possible, flag_step
 from trainer.speed import SpeedSwitches, compile_modules, nhwc, optimizer_kwargs
 from trainer.gan_module import CHECKPOINT_FORMAT, NonFiniteLossError, mix_seed, set_requires_grad
 
@@ -268,7 +267,8 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
             ensure(self)  # DeepSpeed: engines built after ActNorm's data-dependent init
         seen_after = self.seen + x.shape[0] * self._world()
         lr = warmup_lr(f["lr"], seen_after, f["warmup_images"])
-        for group in self.optimizers().optimizer.param_groups:
+        opt = self.optimizers()
+        for group in opt.optimizer.param_groups:
             group["lr"] = lr
         self.new_phase()
         with phase("flow forward"):
@@ -280,13 +280,10 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
             loss = loss + hook(self, x, y)
         self.add_count("iteration", 1)
         self.add_count("images_seen", x.shape[0] * self._world())
-        opt = self.optimizers()
         if device_check_possible(self, opt):
-            # fused Adam skips its own update when the flag is set (trainer/finite.py): no host sync
-            bad = nonfinite_flag(loss)
-            set_skip_flag(opt, bad)  # read by the optimiser after this closure; cleared in optimizer_step
-            self._device_streaks.add("flow", bad)
-            self.add_count_device("nonfinite_total", bad)
+            # fused Adam skips its own update when the flag is set (trainer/finite.py): no host sync. The
+            # optimiser reads the flag after this closure; optimizer_step clears it.
+            flag_step(self, opt, "flow", loss)
             self._stepped = True
             if self.it % self.cfg["trainer"].get("log_every", 1) == 0:
                 check_streaks(self, "step", self._NONFINITE_ADVICE)

@@ -24,8 +24,8 @@ import torch.nn as nn
 
 from trainer.bench_profile import phase
 from trainer.counters import HostCounters
-from trainer.finite import (DeviceStreaks, NonFiniteLossError, check_streaks, device_check_possible,
-                             nonfinite_flag, skip_if)
+from trainer.finite import (DeviceStreaks, NonFiniteLossError, check_streaks, clear_skip_flag,
+                             device_check_possible, flag_step)
 from trainer.speed import SpeedSwitches, nhwc, optimizer_kwargs
 from trainer.losses import clip_weights, drift_penalty, get_loss, gradient_penalty, ortho_params, ortho_reg
 
@@ -192,11 +192,11 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
     def _device_step(self, opt, name: str, loss: torch.Tensor) -> None:
         """The fused optimiser steps with the loss's non-finite flag; the skip count and the streak stay on
         the device until ``check_streaks`` reads them (trainer/finite.py)."""
-        bad = nonfinite_flag(loss)
-        with skip_if(opt, bad):
+        flag_step(self, opt, name, loss)
+        try:
             opt.step()
-        self._device_streaks.add(name, bad)
-        self.add_count_device("nonfinite_total", bad)
+        finally:
+            clear_skip_flag(opt)
 
     _NONFINITE_ADVICE = ("Those steps were skipped and the run stopped; the last checkpoint written before them "
                          "is intact. Lower the learning rates, use trainer.precision=32, or raise "

@@ -163,8 +163,9 @@ class SpeedSwitches:
     def on_train_start(self) -> None:
         super().on_train_start()
         for opt in self.trainer.optimizers:  # after a checkpoint's optimiser state was restored
-            if isinstance(getattr(opt, "optimizer", opt), torch.optim.Optimizer):
-                restore_kernel_choice(getattr(opt, "optimizer", opt))
+            inner = getattr(opt, "optimizer", opt)
+            if isinstance(inner, torch.optim.Optimizer):
+                restore_kernel_choice(inner)
         if self.channels_last_on:  # optimiser state restored from a checkpoint arrives NCHW
             apply_channels_last_to_optimizers(self.trainer.optimizers)
         mode = self.cfg["trainer"].get("compile", "off")
