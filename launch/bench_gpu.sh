@@ -13,9 +13,10 @@
 # in OUTDIR/gpu_tests.log. Run from the repository root; `python3 -m launch.cli` needs no install.
 # On the lent GPU machines (torch, Triton and Lightning present, no package index), what genscale needs
 # besides travels as wheels: here, `python3 -m pip download --no-deps --only-binary=:all: --python-version
-# 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl deepspeed==0.19.8 hjson==3.1.0
+# 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl hjson==3.1.0
 # omegaconf==2.4.0 mlxtend==0.25.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0
-# typing_inspection==0.4.5` (.whl is git-ignored; the set of 2026-11-26), then one device call with
+# typing_inspection==0.4.5` (DeepSpeed has no wheel on the index; build one with `python3 -m pip wheel --no-deps
+# -w .whl deepspeed==0.19.8`, pure Python; .whl is git-ignored; the set of 2026-11-26), then one device call with
 # carry [".whl", ".compile_cache"] and timeout_s 595: `python3 -m pip install -q --no-index --no-deps
 # --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site ||
 # exit; export GENSCALE_COMMIT=<sha>; bash launch/bench_gpu.sh $OUT 520`. Afterwards, keep the returned
