@@ -176,11 +176,12 @@ class ShardLoader(DataLoader):
         return self._run(it, skip)
 
     def _run(self, it, skip: int):
+        """``skip``: stream items of this epoch the run already trained on (a resume mid-epoch)."""
         if self._dm.batch_schedule is not None:
-            yield from self._scheduled(it)
+            yield from self._scheduled(it, skip)
             return
         for b, (images, labels) in enumerate(it):
-            if b < skip:  # exact mode resumed mid-epoch: drop what the run already trained on
+            if b < skip:
                 continue
             r = self.dataset.resolution
             if images.shape[-1] != r:
@@ -189,13 +190,15 @@ class ShardLoader(DataLoader):
             yield images, labels
 
 
-    def _scheduled(self, it):
+    def _scheduled(self, it, skip: int):
         """Single samples from the stream grouped into the schedule's batches: the global batch that
         starts at ``dm.images_pos`` images is batch_schedule(images_pos), split evenly over ranks."""
         dm = self._dm
         world = dm._rank_world()[1]
         imgs, labels = [], []
-        for images, lab in it:
+        for k, (images, lab) in enumerate(it):
+            if k < skip:
+                continue
             imgs.append(images)
             labels.append(lab)
             size = dm.batch_schedule(dm.images_pos)
@@ -215,8 +218,10 @@ class ShardDataModule(L.LightningDataModule):
 
     The per-rank batch is data.batch_size // world size. Rank and world size come from the trainer
     (or the constructor) and are handed to the stream explicitly. The checkpoint keeps the seed and
-    the epoch with the batches consumed in it: a resumed resampled stream starts the next epoch (new
-    shard draws, no replay); a resumed exact stream skips the batches of the epoch already trained on.
+    the epoch with the batches consumed in it. Both modes' streams are a function of (seed, rank,
+    worker, epoch), so a resumed stream reads its epoch again and skips the batches already trained on:
+    the run sees what the uninterrupted one would. Reading order also depends on the workers, the
+    shuffle buffer and the batch, so a resume that changes them starts a new epoch, with a warning.
     """
 
     def __init__(self, path: str, resolution: int, batch_size: int, mode: str = "resampled",
@@ -233,6 +238,7 @@ class ShardDataModule(L.LightningDataModule):
         self.stream = None
         self.epoch = -1  # the epoch being read (-1: none started)
         self._epoch_start_dsteps: Optional[int] = None
+        self._epoch_start_images: Optional[int] = None  # scheduled batches: the module's count then
         self._yielded = 0  # batches handed out in the current epoch (incl. skipped-on-resume ones)
         self._resume: Optional[dict] = None
         # images consumed -> global batch size (set for Progressive GAN): the stream then reads single
@@ -303,28 +309,38 @@ class ShardDataModule(L.LightningDataModule):
         return self.stream.skipped if self.stream is not None else 0
 
     # ---- position --------------------------------------------------------------------------
-    def _module_dsteps(self) -> Optional[int]:
+    def _module_count(self, name: str) -> Optional[int]:
         module = self.trainer.lightning_module if self.trainer is not None else None
-        return int(module.d_steps) if module is not None and hasattr(module, "d_steps") else None
+        return int(getattr(module, name)) if module is not None and hasattr(module, name) else None
+
+    def _module_dsteps(self) -> Optional[int]:
+        return self._module_count("d_steps")
 
     def _begin_epoch(self):
-        """(epoch to read, batches of it to skip) for the loader that is about to start."""
-        skip = 0
+        """(epoch to read, stream items of it to skip) for the loader that is about to start. Items are
+        batches, or single samples under a batch schedule."""
+        done = skip = images_done = 0
         if self._resume is not None:
             state, self._resume = self._resume, None
             epoch, done = int(state.get("epoch", -1)), int(state.get("batches_in_epoch", 0))
-            if epoch < 0:
-                epoch = 0
-            elif self.mode == "exact" and 0 < done < self.stream.epoch_length(epoch):
-                skip = done  # continue the same epoch
+            images_done = int(state.get("images_in_epoch", 0))
+            if self.batch_schedule is not None:
+                skip = images_done // self._rank_world()[1]  # this rank's samples in the batches done
+                fresh = "images_in_epoch" not in state  # written before scheduled resumes were exact
             else:
-                epoch += 1  # resampled: fresh draws (seeded by the new epoch), never a replay
+                skip, fresh = done, False
+            fresh = fresh or bool(state.get("new_epoch"))
+            if epoch < 0:
+                epoch, done, skip, images_done = 0, 0, 0, 0
+            elif fresh or skip >= self.stream.epoch_length(epoch):
+                epoch, done, skip, images_done = epoch + 1, 0, 0, 0
         else:
             epoch = self.epoch + 1
         self.epoch = epoch
         d = self._module_dsteps()
-        self._epoch_start_dsteps = None if d is None else d - skip
-        self._yielded = skip
+        self._epoch_start_dsteps = None if d is None else d - done
+        self._epoch_start_images = self._images_consumed() - images_done
+        self._yielded = done
         return epoch, skip
 
     def state_dict(self) -> dict:
@@ -333,18 +349,34 @@ class ShardDataModule(L.LightningDataModule):
         d = self._module_dsteps()
         # Lightning fetches a batch ahead, so the loader's count runs ahead of training; d_steps does not.
         done = d - self._epoch_start_dsteps if d is not None and self._epoch_start_dsteps is not None else self._yielded
-        state = {"kind": "shards", "mode": self.mode, "seed": self.seed, "epoch": self.epoch,
-                 "batches_in_epoch": int(done), "skipped": self.skipped}
-        if self.batch_schedule is not None:  # the loader runs ahead: the module's count is the position
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            state["images_consumed"] = int(module.images_seen) if module is not None else self.images_pos
+        state = {"kind": "shards", **self._order(), "epoch": self.epoch, "batches_in_epoch": int(done),
+                 "skipped": self.skipped}
+        if self.batch_schedule is not None:
+            state["images_consumed"] = seen = self._images_consumed()
+            if self._epoch_start_images is not None:
+                state["images_in_epoch"] = seen - self._epoch_start_images
         return state
+
+    def _images_consumed(self) -> int:
+        """Images the run has trained on: the module's count (the loader runs a batch ahead of training),
+        or without a module the loader's."""
+        seen = self._module_count("images_seen")
+        return seen if seen is not None else self.images_pos
+
+    def _order(self) -> dict:
+        """What, besides (rank, world size, epoch), decides the order the stream reads in."""
+        return {"mode": self.mode, "seed": self.seed, "num_workers": self.num_workers,
+                "shuffle_buffer": self.shuffle_buffer, "batch_size": self.batch_size,
+                "epoch_batches": self.epoch_batches}
 
     def load_state_dict(self, state: dict) -> None:
         self.images_pos = int(state.get("images_consumed", 0))
-        if state.get("mode", self.mode) != self.mode or int(state.get("seed", self.seed)) != self.seed:
-            warnings.warn(f"genscale data: the checkpoint's data position was for mode={state.get('mode')} "
-                          f"seed={state.get('seed')}; now mode={self.mode} seed={self.seed}: starting a new epoch.")
-            state = {"epoch": state.get("epoch", -1), "batches_in_epoch": 0}
+        changed = {k: (state[k], v) for k, v in self._order().items() if k in state and state[k] != v}
+        if changed:
+            what = ", ".join(f"data.{k} {a} -> {b}" for k, (a, b) in changed.items())
+            warnings.warn(f"genscale data: the checkpoint's data position belongs to another reading order ({what}): "
+                          "the run starts a new epoch, so it will not see exactly what an uninterrupted run "
+                          "would. Resume with the same values for an exact continuation.")
+            state = {"epoch": state.get("epoch", -1), "new_epoch": True}
         self._resume = dict(state)
         self.epoch = int(state.get("epoch", -1))

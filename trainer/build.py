@@ -375,6 +375,10 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
         saved_world = ckpt["genscale"].get("world_size")
         _check_strategy_matches(ckpt, cfg)
         del ckpt
+        if resume_iteration >= cfg.trainer.max_iters and not launched_follower():
+            print(f"genscale: '{ckpt_path}' is at iteration {resume_iteration} and trainer.max_iters="
+                  f"{cfg.trainer.max_iters}: the run is complete and takes no step (to train on, resume with a "
+                  "larger trainer.max_iters).", file=sys.stderr, flush=True)
     else:
         cfg = load_config(experiment, overrides)
         run_dir, resume_iteration = None, None

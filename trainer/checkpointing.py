@@ -3,7 +3,8 @@
 Writes go to a temporary file in the same directory, are fsynced, then renamed over the target, so
 a crash leaves either the old file or the new one. `last.ckpt` is a hard link (or copy) of the
 newest checkpoint, replaced atomically as well. Besides it, the best k by a monitored metric (lower
-is better) or, without one, the newest k are kept.
+is better; a tie goes to the newer) or, without one, the newest k are kept, and the newest is never
+pruned: a run resumes from it, however it ranks (between evaluations a save carries the last value).
 """
 from __future__ import annotations
 
@@ -102,8 +103,11 @@ class IterationCheckpoint(L.Callback):
     def _prune(self) -> None:
         if self.save_top_k < 0:
             return
-        order = sorted(self.kept, key=lambda n: self.kept[n])
+        newest = max(self.kept, key=_iteration_in_name)
+        order = sorted(self.kept, key=lambda n: (self.kept[n], -_iteration_in_name(n)))
         for stale in order[self.save_top_k:]:
+            if stale == newest:
+                continue
             (self.dirpath / stale).unlink(missing_ok=True)
             shutil.rmtree(self.dirpath / f"{stale}.ds", ignore_errors=True)  # DeepSpeed's partitions
             del self.kept[stale]
@@ -114,8 +118,18 @@ class IterationCheckpoint(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         it = iteration_of(pl_module)
-        if self.last_path is None or self.last_path.name != f"iter-{it:07d}.ckpt":
-            self.save(trainer, pl_module)
+        name = f"iter-{it:07d}.ckpt"
+        if self.last_path is not None and self.last_path.name == name:
+            return
+        if name in self.kept and (self.dirpath / name).exists():  # resumed from it, no step since
+            self.last_path = self.dirpath / name
+            return
+        self.save(trainer, pl_module)
+
+
+def _iteration_in_name(name: str) -> int:
+    """iter-0000042.ckpt -> 42."""
+    return int(name.split("-", 1)[1].split(".", 1)[0])
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -45,7 +45,7 @@ class CheckpointConfig:
     every_n_iters: int = f(500, "Save a checkpoint every N generator iterations (0: off).")
     every_n_minutes: float = f(0.0, "Also save every this many minutes of wall time (0: off).")
     save_top_k: int = f(3, "Keep this many checkpoints besides last.ckpt: the best k by `monitor`, "
-                           "or the newest k when no monitor value was logged.")
+                           "or the newest k when no monitor value was logged; the newest is kept as well.")
     monitor: str = f("", "Metric that ranks checkpoints (lower is better), e.g. 'eval/fid'. Empty: newest.")
 
 

@@ -72,6 +72,8 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
         self.num_classes = int(getattr(G, "num_classes", 0)) if getattr(G, "conditional", False) else 0
         self._ortho = ortho_params(G) if cfg["loss"].get("ortho_reg", 0.0) > 0 else []
         self._ortho_last = torch.zeros(())
+        # A D with BatchNorm scores reals and fakes in separate calls (_d_real_fake).
+        self._d_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in D.modules())
         self._init_counters()  # checkpointed buffers with a host mirror (trainer/counters.py)
         grid = cfg["trainer"]["sample_grid"]
         g = torch.Generator().manual_seed(mix_seed(cfg["trainer"]["seed"], 0xF1CED))
@@ -276,8 +278,14 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
     def _d_real_fake(self, r: torch.Tensor, fake: torch.Tensor, y_real: Optional[torch.Tensor],
                      y_fake: Optional[torch.Tensor]):
         """D's scores of the real and the fake micro-batch, as float."""
+        if self._d_batchnorm:
+            # Two calls, as in the DCGAN and WGAN reference code: in one call BatchNorm's batch statistics
+            # would mix reals and fakes, so a fake's score would depend on the reals beside it, and D
+            # would learn a different function from the one the G step (fakes alone) differentiates.
+            return self._d(r, y_real).float(), self._d(fake.to(r.dtype), y_fake).float()
         y = None if y_fake is None else torch.cat([y_real, y_fake])
-        # One D call on real and fake together: BN/spectral-norm buffers update once.
+        # One call on reals and fakes together (BigGAN's reference): spectral norm's power iteration runs
+        # once per D step.
         scores = self._d(torch.cat([r, fake.to(r.dtype)]), y).float()
         return scores[: r.shape[0]], scores[r.shape[0]:]
 
@@ -376,6 +384,14 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
         o = self.cfg["optim"]
         return critic_steps(self.it, o["n_critic"], o["critic_boost_steps"],
                             o["critic_boost_first"], o["critic_boost_every"])
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # A run resumed at or past trainer.max_iters (a requeue after its last step, a relaunch of a
+        # finished job) takes no step: Lightning ends the epoch on -1, and should_stop ends the fit.
+        if self.it >= self.cfg["trainer"]["max_iters"]:
+            self.trainer.should_stop = True
+            return -1
+        return None
 
     def training_step(self, batch, batch_idx):
         images, labels = batch

@@ -125,9 +125,10 @@ def test_bench_overrides_may_follow_the_options(capsys):
 
 
 def test_profile_counts_each_iterations_convolutions(tmp_path, capsys):
-    """--profile N: N whole iterations after the timed ones. Per vanilla-GAN iteration (n_critic 1, D on
-    real and fake in one call): G and D forward in D's phase and again in G's, so 2 (|G| + |D|) conv
-    forwards; backwards through D in both phases and through G in G's, 2 |D| + |G|."""
+    """--profile N: N whole iterations after the timed ones. Per vanilla-GAN iteration (n_critic 1; D has
+    BatchNorm, so it scores reals and fakes in two calls): G and both D calls forward in D's phase, G and
+    D again in G's, so 2 |G| + 3 |D| conv forwards; backwards through both D calls in D's phase and
+    through D and G in G's, 3 |D| + |G|."""
     import torch.nn as nn
 
     from trainer.build import build_module
@@ -141,8 +142,8 @@ def test_profile_counts_each_iterations_convolutions(tmp_path, capsys):
         p = row["profile"]
         assert p["device"] == "cpu" and p["iters"] == n
         calls = {t["name"]: t["calls_per_iter"] for t in p["top"]}
-        assert calls["aten::_convolution"] == 2 * (convs["G"] + convs["D"]) == 8
-        assert calls["aten::convolution_backward"] == 2 * convs["D"] + convs["G"] == 6
+        assert calls["aten::_convolution"] == 2 * convs["G"] + 3 * convs["D"] == 10
+        assert calls["aten::convolution_backward"] == 3 * convs["D"] + convs["G"] == 8
         assert sum(p["kinds_ms_per_iter"].values()) == pytest.approx(p["busy_ms_per_iter"])  # CPU: self times add up
         assert 0 < p["busy"] < 5 and p["kinds_ms_per_iter"]["matmul/conv"] > 0
         # the step's marked parts (no penalty: a vanilla GAN), each with host time and aten ops; with the

@@ -69,3 +69,21 @@ def test_resume_auto_needs_a_fixed_run_id(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("GENSCALE_RUN_ID", raising=False)
     assert main(["train", "gan_digits", f"logging.root={tmp_path}", "resume=auto"]) == 2
     assert "resume=auto needs a fixed run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("experiment", ["gan_digits", "glow_digits"])
+def test_relaunching_a_finished_run_takes_no_step(tmp_path, experiment):
+    """A requeue after the last step (or a relaunch of the same command) leaves a finished run as it
+    is: no step past trainer.max_iters, no new or rewritten checkpoint."""
+    cmd = _cmd(tmp_path, "trainer.max_iters=2", "trainer.checkpoint.every_n_iters=1")
+    cmd[cmd.index("gan_digits")] = experiment
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpts = tmp_path / experiment / "p1" / "checkpoints"
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in ckpts.glob("*.ckpt")}
+    assert sorted(before) == ["iter-0000001.ckpt", "iter-0000002.ckpt", "last.ckpt"]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "the run is complete and takes no step" in again.stderr
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in ckpts.glob("*.ckpt")} == before
+    assert '"iteration": 2' in again.stdout

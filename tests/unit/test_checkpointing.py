@@ -215,12 +215,30 @@ def test_prune_by_monitor_keeps_best(tmp_path):
         (tmp_path / name).write_bytes(b"x")
         tr.callback_metrics = {"eval/fid": torch.tensor(fid)}
         _register_and_prune(cb, tr, name, it)
-    assert names(tmp_path) == ["iter-0000200.ckpt", "iter-0000400.ckpt"]  # lowest fid
+    # the lowest fid, and the newest (kept whatever it scores: a resume starts there)
+    assert names(tmp_path) == ["iter-0000200.ckpt", "iter-0000400.ckpt", "iter-0000500.ckpt"]
     # a monitored save without the metric ranks last instead of evicting a measured one
     tr.callback_metrics = {}
     (tmp_path / "iter-0000600.ckpt").write_bytes(b"x")
     _register_and_prune(cb, tr, "iter-0000600.ckpt", 600)
-    assert names(tmp_path) == ["iter-0000200.ckpt", "iter-0000400.ckpt"]
+    assert names(tmp_path) == ["iter-0000200.ckpt", "iter-0000400.ckpt", "iter-0000600.ckpt"]
+
+
+def test_prune_never_drops_the_newest_and_ties_go_to_the_newer(tmp_path):
+    """Between evaluations a save carries the last value: the newest must survive (resume=auto resumes
+    from it), and of two saves with the same value the newer is the one kept."""
+    cb = IterationCheckpoint(tmp_path, save_top_k=1, monitor="eval/bpd")
+    tr = SimpleNamespace(callback_metrics={})
+    for it, bpd in [(5, 3.0), (8, 3.0), (10, 2.5), (13, 2.5), (15, 2.9)]:
+        name = f"iter-{it:07d}.ckpt"
+        (tmp_path / name).write_bytes(b"x")
+        tr.callback_metrics = {"eval/bpd": torch.tensor(bpd)}
+        _register_and_prune(cb, tr, name, it)
+        if it == 8:  # the stale value ties with iteration 5's: 8 is both newest and the tie's winner
+            assert names(tmp_path) == ["iter-0000008.ckpt"]
+    # 13 ties with 10 and wins; 15 ranks worse but is the newest, so it stays besides the best
+    assert names(tmp_path) == ["iter-0000013.ckpt", "iter-0000015.ckpt"]
+    assert set(cb.kept) == set(names(tmp_path))
 
 
 def test_prune_negative_k_keeps_all(tmp_path):

@@ -114,7 +114,7 @@ def test_dcgan_gets_no_labels_and_draws_none():
     m.D.forward = lambda *a: calls.append(len(a)) or orig(*a)
     opt = torch.optim.SGD(m.D.parameters(), lr=0.0)
     m.d_step(torch.rand(8, 1, 16, 16), torch.Generator().manual_seed(0), opt, None)
-    assert calls == [1]
+    assert calls == [1, 1]  # reals, then fakes (D has BatchNorm), each without labels
 
 
 def test_class_conditional_false_trains_unconditionally():
@@ -152,3 +152,33 @@ def test_unsupported_resolution_is_a_config_error():
     cfg = load_config("biggan_mnist5k", ["logging.wandb=false", "data.resolution=48"])
     with pytest.raises(ConfigError, match="32, 64, 128, 256, 512"):
         build_module(cfg, channels=1, num_classes=10)
+
+
+def test_a_batchnorm_critic_scores_fakes_as_in_the_g_step():
+    """A D with BatchNorm (the DCGAN critic) scores reals and fakes in separate calls, as the DCGAN and
+    WGAN reference code do: the fakes' scores in D's step equal D on the fakes alone (what G's step
+    differentiates) and do not depend on the reals beside them. A D without BatchNorm (BigGAN's) keeps
+    the reference's one call, so spectral norm's power iteration runs once per step."""
+    torch.manual_seed(0)
+    m = module("gan_digits", "model.g_width=8", "model.d_width=8", "model.z_dim=8", "model.d_norm=batch")
+    assert m._d_batchnorm
+    g = torch.Generator().manual_seed(1)
+    fake, real_a, real_b = (torch.rand(8, 1, 16, 16, generator=g) * 2 - 1 for _ in range(3))
+    real_b = real_b * 0.2 + 0.5  # other statistics than real_a
+    alone = m._d(fake, None).float()
+    for real in (real_a, real_b):
+        s_real, s_fake = m._d_real_fake(real, fake, None, None)
+        torch.testing.assert_close(s_fake, alone, rtol=0, atol=0)
+        torch.testing.assert_close(s_real, m._d(real, None).float(), rtol=0, atol=0)
+    # the joint call would have mixed the statistics: the fakes' scores then differ with the reals
+    joint = m._d(torch.cat([real_b, fake]), None).float()[8:]
+    assert float((joint - alone).abs().max()) > 1e-3
+
+    b = module("biggan_mnist5k", "model.g_width=4", "model.d_width=4", "model.z_dim=20", "model.shared_dim=8",
+               "model.attention_res=0")
+    assert not b._d_batchnorm
+    calls = []
+    b.D.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    y = torch.arange(8) % 10
+    b._d_real_fake(torch.rand(8, 1, 32, 32), torch.rand(8, 1, 32, 32), y, y)
+    assert calls == [16]

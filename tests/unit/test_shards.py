@@ -305,10 +305,77 @@ def test_resume_continues_the_stream(tmp_path):
     dm, first = run()
     state = dm.state_dict()
     assert state["epoch"] == 0 and state["batches_in_epoch"] == 3 and state["seed"] == 4
-    _, again = run()
-    assert again == first  # a fresh start replays: deterministic
-    _, resumed = run(json.loads(json.dumps(state)))  # through a checkpoint-like round trip
-    assert resumed != first[:3] and not any(b in first for b in resumed)
+    _, whole = run(k=5)
+    assert whole[:3] == first  # a fresh start replays: deterministic
+    _, resumed = run(json.loads(json.dumps(state)), k=2)  # through a checkpoint-like round trip
+    assert resumed == whole[3:]  # the rest of the 5-batch epoch, as without the stop
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resampled_resume_is_exact_and_a_changed_order_starts_a_new_epoch(tmp_path, workers):
+    out = write(tmp_path, n=100, maxcount=8)
+
+    def dm_(**kw):
+        args = dict(batch_size=6, mode="resampled", epoch_batches=4, seed=1, shuffle_buffer=20, num_workers=workers)
+        dm = ShardDataModule(str(out), 8, **{**args, **kw})
+        dm.prepare()
+        return dm
+
+    def batches(dm, k):
+        """The next k batches, over epochs as Lightning iterates the loader (once per epoch), stopping
+        mid-epoch at k."""
+        got = []
+        while True:
+            for x, _ in dm.train_dataloader():
+                got.append(ids(x))
+                if len(got) == k:
+                    return got
+
+    whole = batches(dm_(), 11)
+    for stop in (1, 4, 6):
+        first = dm_()
+        head = batches(first, stop)
+        assert head == whole[:stop]
+        resumed = dm_()
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert head + batches(resumed, 11 - stop) == whole, stop
+    changed = dm_(shuffle_buffer=7)
+    with pytest.warns(UserWarning, match="data.shuffle_buffer 20 -> 7"):
+        changed.load_state_dict(first.state_dict())
+    next(iter(changed.train_dataloader()))
+    assert changed.epoch == 2  # first stopped in epoch 1: a new epoch, not a replay in another order
+
+
+def test_scheduled_batches_resume_exactly_mid_epoch(tmp_path):
+    """Progressive GAN's changing batch sizes (single samples grouped by the schedule): a resume skips
+    the samples of the epoch already in trained batches."""
+    out = write(tmp_path, n=100, maxcount=8)
+
+    def dm_():
+        dm = ShardDataModule(str(out), 8, batch_size=4, mode="resampled", epoch_batches=30, seed=3, shuffle_buffer=10)
+        dm.batch_schedule = lambda images: 4 if images < 12 else 6
+        dm.prepare()
+        return dm
+
+    def batches(dm, k):
+        got = []
+        while True:
+            for x, _ in dm.train_dataloader():
+                got.append(ids(x))
+                if len(got) == k:
+                    return got
+
+    whole = batches(dm_(), 9)  # 30 samples per epoch: 4, 4, 4, 6, 6, 6 (2 left over), then epoch 1
+    assert [len(b) for b in whole] == [4, 4, 4, 6, 6, 6, 6, 6, 6]
+    for stop in (2, 4, 6):
+        first = dm_()
+        it = iter(first.train_dataloader())
+        head = [ids(next(it)[0]) for _ in range(stop)]
+        first.images_pos = sum(len(b) for b in head)  # what the module had trained on (the loader may run ahead)
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = dm_()
+        resumed.load_state_dict(state)
+        assert head + batches(resumed, 9 - stop) == whole, stop
 
 
 def test_exact_resume_skips_what_was_trained_on(tmp_path):
