@@ -61,8 +61,11 @@ def tar_members(stream: BinaryIO, where: str = "?") -> Iterator[Tuple[str, bytes
     offset = 0
     while True:
         header = _read(stream, BLOCK)
-        if not header or header == _ZERO:  # end of archive (or a stream that stops at a boundary)
+        if header == _ZERO:  # end of archive
             return
+        if not header:  # tar writers always end with zero blocks: a file without them was cut short
+            raise TarError(f"{where}: ends at byte {offset} without tar's end-of-archive blocks, so it is "
+                           "truncated (a write or copy that did not finish); write or copy the shard again")
         if len(header) < BLOCK:
             raise TarError(f"{where}: truncated tar header at byte {offset}")
         stored = _number(header[148:156])

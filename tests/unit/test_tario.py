@@ -56,3 +56,17 @@ def test_damage_is_reported_with_the_shard_and_the_rest_continues():
                                  lambda e: errors.append(e) or True))
     assert [s["__url__"] for s in samples] == ["g.tar", "g.tar"]  # no partial sample from the broken ones
     assert [e.args[-1] for e in errors] == ["t.tar", "c.tar"] and "t.tar" in errors[0].args[0]
+
+
+def test_an_archive_cut_between_members_is_truncated_not_shorter():
+    """Cut after a whole member (or empty), a shard would read as a shorter one and lose samples
+    silently: tar writers end every archive with zero blocks, so a file without them is truncated."""
+    good = _tar([("000000.raw", b"a" * 600), ("000001.raw", b"b" * 600)])
+    assert [n for n, _ in tar_members(io.BytesIO(good))] == ["000000.raw", "000001.raw"]
+    first_member = 512 + 1024  # its header and its data padded to 512-byte blocks
+    for cut in (first_member, 0):
+        got = []
+        with pytest.raises(TarError, match=f"ends at byte {cut} without tar's end-of-archive blocks"):
+            for name, _ in tar_members(io.BytesIO(good[:cut]), "t.tar"):
+                got.append(name)
+        assert got == (["000000.raw"] if cut else [])
