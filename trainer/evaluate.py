@@ -169,7 +169,7 @@ def _build_generator(cfg: dict, state: dict, data: ArrayDataset, use_ema: bool) 
         raise CheckpointError(f"The checkpoint's generator weights do not fit model '{m['name']}' as its config "
                               f"describes it ({str(e).splitlines()[0][:200]}).") from None
     if m["name"] == "pgan":
-        G = _pgan_at_checkpoint(G, cfg, state)
+        G = pgan_at(G, cfg, int(state.get("images_seen", torch.tensor(0))))
     return G.eval(), ema
 
 
@@ -186,13 +186,13 @@ class _AtPhase(torch.nn.Module):
         return x if x.shape[-1] == self.size else torch.nn.functional.interpolate(x, size=self.size, mode="nearest")
 
 
-def _pgan_at_checkpoint(G: torch.nn.Module, cfg: dict, state: dict) -> torch.nn.Module:
-    """A checkpoint written mid-growth has untrained top layers: sample it where training stood (the
-    phase of the restored images seen), not at the final resolution."""
+def pgan_at(G: torch.nn.Module, cfg: dict, images_seen: int) -> torch.nn.Module:
+    """A Progressive GAN mid-growth has untrained top layers: sample it where training stood after
+    ``images_seen`` images (a checkpoint's, or the running module's), not at the final resolution."""
     from trainer.pgan_schedule import schedule_from_config
 
     schedule = schedule_from_config(cfg)
-    phase = schedule.at(int(state.get("images_seen", torch.tensor(0))))
+    phase = schedule.at(images_seen)
     return _AtPhase(G, phase.level, float(phase.alpha), schedule.resolutions[-1])
 
 

@@ -144,3 +144,20 @@ def test_a_checkpoint_samples_and_evaluates_at_its_own_level(tmp_path):
     module = build_module(load_config(base=cfg), channels=1, num_classes=10)
     module.load_state_dict(state)
     assert (module.phase.level, module.phase.alpha) == (1, 0.0)
+
+
+def test_periodic_eval_mid_growth_matches_eval_of_the_checkpoint(tmp_path):
+    """The FID logged during training (eval.every_n_iters) is taken where growth stands, exactly as
+    `genscale eval` of the checkpoint written at the same iteration, not at the untrained final level."""
+    import json
+
+    from trainer.evaluate import evaluate_checkpoint
+
+    run = train("pgan_mnist5k", _common(tmp_path, 3) + [
+        "trainer.max_iters=3", "logging.run_id=ev", "eval.every_n_iters=3", "eval.num_samples=64",
+        "data.name=digits", f"eval.features_dir={tmp_path}/features"])
+    assert run.module.phase.phase == "fade" and run.module.phase.level == 1  # mid fade-in to 8 px
+    logged = json.loads((run.run_dir / "eval.jsonl").read_text().splitlines()[0])
+    assert logged["iteration"] == 3
+    again = evaluate_checkpoint(run.run_dir / "checkpoints" / "iter-0000003.ckpt", features_dir=f"{tmp_path}/features")
+    assert again["fid"] == pytest.approx(logged["fid"], rel=1e-6)

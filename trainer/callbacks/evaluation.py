@@ -20,7 +20,7 @@ class PeriodicEvalCallback(L.Callback):
         self.evaluator = None
 
     def _evaluate(self, trainer, module) -> None:
-        from trainer.evaluate import GeneratorEvaluator
+        from trainer.evaluate import GeneratorEvaluator, pgan_at
 
         it = iteration_of(module)
         values = torch.zeros(3, dtype=torch.float64, device=module.device)
@@ -29,6 +29,8 @@ class PeriodicEvalCallback(L.Callback):
                 self.evaluator = GeneratorEvaluator(self.cfg, device=module.device)
             use_ema = self.cfg["eval"]["use_ema"] and module.G_ema is not None
             net = module.G_ema if use_ema else module.G
+            if self.cfg["model"]["name"] == "pgan":  # where growth stands, as `genscale eval` of a checkpoint
+                net = pgan_at(net, self.cfg, images_of(module)).train(net.training)  # the evaluator restores the flag
             result = self.evaluator(net, self.cfg["eval"]["num_samples"], seed=0, ema=use_ema)
             result.update({"iteration": it, "kimg": images_of(module) / 1000.0, "checkpoint": None})
             with open(self.run_dir / "eval.jsonl", "a") as fh:
