@@ -307,7 +307,9 @@ class KnowledgeConfig:
     phi_weight_decay: float = f(1e-4, "Learned constraint: AdamW weight decay of phi (its regulariser).")
     phi_every: int = f(1, "Learned constraint: one IRL step every this many G iterations (flow steps).")
     samples: int = f(0, "Flows: model samples per rank and step for the weighted term (0: the batch per rank).")
-    temperature: float = f(1.0, "Flows: temperature of those samples (1: the model distribution itself).")
+    temperature: float = f(1.0, "Flows: temperature of those samples (1: the model distribution itself; > 0). The "
+                                "weights are corrected to the untempered model, but away from 1 their effective "
+                                "sample size collapses in high dimensions and the ESS gate skips the term.")
     ess_min: float = f(0.1, "Guard: a step whose teacher weights have effective sample size / N below this skips "
                             "the flow term (counted as knowledge/ess_skipped); GANs log it.")
     classifier_epochs: int = f(6, "class_consistency: training epochs of the constraint classifier (trained once, "
@@ -619,6 +621,8 @@ def _validate_knowledge(cfg: DictConfig) -> None:
     if k.learned and k.constraint != "class_consistency":
         raise ConfigError(f"knowledge.learned=true needs a constraint with parameters: knowledge.constraint="
                           f"{k.constraint} has none. Use knowledge.constraint=class_consistency or learned=false.")
+    if k.temperature <= 0:
+        raise ConfigError(f"knowledge.temperature must be > 0 (importance weights need a density), got {k.temperature}.")
     if k.lam < 0 or k.alpha < 0 or k.bound < 0 or k.phi_every <= 0 or not 0.0 <= k.ess_min <= 1.0:
         raise ConfigError(f"knowledge: lam, alpha and bound must be non-negative, phi_every positive and ess_min "
                           f"in [0, 1] (got {k.lam}, {k.alpha}, {k.bound}, {k.phi_every}, {k.ess_min}).")

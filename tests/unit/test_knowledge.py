@@ -165,6 +165,47 @@ def test_irl_loss_value_is_data_term_plus_log_mean_exp():
     assert float(irl_loss(fd, fm, lam)) == pytest.approx(float(want), abs=1e-6)
 
 
+def test_conditional_irl_loss_builds_log_z_per_class_weighted_by_the_data_shares():
+    """With labels, log Z = sum_c pi_c log mean_{i in c} exp(lambda f_i) (pi_c: the data's class shares),
+    and the gradient wrt f_i is lambda pi_c w_i within its class; pooling the classes would differ."""
+    lam = 0.7
+    fd, fm = torch.randn(6, generator=gen(20)), torch.randn(7, generator=gen(21)).requires_grad_(True)
+    y_data, y_model = torch.tensor([0, 0, 0, 0, 1, 1]), torch.tensor([0, 1, 1, 0, 1, 1, 1])
+    pi = {0: 4 / 6, 1: 2 / 6}
+    log_z = sum(pi[c] * (torch.logsumexp(lam * fm[y_model == c], 0) - math.log(int((y_model == c).sum())))
+                for c in (0, 1))
+    loss = irl_loss(fd, fm, lam, y_data, y_model)
+    assert float(loss) == pytest.approx(float(-lam * fd.mean() + log_z), abs=1e-6)
+    loss.backward()
+    want = torch.zeros(7)
+    for c in (0, 1):
+        idx = y_model == c
+        want[idx] = lam * pi[c] * torch.softmax(lam * fm.detach()[idx], 0)
+    assert torch.allclose(fm.grad, want, atol=1e-6)
+    pooled = irl_loss(fd, fm.detach(), lam)
+    assert abs(float(pooled) - float(loss)) > 1e-3
+
+
+def test_conditional_irl_fixed_point_keeps_the_class_mix():
+    """Per-class linear constraint f(x, c) = phi_c x on 1-D Gaussians: p(x | c) = N(0, 1), data
+    N(mu_c, 1) with unequal class shares. The max-ent fixed point is phi_c = mu_c (lambda 1) for each
+    class, whatever the model's class mix (uniform here)."""
+    torch.manual_seed(0)
+    mu, shares = torch.tensor([1.0, -0.5]), torch.tensor([0.85, 0.15])  # pooled classes: about (1.29, -0.32)
+    phi = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.Adam([phi], lr=0.05)
+    g = gen(22)
+    for _ in range(400):
+        y_d = torch.multinomial(shares, 512, replacement=True, generator=g)
+        x_d = mu[y_d] + torch.randn(512, generator=g)
+        y_m = torch.randint(2, (512,), generator=g)
+        x_m = torch.randn(512, generator=g)
+        opt.zero_grad()
+        irl_loss(phi[y_d] * x_d, phi[y_m] * x_m, 1.0, y_d, y_m).backward()
+        opt.step()
+    assert torch.allclose(phi.detach(), mu, atol=0.15), phi
+
+
 def test_reverse_kl_generator_gradient_is_minus_lambda_a_for_linear_f():
     a, lam = torch.tensor([0.3, -1.2, 2.0]), 0.8
     m, s = torch.zeros(3, requires_grad=True), torch.ones(3, requires_grad=True)
@@ -310,3 +351,44 @@ def test_teacher_set_is_resampled_on_the_device_and_kept_when_the_weights_are_un
     other[1] = 1.0
     cb._resample(x, other)
     assert torch.all(cb.teacher_samples == 1.0)
+
+
+def test_tempered_flow_samples_carry_the_weight_back_to_the_model():
+    """knowledge.temperature != 1: samples come from p_T (prior stds times T), so each weight gets
+    log p(x) - log p_T(x), here against the two densities evaluated on the sample's own latents."""
+    from models.glow import gaussian_log_prob
+    from tests.unit.test_glow import tiny_glow
+    from trainer.callbacks.knowledge import tempered_samples
+
+    glow = tiny_glow(num_classes=3)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    xs, ratio = tempered_samples(glow, 5, 1.0, y, torch.Generator().manual_seed(0))
+    assert float(ratio) == 0.0 and xs.shape == (5, 3, 4, 4)
+    T = 0.6
+    xs, ratio = tempered_samples(glow, 5, T, y, torch.Generator().manual_seed(0))
+    latents, priors = glow.encode(xs, y, return_priors=True)
+    exact = sum(gaussian_log_prob(z, m, s) - gaussian_log_prob(z, m, s + math.log(T))
+                for z, (m, s) in zip(latents, priors))
+    # up to the constant D log T, which the self-normalised weights do not see
+    torch.testing.assert_close(ratio.double() + glow.n_dims * math.log(T), exact, rtol=1e-6, atol=1e-6)
+    assert float(ratio.std()) > 0.1  # not a constant: the weights change
+
+
+def test_teacher_diagnostic_weighs_classes_by_their_samples():
+    """knowledge/f_teacher is E_q f: with weights normalised within each requested class, the classes
+    count by their share of the samples, so at lambda = 0 (q = p) it equals f_student exactly."""
+    from trainer.callbacks.knowledge import KnowledgeCallback
+
+    cb = KnowledgeCallback.__new__(KnowledgeCallback)
+    cb.counters, cb.seed, cb.k, cb._teacher = {"teacher_steps": 0}, 0, {"keep_samples": 4}, None
+    y = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2])  # unequal counts
+    f = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, -7.0, -9.0, 11.0])
+    x = torch.randn(8, 1, 2, 2)
+    cb.lam = 0.0
+    cb._diagnose(x, y, f)
+    assert float(cb._device_stats["knowledge/f_teacher"]) == pytest.approx(float(f.mean()))
+    cb.lam = 0.5  # within a class q tilts towards larger f; across classes the shares stay
+    cb._diagnose(x, y, f)
+    per_class = [(torch.softmax(0.5 * f[y == c], 0) * f[y == c]).sum() for c in range(3)]
+    expected = sum(float((y == c).sum()) / 8 * float(v) for c, v in enumerate(per_class))
+    assert float(cb._device_stats["knowledge/f_teacher"]) == pytest.approx(expected)

@@ -25,6 +25,21 @@ from trainer.knowledge.teacher import gather_cat, importance_teacher, irl_loss, 
 from trainer.counters import iteration_of
 
 
+def tempered_samples(glow, n: int, temperature: float, y: Optional[torch.Tensor], gen: torch.Generator):
+    """n samples of the flow, with every prior std scaled by ``temperature``, and log p(x) - log p_T(x)
+    per sample (0 at T = 1), the importance-weight correction that makes the teacher p exp(lambda f),
+    not p_T exp(lambda f). The log-dets of the bijection cancel in the ratio; with z = mean + T std e,
+    each latent element contributes log T + (1 - T^2) e^2 / 2, and the constant cancels in the
+    self-normalised weights. Its spread grows like (1 - T^2) sqrt(D / 2) in D dimensions, so away from
+    T = 1 the ESS gate (knowledge.ess_min) skips most steps."""
+    if temperature == 1.0:  # the draw as the flow makes it (same random stream as before the option)
+        return glow.sample(n, 1.0, y, gen).detach(), torch.zeros((), device=next(glow.parameters()).device)
+    p = next(glow.parameters())
+    eps = torch.randn(n, glow.n_dims, generator=gen, device=p.device, dtype=p.dtype)
+    xs = glow.sample(n, temperature, y, eps=eps).detach()
+    return xs, (1.0 - temperature ** 2) / 2.0 * eps.float().pow(2).sum(1)
+
+
 @contextlib.contextmanager
 def frozen(module: torch.nn.Module):
     """phi receives no gradient from the student's loss (the E-step and M-step are separate)."""
@@ -106,12 +121,12 @@ class KnowledgeCallback(L.Callback):
         gen = module.noise_generator(salt=0x4B4E)  # seeded by (seed, rank, step): exact resume
         classes = _conditional_classes(module)
         y_s = torch.randint(classes, (n,), generator=gen, device=module.device) if classes else None
-        xs = module.glow.sample(n, self.k["temperature"], y_s, gen).detach()
+        xs, log_ratio = tempered_samples(module.glow, n, float(self.k["temperature"]), y_s, gen)
         images = 2.0 * xs.float()  # flow space [-0.5, 0.5) -> images in [-1, 1)
         with torch.no_grad():
             f = self.constraint(images, y_s)
             # An early flow's wild samples can overflow f: weight 0 for them, not a NaN teacher.
-            s = (self.lam * f).masked_fill(~torch.isfinite(f), float("-inf"))
+            s = (self.lam * f + log_ratio).masked_fill(~torch.isfinite(f), float("-inf"))
         nll = module.losses(xs, y_s)["bpd"]
         term, teacher = weighted_nll_term(nll, s, self.k["alpha"], y_s)
         self._model_samples.append((images, y_s))
@@ -132,6 +147,8 @@ class KnowledgeCallback(L.Callback):
             s_all = gather_cat(s)[0]
             teacher = importance_teacher(s_all, gather_cat(y)[0] if y is not None else None)
         local = importance_teacher(s, y).w
+        if y is not None:  # weights sum to 1 within each class: weigh the classes by their share of samples
+            local = local * torch.bincount(y)[y].to(local.dtype) / y.shape[0]
         self.counters["teacher_steps"] += 1
         self._device_stats = {"knowledge/ess_frac": teacher.ess_frac, "knowledge/log_z": teacher.log_z,
                               "knowledge/f_student": f.mean(), "knowledge/f_teacher": (local * f).sum() / local.sum()}
@@ -159,7 +176,8 @@ class KnowledgeCallback(L.Callback):
         ys = [m[1] for m in self._model_samples]
         y_model = torch.cat(ys) if ys[0] is not None else None
         self.opt.zero_grad(set_to_none=True)
-        loss = irl_loss(self.constraint(x_data, y_data), self.constraint(x_model.float(), y_model), self.lam)
+        loss = irl_loss(self.constraint(x_data, y_data), self.constraint(x_model.float(), y_model), self.lam,
+                        y_data if y_model is not None else None, y_model)
         loss.backward()
         size = world()[1]
         for p in self.constraint.parameters():

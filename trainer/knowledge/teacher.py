@@ -159,19 +159,39 @@ def reverse_kl_loss(f_fake: torch.Tensor, lam: float, alpha: float = 1.0) -> tor
     return -alpha * lam * f_fake.float().mean()
 
 
-def irl_loss(f_data: torch.Tensor, f_model: torch.Tensor, lam: float) -> torch.Tensor:
-    """Max-ent IRL loss of a learned constraint: -lambda mean f(x_data) + log mean exp(lambda f(x_model))
-    over all ranks' model samples. Its value is exact; its gradient is lambda (E_q grad f - E_data grad f)
-    with E_q by self-normalised importance weights (a per-rank surrogate, scaled by the world size so
-    that averaging phi's gradients over ranks gives the full-batch gradient)."""
+def irl_loss(f_data: torch.Tensor, f_model: torch.Tensor, lam: float, y_data: Optional[torch.Tensor] = None,
+             y_model: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Max-ent IRL loss of a learned constraint: -lambda mean f(x_data) + log Z, with log Z the log mean
+    exp(lambda f(x_model)) over all ranks' model samples. Its value is exact; its gradient is
+    lambda (E_q grad f - E_data grad f) with E_q by self-normalised importance weights (a per-rank
+    surrogate, scaled by the world size so that averaging phi's gradients over ranks gives the
+    full-batch gradient).
+
+    With class labels (``y_model``, the requested classes, and ``y_data``) the teacher is built per
+    class, q(x | c) proportional to p(x | c) exp(lambda f(x, c)), so log Z is sum_c pi_c log Z_c with pi_c
+    the data's class shares: pooling all samples in one log-mean-exp would fit the joint over (x, c)
+    with the model's class mix instead, and bias phi. Classes without model samples drop out of pi."""
     s = lam * f_model.float()
     s_all, start = gather_cat(s)
     size = world()[1]
-    lse = torch.logsumexp(s_all, 0)
-    w = torch.exp(s_all - lse)[start:start + s.shape[0]]
+    if y_model is None:
+        lse = torch.logsumexp(s_all, 0)
+        w_all, value = torch.exp(s_all - lse), lse - math.log(s_all.numel())
+    else:
+        g_all = gather_cat(y_model)[0]
+        present = torch.unique(g_all)
+        ref = gather_cat(y_data)[0] if y_data is not None else g_all
+        share = (ref[:, None] == present[None]).float().mean(0)
+        share = share / share.sum() if float(share.sum()) > 0 else torch.full_like(share, 1.0 / len(present))
+        w_all, value = torch.zeros_like(s_all), s_all.new_zeros(())
+        for k, c in enumerate(present):
+            idx = g_all == c
+            lse = torch.logsumexp(s_all[idx], 0)
+            w_all[idx] = share[k] * torch.exp(s_all[idx] - lse)
+            value = value + share[k] * (lse - math.log(int(idx.sum())))
+    w = w_all.detach()[start:start + s.shape[0]]
     data_term = -lam * f_data.float().mean()
     surrogate = size * (w * s).sum()  # gradient sum_i w_i lambda grad f_i
-    value = lse - math.log(s_all.numel())
     return data_term + surrogate + (value - surrogate).detach()
 
 
