@@ -16,6 +16,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -221,7 +222,13 @@ def centre_crop_resize(path: str, resolution: int, channels: int = 3) -> np.ndar
     """An image file -> uint8 (C, R, R): the largest centred square, resized with Lanczos."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    try:
+        im = Image.open(path)
+        im.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise DataError(f"Cannot read the image '{path}' ({type(e).__name__}: {e}). Fix or remove the file, "
+                        "then write the shards again.") from None
+    with im:
         im = im.convert("L" if channels == 1 else "RGB")
         w, h = im.size
         s = min(w, h)
@@ -311,11 +318,31 @@ def write_shards(source: str, out: str | os.PathLike, input_path: str = "", reso
         raise DataError(f"jpg needs 1 or 3 channels, the data has {src.channels}; use png or raw.")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The new shards are written beside the old ones, in a staging folder: a write that fails (an
+    # unreadable input file, a full disk) leaves an existing dataset as it was.
+    for left in out_dir.glob(".staging-*"):  # of a write that was killed
+        shutil.rmtree(left, ignore_errors=True)
+    stage = out_dir / f".staging-{os.getpid()}"
+    stage.mkdir()
+    try:
+        index = _write_all(src, source, input_path, encoding, maxcount, val_fraction, workers, stage)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     # From here on the directory holds no trusted shards until the new index.json lands.
     (out_dir / INDEX).unlink(missing_ok=True)
     for old in list(out_dir.glob("train-*.tar")) + list(out_dir.glob("val-*.tar")) + list(out_dir.glob(".*.tmp-*")):
         old.unlink()
+    for new in stage.glob("*.tar"):
+        os.replace(new, out_dir / new.name)
+    shutil.rmtree(stage, ignore_errors=True)
+    _atomic_write_text(out_dir / INDEX, json.dumps(index, indent=1) + "\n")
+    return index
 
+
+def _write_all(src, source: str, input_path: str, encoding: str, maxcount: int, val_fraction: float,
+               workers: int, out_dir: Path) -> dict:
+    """Every shard of ``src`` into ``out_dir``; returns the index (not written)."""
     jobs = []
     for split in SPLITS:
         s = src.splits[split]
@@ -351,7 +378,6 @@ def write_shards(source: str, out: str | os.PathLike, input_path: str = "", reso
                            "shards": sorted_shards}
                    for split, sorted_shards in ((sp, sorted(shards[sp], key=lambda d: d["name"])) for sp in SPLITS)},
     }
-    _atomic_write_text(out_dir / INDEX, json.dumps(index, indent=1) + "\n")
     return index
 
 

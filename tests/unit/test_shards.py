@@ -124,9 +124,10 @@ def test_parallel_writing_is_byte_identical_to_serial(tmp_path):
     assert ia["splits"] == ib["splits"]  # same names, counts and sha256: deterministic and idempotent
 
 
-def test_crash_mid_write_leaves_no_trusted_shard(tmp_path, monkeypatch):
+def test_crash_mid_write_leaves_the_earlier_write_and_no_trusted_partial_shards(tmp_path, monkeypatch):
     out = write(tmp_path, n=64, maxcount=8)  # a complete earlier write in the same directory
     assert resolve_shards(str(out)).urls
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = {"n": 0}
     real = shards.encode_image
 
@@ -138,14 +139,16 @@ def test_crash_mid_write_leaves_no_trusted_shard(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shards, "encode_image", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        shards.write_shards("npz", out, input_path=str(tmp_path / "shards.npz"), encoding="raw", maxcount=8)
-    assert not (out / "index.json").exists()
-    assert not list(out.glob(".*tmp*"))  # no half-written temporary shard left behind
-    assert len(list(out.glob("train-*.tar"))) == 2  # the two shards completed before the crash ...
-    for fn in (lambda: resolve_shards(str(out)), lambda: ShardDataModule(str(out), 8, 8).prepare(),
-               lambda: shards.load_shard_split(str(out), "val")):
-        with pytest.raises(DataError, match="index.json"):  # ... are not trusted by any reader
-            fn()
+        shards.write_shards("npz", out, input_path=str(tmp_path / "shards.npz"), encoding="raw", maxcount=4)
+    # the new shards were staged apart: the earlier write is intact and nothing half-written is left
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert len(shards.load_shard_split(str(out), "val")) + len(shards.load_shard_split(str(out), "train")) == 64
+    # a killed writer's staging folder (shards without an index, never read) goes at the next write
+    (out / ".staging-1").mkdir()
+    (out / ".staging-1" / "train-000000.tar").write_bytes(b"partial")
+    monkeypatch.setattr(shards, "encode_image", real)
+    shards.write_shards("npz", out, input_path=str(tmp_path / "shards.npz"), encoding="raw", maxcount=8)
+    assert not list(out.glob(".staging-*"))
 
 
 def test_imagefolder_classes_centre_crop_and_resize(tmp_path):
@@ -170,6 +173,31 @@ def test_imagefolder_classes_centre_crop_and_resize(tmp_path):
         assert (img.float().mean((1, 2)) - want).abs().max() < 3  # no green border, right class colour
     with pytest.raises(DataError, match="--resolution"):
         shards.write_shards("imagefolder", tmp_path / "x", input_path=str(root))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failed_rewrite_leaves_the_existing_shards_as_they_were(tmp_path, workers):
+    """An unreadable input file is named in a short error, and the dataset already in --out (shards and
+    index) is untouched: the new shards are staged and replace the old ones only when all are written."""
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for k in range(5):
+            Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(root / name / f"{k}.png")
+    out = tmp_path / "sh"
+    shards.write_shards("imagefolder", out, input_path=str(root), resolution=8, maxcount=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (root / "b" / "9.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"Cannot read the image '.*9\.png'"):
+        shards.write_shards("imagefolder", out, input_path=str(root), resolution=8, maxcount=3, workers=workers)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
+    (root / "b" / "9.png").unlink()
+    index = shards.write_shards("imagefolder", out, input_path=str(root), resolution=8, maxcount=3, workers=workers)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["index.json"] + [sh["name"] for sp in ("train", "val") for sh in index["splits"][sp]["shards"]])
+    assert len(shards.load_shard_split(str(out), "train")) + len(shards.load_shard_split(str(out), "val")) == 10
 
 
 def test_cifar10_pickle_batches(tmp_path):
