@@ -23,7 +23,8 @@ from trainer.callbacks.preemption import PreemptionCallback
 from trainer.callbacks.evaluation import PeriodicEvalCallback
 from trainer.callbacks.samples import SampleGridCallback
 from trainer.csv_log import AppendingCSVLogger
-from trainer.checkpointing import AtomicCheckpointIO, CheckpointError, IterationCheckpoint, load_checkpoint
+from trainer.checkpointing import (AtomicCheckpointIO, CheckpointError, IterationCheckpoint, iteration_in_name,
+                                  load_checkpoint)
 from trainer.config import ConfigError, is_flow, load_config, to_dict, to_yaml
 from trainer.gan_module import GANModule, NonFiniteLossError
 from trainer.progress import ThroughputBar
@@ -85,6 +86,42 @@ def newest_checkpoint(run_dir: Path) -> Optional[str]:
         except CheckpointError as e:
             print(f"genscale: skipping unusable checkpoint: {e}", file=sys.stderr)
     return None
+
+
+def _check_shapes_match(saved: dict, module: torch.nn.Module, ckpt_path: str) -> None:
+    """A resume whose overrides change the networks' shapes (widths, resolution, classes) is refused
+    here, before anything is written, instead of by a page of size-mismatch errors at load time."""
+    bad = [(k, saved[k], tuple(v.shape)) for k, v in module.state_dict().items()
+           if k in saved and saved[k] != tuple(v.shape)]
+    if bad:
+        shown = "; ".join(f"{k}: {a} in the checkpoint, {b} now" for k, a, b in bad[:3])
+        raise CheckpointError(f"'{ckpt_path}' does not fit the networks this resume builds ({len(bad)} tensors differ: "
+                              f"{shown}). Overrides that change the architecture (model.*, data.resolution, the "
+                              "classes) cannot be resumed: drop them, or start a new run.")
+
+
+def resume_dir(ckpt: Path, iteration: int, overrides: List[str], newest: bool = False) -> Optional[Path]:
+    """The run directory a resume from ``ckpt`` continues in, or None for a branch into a new one
+    (logging.run_id=NEW names it). Continuing in place must not overwrite anything: the checkpoint has
+    to sit in a run directory (<run>/checkpoints/, beside its config.yaml) and be that run's newest
+    (``newest``: resume=auto chose it as the newest that loads; later ones are torn)."""
+    run_dir = ckpt.resolve().parent.parent
+    in_run = ckpt.resolve().parent.name == "checkpoints" and (run_dir / "config.yaml").exists()
+    new_id = next((o.split("=", 1)[1] for o in overrides if o.startswith("logging.run_id=")), None)
+    if new_id is not None and not (in_run and new_id == run_dir.name):
+        return None
+    if not in_run:
+        raise CheckpointError(f"'{ckpt}' is not inside a run directory (<run>/checkpoints/ beside the run's "
+                              "config.yaml), so there is no run to continue in place. Add logging.run_id=NAME to "
+                              "continue it in a new run directory.")
+    later = [] if newest else sorted(p.name for p in ckpt.resolve().parent.glob("iter-*.ckpt")
+                                     if iteration_in_name(p.name) > iteration)
+    if later:
+        raise CheckpointError(f"'{ckpt}' is at iteration {iteration}, but its run has later checkpoints "
+                              f"({', '.join(later)}) that continuing in place would overwrite. Resume the newest "
+                              f"(resume={run_dir}), or add logging.run_id=NAME to branch from iteration {iteration} "
+                              "into a new run directory.")
+    return run_dir
 
 
 def make_run_dir(cfg: DictConfig, reuse: bool = False) -> Path:
@@ -370,9 +407,10 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
         cfg = load_config(base=ckpt["genscale"]["config"], overrides=rest)
         cfg.resume = ckpt["_path"]
         ckpt_path = ckpt["_path"]
-        run_dir = Path(ckpt_path).resolve().parent.parent
         resume_iteration = ckpt["genscale"]["iteration"]
+        run_dir = resume_dir(Path(ckpt_path), resume_iteration, rest, newest=reuse_dir)  # None: a new directory
         saved_world = ckpt["genscale"].get("world_size")
+        saved_shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if torch.is_tensor(v)}
         _check_strategy_matches(ckpt, cfg)
         del ckpt
         if resume_iteration >= cfg.trainer.max_iters and not launched_follower():
@@ -387,7 +425,10 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
     train = dm.prepare()  # a missing or unreadable data path fails here, before any directory is made
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = build_module(cfg, channels=train.channels, num_classes=train.num_classes)
-    if run_dir is None:
+    if resume:
+        _check_shapes_match(saved_shapes, module, ckpt_path)
+    new_dir = run_dir is None
+    if new_dir:
         run_dir = make_run_dir(cfg, reuse=reuse_dir)
         module.cfg = to_dict(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -399,7 +440,7 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
             "and its random stream depend on the number of processes, so the run would not continue where it "
             f"stopped. Resume with {saved_world} process(es), or start a new run.")
     if trainer.is_global_zero:
-        name = "config.yaml" if not resume else f"config.resume-{_dt.datetime.now():%Y%m%d-%H%M%S}.yaml"
+        name = "config.yaml" if new_dir else f"config.resume-{_dt.datetime.now():%Y%m%d-%H%M%S}.yaml"
         (run_dir / name).write_text(to_yaml(cfg))
     return Run(cfg, run_dir, module, dm, trainer, ckpt_path, ckpt_cb, samples)
 

@@ -103,8 +103,8 @@ class IterationCheckpoint(L.Callback):
     def _prune(self) -> None:
         if self.save_top_k < 0:
             return
-        newest = max(self.kept, key=_iteration_in_name)
-        order = sorted(self.kept, key=lambda n: (self.kept[n], -_iteration_in_name(n)))
+        newest = max(self.kept, key=iteration_in_name)
+        order = sorted(self.kept, key=lambda n: (self.kept[n], -iteration_in_name(n)))
         for stale in order[self.save_top_k:]:
             if stale == newest:
                 continue
@@ -127,7 +127,7 @@ class IterationCheckpoint(L.Callback):
         self.save(trainer, pl_module)
 
 
-def _iteration_in_name(name: str) -> int:
+def iteration_in_name(name: str) -> int:
     """iter-0000042.ckpt -> 42."""
     return int(name.split("-", 1)[1].split(".", 1)[0])
 

@@ -41,6 +41,47 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     assert (tmp_path / "gan_digits" / "r1" / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
+def _snapshot(d):
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+
+def test_a_resume_never_overwrites_a_later_checkpoint_and_branches_on_request(tmp_path, capsys):
+    args = ["train", "gan_digits", *_base(tmp_path), "trainer.checkpoint.every_n_iters=2",
+            "trainer.checkpoint.save_top_k=-1"]
+    assert main([*args, "trainer.max_iters=6", "logging.run_id=r"]) == 0
+    run = tmp_path / "gan_digits" / "r"
+    before = _snapshot(run)
+    old = run / "checkpoints" / "iter-0000002.ckpt"
+    assert main(["train", f"resume={old}", "trainer.max_iters=4"]) == 2
+    err = capsys.readouterr().err
+    assert "later checkpoints (iter-0000004.ckpt, iter-0000006.ckpt)" in err and "logging.run_id=NAME" in err
+    assert _snapshot(run) == before
+    # a branch: iteration 2 continued in a new run directory, the original untouched
+    assert main(["train", f"resume={old}", "trainer.max_iters=4", "logging.run_id=b"]) == 0
+    branch = tmp_path / "gan_digits" / "b"
+    assert load_checkpoint(branch)["genscale"]["iteration"] == 4 and (branch / "config.yaml").exists()
+    assert _snapshot(run) == before
+    # a checkpoint outside any run directory: no run to write into unless named
+    loose = tmp_path / "loose" / "x.ckpt"
+    loose.parent.mkdir()
+    shutil.copy(old, loose)
+    assert main(["train", f"resume={loose}", "trainer.max_iters=3"]) == 2
+    assert "not inside a run directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gan_digits", "loose"]
+    assert main(["train", f"resume={loose}", "trainer.max_iters=3", "logging.run_id=c"]) == 0
+    assert load_checkpoint(tmp_path / "gan_digits" / "c")["genscale"]["iteration"] == 3
+
+
+def test_a_resume_that_changes_the_architecture_is_refused_before_writing(tmp_path, capsys):
+    assert main(["train", "gan_digits", *_base(tmp_path), "trainer.max_iters=2", "logging.run_id=r"]) == 0
+    run = tmp_path / "gan_digits" / "r"
+    before = _snapshot(run)
+    assert main(["train", f"resume={run}", "trainer.max_iters=4", "model.g_width=12"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the networks this resume builds" in err and "Traceback" not in err
+    assert _snapshot(run) == before  # no config.resume-*.yaml either
+
+
 @pytest.mark.parametrize("damage", ["truncated", "foreign"])
 def test_bad_checkpoint_for_resume_sample_eval(tmp_path, capsys, damage):
     run = train("gan_digits", _base(tmp_path) + ["trainer.max_iters=2"])
