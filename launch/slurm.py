@@ -7,7 +7,9 @@ The script runs one task per GPU (`--ntasks-per-node` = G, as Lightning's SLURM 
 requires) through srun, asks SLURM for SIGUSR1 90 s before the time limit (genscale then writes a
 checkpoint at the end of the current step and requeues the job), and trains with a fixed run
 directory and `resume=auto`, so a requeued or restarted job continues from the newest complete
-checkpoint. The W&B run id is derived from the job id, which a requeued job keeps.
+checkpoint. The run id is fixed when the script is written, and the W&B run id derives from it
+(`<experiment>-<run id>`, unless logging.wandb_id is given), so a requeued or resubmitted job
+continues the same W&B run.
 With `trainer.accelerator=cpu` the script asks for no GPUs (CPU clusters and tests).
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -31,7 +34,8 @@ def _run_dir(experiment: str, overrides: List[str]) -> tuple:
     from trainer.config import load_config
 
     cfg = load_config(experiment, overrides)
-    run_id = cfg.logging.run_id or f"slurm-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    # a random part: two launches in the same second must not share a directory
+    run_id = cfg.logging.run_id or f"slurm-{_dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
     run_dir = Path(cfg.logging.root).resolve() / cfg.experiment / run_id
     if (run_dir / "config.yaml").exists() and not (run_dir / "launch.sbatch").exists():
         raise LaunchError(f"Run directory {run_dir} already holds a run that was not launched with SLURM; "
@@ -53,13 +57,12 @@ def render_script(experiment: str, nodes: int, gpus_per_node: int, run_dir: Path
     train = [sys.executable, "-m", "launch.cli", "train", experiment, *overrides, f"trainer.num_nodes={nodes}",
              f"trainer.devices={gpus_per_node}", f"logging.root={run_dir.parent.parent}",
              f"logging.run_id={run_id}", "resume=auto"]
-    wandb_id = f"logging.wandb_id={Path(experiment).stem}-job${{SLURM_JOB_ID}}"
     lines = ["#!/bin/bash", *(f"#SBATCH {s}" for s in sb), "",
              "# Written by `genscale launch slurm`. A requeued job (SIGUSR1 before the time limit, or",
              "# `scontrol requeue`) reruns this script and resumes from the newest complete checkpoint.",
              "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}",
              'echo "genscale: job ${SLURM_JOB_ID} start $(date -Is) restart=${SLURM_RESTART_COUNT:-0}"',
-             f"srun --kill-on-bad-exit=1 {shlex.join(train)} \"{wandb_id}\""]
+             f"srun --kill-on-bad-exit=1 {shlex.join(train)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -87,6 +90,9 @@ def cmd_slurm(args) -> int:
                                args.partition, args.time, args.account, args.cpus_per_task, gpu)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "launch.sbatch"
+        if path.exists() and path.read_text() != script:
+            raise LaunchError(f"{path} already holds this run's script, with other settings: resubmit it as it is "
+                              f"(sbatch {path}), or choose a new logging.run_id for the new settings.")
         tmp = path.with_name(".launch.sbatch.tmp")
         tmp.write_text(script)
         os.replace(tmp, path)

@@ -3,14 +3,24 @@
 The YAML is W&B's sweep format, so one file serves all three backends:
 
     program: launch/cli.py                 # informational here
-    method: grid                           # grid or random
+    method: random                         # grid or random
     run_cap: 8                             # random: number of trials (or --count)
     parameters:
       optim.d.lr: {values: [1.0e-4, 2.0e-4]}
       model.g_width: {values: [8, 16]}
       trainer.seed: {distribution: int_uniform, min: 0, max: 100}
       trainer.max_iters: {value: 500}
-    command: [${env}, ${interpreter}, -m, launch.cli, train, gan_mnist5k, ${args_no_hyphens}]
+    command:
+      - ${env}
+      - ${interpreter}
+      - -m
+      - launch.cli
+      - train
+      - gan_mnist5k
+      - ${args_no_hyphens}
+
+(a grid sweep takes `values` or `value` only.) The file is checked before anything runs: every
+parameter's values, the command's ${args_no_hyphens}, and each trial's config (unknown keys, bad values).
 
 Every trial is the command with ${args_no_hyphens} replaced by its `key=value` overrides (the same
 form as `genscale train` takes). `local` runs the trials one after another (or --parallel N at once,
@@ -50,11 +60,44 @@ def load_sweep(path: str) -> dict:
         spec = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise LaunchError(f"Cannot parse sweep file '{path}': {e}") from None
+    if not isinstance(spec, dict):
+        raise LaunchError(f"Sweep file '{path}' must be a mapping (method, parameters, command), not a "
+                          f"{type(spec).__name__}.")
     if spec.get("method", "grid") not in ("grid", "random"):
         raise LaunchError(f"Sweep method '{spec.get('method')}' is not supported here: use grid or random.")
     if not isinstance(spec.get("parameters"), dict) or not spec["parameters"]:
         raise LaunchError(f"Sweep file '{path}' has no 'parameters' mapping (dotted config keys -> values).")
+    for name, p in spec["parameters"].items():
+        _check_parameter(str(name), p)
+    command = spec.get("command") or DEFAULT_COMMAND
+    if not isinstance(command, list) or not {"${args_no_hyphens}", "${args}"} & set(map(str, command)):
+        raise LaunchError("The sweep's command must be a list holding ${args_no_hyphens} (or ${args}), where each "
+                          "trial's key=value overrides go; without it every trial would run the same config.")
     return spec
+
+
+def _check_parameter(name: str, p) -> None:
+    """One parameter of the sweep: {value: v}, {values: [non-empty list]} or a distribution with numbers."""
+    if not isinstance(p, dict):
+        raise LaunchError(f"Parameter '{name}': give a mapping such as {{values: [...]}} or {{value: v}}, not {p!r}.")
+    if "value" in p:
+        return
+    if "values" in p:
+        if not isinstance(p["values"], list) or not p["values"]:
+            raise LaunchError(f"Parameter '{name}': 'values' must be a non-empty list, got {p['values']!r}.")
+        return
+    dist = p.get("distribution", "uniform")
+    if dist not in ("uniform", "int_uniform", "log_uniform_values"):
+        raise LaunchError(f"Parameter '{name}': distribution '{dist}' is not supported (values, value, uniform, "
+                          "int_uniform, log_uniform_values).")
+    try:
+        lo, hi = float(p["min"]), float(p["max"])
+    except (KeyError, TypeError, ValueError):
+        raise LaunchError(f"Parameter '{name}': distribution {dist} needs numbers 'min' and 'max', got "
+                          f"min={p.get('min')!r} max={p.get('max')!r}.") from None
+    if lo > hi or (dist == "log_uniform_values" and lo <= 0):
+        raise LaunchError(f"Parameter '{name}': need min <= max{' and min > 0' if dist == 'log_uniform_values' else ''} "
+                          f"for {dist}, got min={lo} max={hi}.")
 
 
 def _draw(name: str, p: dict, rng: random.Random):
@@ -85,9 +128,10 @@ def expand(spec: dict, count: Optional[int] = None, seed: int = 0) -> List[Dict[
                 raise LaunchError(f"Grid sweeps need 'values' or 'value' for every parameter; '{n}' has neither.")
         axes = [params[n]["values"] if "values" in params[n] else [params[n]["value"]] for n in names]
         return [dict(zip(names, combo)) for combo in itertools.product(*axes)]
-    count = count or spec.get("run_cap")
-    if not count:
-        raise LaunchError("A random sweep needs run_cap in the file or --count N.")
+    count = count if count is not None else spec.get("run_cap")
+    if not isinstance(count, int) or count < 1:
+        raise LaunchError(f"A random sweep needs a number of trials of at least 1 (run_cap in the file or --count N), "
+                          f"got {count!r}.")
     rng = random.Random(seed)
     return [{n: _draw(n, params[n], rng) for n in names} for _ in range(int(count))]
 
@@ -96,8 +140,8 @@ def _fmt(v) -> str:
     return json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
 
 
-def command_for(spec: dict, assignment: Dict[str, object]) -> List[str]:
-    args = [f"{k}={_fmt(v)}" for k, v in assignment.items()]
+def command_for(spec: dict, assignment: Dict[str, object], extra: tuple = ()) -> List[str]:
+    args = [f"{k}={_fmt(v)}" for k, v in assignment.items()] + list(extra)
     out: List[str] = []
     for tok in spec.get("command") or DEFAULT_COMMAND:
         if tok == "${env}":
@@ -113,6 +157,25 @@ def command_for(spec: dict, assignment: Dict[str, object]) -> List[str]:
         else:
             out.append(str(tok))
     return out
+
+
+def check_trial_configs(spec: dict, trials: List[dict]) -> None:
+    """Each trial's config, loaded as `genscale train` will load it, so an unknown key or a bad value fails
+    here and not in every trial (or in a queued job array). Commands that do not run `launch.cli train`
+    are left alone."""
+    from trainer.config import ConfigError, load_config
+
+    command = [str(t) for t in spec.get("command") or DEFAULT_COMMAND]
+    if "launch.cli" not in command or "train" not in command[command.index("launch.cli"):]:
+        return
+    rest = command[command.index("train", command.index("launch.cli")) + 1:]
+    fixed = [t for t in rest if "=" in t and not t.startswith("$")]
+    experiment = next((t for t in rest[:1] if "=" not in t and not t.startswith(("$", "-"))), None)
+    for i, assignment in enumerate(trials):
+        try:
+            load_config(experiment, fixed + [f"{k}={_fmt(v)}" for k, v in assignment.items()])
+        except ConfigError as e:
+            raise LaunchError(f"trial {i} ({assignment}): {e}") from None
 
 
 def _sweep_dir(root: str, sweep_id: str, spec_path: str) -> Path:
@@ -221,17 +284,22 @@ def _wait_any(running: dict) -> subprocess.Popen:
 
 
 def run_slurm(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, partition: str = "",
-              time: str = "") -> int:
+              time: str = "", gpus: int = 0) -> int:
+    """One job array, a task per trial: ``gpus`` GPUs each (0: none, CPU trials), SIGUSR1 90 s before
+    the time limit and requeue (genscale checkpoints and requeues), resume=auto in the trial's fixed run
+    directory, so a requeued task continues instead of failing on its own directory."""
     if shutil.which("sbatch") is None:
         raise LaunchError("sbatch was not found on PATH: the slurm backend must run on a SLURM login node.")
     tdir = sweep_dir / "trials"
     tdir.mkdir()
     for i, assignment in enumerate(trials):
-        (tdir / f"{i}.cmd").write_text(shlex.join(command_for(spec, assignment)) + "\n")
+        (tdir / f"{i}.cmd").write_text(shlex.join(command_for(spec, assignment, ("resume=auto",))) + "\n")
         with open(sweep_dir / "trials.jsonl", "a") as fh:
             fh.write(json.dumps({"trial": i, "overrides": assignment, "run_id": f"{sweep_id}-{i:03d}"}) + "\n")
     head = [f"#SBATCH --job-name=genscale-sweep-{sweep_id}", f"#SBATCH --array=0-{len(trials) - 1}",
-            "#SBATCH --ntasks=1", f"#SBATCH --output={sweep_dir}/slurm-%A_%a.out"]
+            "#SBATCH --ntasks=1", "#SBATCH --signal=USR1@90", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+            f"#SBATCH --output={sweep_dir}/slurm-%A_%a.out"]
+    head += [f"#SBATCH --gpus-per-task={gpus}"] * bool(gpus)
     head += [f"#SBATCH --partition={partition}"] * bool(partition) + [f"#SBATCH --time={time}"] * bool(time)
     script = "\n".join(["#!/bin/bash", *head, "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}",
                         f"export GENSCALE_RUN_ID={sweep_id}-$(printf %03d $SLURM_ARRAY_TASK_ID)",
@@ -265,12 +333,20 @@ def cmd_sweep(args) -> int:
         if args.parallel < 1 or (args.parallel > 1 and args.backend != "local"):
             raise LaunchError(f"--parallel {args.parallel}: give a number of trials of at least 1, with --backend "
                               "local (a SLURM array's trials run as the scheduler places them).")
+        if args.gpus < 0 or (args.gpus and args.backend != "slurm"):
+            raise LaunchError(f"--gpus {args.gpus}: GPUs per trial, at least 0, for --backend slurm (locally, "
+                              "--parallel shares out the visible GPUs).")
         trials = expand(spec, args.count, args.seed)
+        check_trial_configs(spec, trials)
         sweep_id = args.id or f"sweep-{_dt.datetime.now():%Y%m%d-%H%M%S}"
         sweep_dir = _sweep_dir(args.root, sweep_id, args.sweep)
         if args.backend == "local":
             return run_local(spec, trials, sweep_dir, sweep_id, args.parallel)
-        return run_slurm(spec, trials, sweep_dir, sweep_id, args.partition, args.time)
+        try:
+            return run_slurm(spec, trials, sweep_dir, sweep_id, args.partition, args.time, args.gpus)
+        except LaunchError:
+            shutil.rmtree(sweep_dir, ignore_errors=True)  # nothing was submitted: the --id stays free
+            raise
     except FileExistsError as e:
         print(f"genscale sweep: error: sweep directory {e.filename} exists: choose another --id.", file=sys.stderr)
         return 2
@@ -294,6 +370,7 @@ def add_parser(sp) -> argparse.ArgumentParser:
     s.add_argument("--root", default="runs", help="sweep records go to ROOT/sweeps/<id>/")
     s.add_argument("--partition", default="", help="slurm backend: partition")
     s.add_argument("--time", default="", help="slurm backend: time limit per trial")
+    s.add_argument("--gpus", type=int, default=0, help="slurm backend: GPUs per trial (default 0: CPU trials)")
     s.add_argument("--project", default="genscale", help="wandb backend: project")
     s.set_defaults(fn=cmd_sweep)
     return s

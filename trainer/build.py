@@ -49,7 +49,8 @@ class Run:
 
 
 def default_run_id() -> str:
-    for var in ("SLURM_JOB_ID", "GENSCALE_RUN_ID"):
+    # GENSCALE_RUN_ID first: a sweep's trial (or a rank joining rank 0) names its run inside a SLURM job too
+    for var in ("GENSCALE_RUN_ID", "SLURM_JOB_ID"):
         if os.environ.get(var):
             return os.environ[var]
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -139,7 +140,7 @@ def make_run_dir(cfg: DictConfig, reuse: bool = False) -> Path:
     base = Path(cfg.logging.root) / (cfg.experiment or "default")
     run_dir = base / run_id
     if (run_dir / "config.yaml").exists() and not reuse:
-        if explicit or os.environ.get("SLURM_JOB_ID"):
+        if explicit or os.environ.get("GENSCALE_RUN_ID") or os.environ.get("SLURM_JOB_ID"):  # a name others rely on
             raise RunDirError(f"Run directory '{run_dir}' already holds a run. Resume it with "
                               f"resume={run_dir}, or choose a new logging.run_id.")
         k = 1

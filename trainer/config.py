@@ -253,8 +253,8 @@ class LoggingConfig:
                                    "WANDB_MODE=online; needs an API key and a reachable server, else the run "
                                    "logs offline with a warning). WANDB_MODE=disabled turns W&B off.")
     wandb_project: str = f("genscale", "W&B project name.")
-    wandb_id: str = f("", "W&B run id; empty: <experiment>-<run_id>. `genscale launch slurm` derives it "
-                          "from the job id, so a requeued job continues the same W&B run.")
+    wandb_id: str = f("", "W&B run id; empty: <experiment>-<run_id>, so a resumed or requeued run continues "
+                          "the same W&B run.")
     wandb_entity: str = f("", "W&B entity (user or team); empty: your default entity.")
     wandb_group: str = f("", "W&B group; empty: the experiment name (runs of one experiment, e.g. a sweep's "
                              "trials, group together).")

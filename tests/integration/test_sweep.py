@@ -71,6 +71,35 @@ def test_bad_sweeps_and_offline_wandb_are_refused(tmp_path, capsys, monkeypatch,
     assert not (tmp_path / "sweeps" / "p").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("text, message", [
+    ("parameters: {a: {values: []}}", "'values' must be a non-empty list"),
+    ("parameters: {a: {values: 0.1}}", "'values' must be a non-empty list"),
+    ("parameters: {a: {values: abc}}", "'values' must be a non-empty list"),
+    ("parameters: {a: 0.1}", "give a mapping such as"),
+    ("- a\n- b", "must be a mapping"),
+    ("method: random\nrun_cap: 2\nparameters: {a: {distribution: log_uniform_values, min: 0, max: 1}}",
+     "min > 0"),
+    ("method: random\nrun_cap: 2\nparameters: {a: {distribution: uniform, max: 1}}", "needs numbers 'min' and 'max'"),
+    ("method: random\nparameters: {a: {distribution: uniform, min: 0, max: 1}}", "at least 1"),
+    ("parameters: {a: {values: [1]}}\ncommand: [python, -c, pass]", "${args_no_hyphens}"),
+])
+def test_a_bad_sweep_file_is_refused_with_its_fault_before_any_trial(tmp_path, capsys, sweep_file, text, message):
+    assert main(["sweep", str(sweep_file(text)), "--root", str(tmp_path), "--id", "b"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_trial_configs_are_checked_before_the_sweep_starts(tmp_path, capsys, sweep_file):
+    text = (Path(sweep_file()).read_text()).replace("optim.d.lr:", "optim.d.lrr:")
+    assert main(["sweep", str(sweep_file(text)), "--root", str(tmp_path), "--id", "k"]) == 2
+    err = capsys.readouterr().err
+    assert "trial 0" in err and "optim.d.lrr" in err
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "runs").exists()
+    assert main(["sweep", str(sweep_file()), "--root", str(tmp_path), "--id", "k", "--gpus", "1"]) == 2
+    assert "--backend slurm" in capsys.readouterr().err
+
+
 def test_parallel_trials_share_the_gpus_out():
     from launch.sweep import slot_gpus
 

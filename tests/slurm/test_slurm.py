@@ -59,8 +59,9 @@ def test_two_task_job_runs_to_completion(cluster, tmp_path):
     job, run_dir = _launch(tmp_path, 6)
     script = (run_dir / "launch.sbatch").read_text()
     for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --signal=USR1@90", "#SBATCH --requeue", "srun ",
-                 "resume=auto", "logging.wandb_id=gan_digits-job${SLURM_JOB_ID}"):
+                 "resume=auto"):
         assert line in script
+    assert "wandb_id" not in script  # the default, <experiment>-<run id>, is fixed with the run id
     _wait(lambda: _state(job) == "", 300, f"job {job} to finish")
     out = (run_dir / f"slurm-{job}.out").read_text()
     ckpt = load_checkpoint(run_dir)
@@ -100,10 +101,13 @@ def test_slurm_sweep_is_a_job_array(cluster, tmp_path, sweep_file):
                           "--root", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     job = json.loads(res.stdout.strip().splitlines()[-1])["array_job_id"]
-    assert "#SBATCH --array=0-3" in (tmp_path / "sweeps" / "a1" / "array.sbatch").read_text()
+    array = (tmp_path / "sweeps" / "a1" / "array.sbatch").read_text()
+    for line in ("#SBATCH --array=0-3", "#SBATCH --signal=USR1@90", "#SBATCH --requeue"):
+        assert line in array
+    assert "resume=auto" in (tmp_path / "sweeps" / "a1" / "trials" / "0.cmd").read_text()  # a requeue continues
     _wait(lambda: _state(job) == "", 600, f"array job {job} to finish")
     runs = sorted((tmp_path / "runs" / "gan_digits").iterdir())
-    assert len(runs) == 4, [p.name for p in runs]
+    assert [p.name for p in runs] == [f"a1-{i:03d}" for i in range(4)]  # the trial ids, not the job ids
     widths = sorted(yaml.safe_load((r / "config.yaml").read_text())["model"]["g_width"] for r in runs)
     assert widths == [8, 8, 16, 16]
     assert all(load_checkpoint(r)["genscale"]["iteration"] == 2 for r in runs)
