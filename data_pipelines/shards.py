@@ -413,6 +413,21 @@ def iter_shard_samples(path: str | os.PathLike, split: str, index: Optional[dict
             yield sh["name"], sample["__key__"], sample
 
 
+def _shard_dir_of(path: str, split: str) -> str:
+    """The shard directory behind data.path: itself, or for a pattern of its shards (train-{0..9}.tar)
+    the local folder holding them with their index.json, which lists every split."""
+    path = path[len("file://"):] if path.startswith("file://") else path
+    if os.path.isdir(path) or path.endswith(".json"):
+        return path
+    first = path.split("::")[0]
+    base = first.rsplit("/", 1)[0] if "/" in first else "."
+    if "://" not in base and not first.startswith("pipe:") and os.path.exists(os.path.join(base, INDEX)):
+        return base
+    raise DataError(f"The '{split}' split is read from the index.json of a local shard directory, and data.path "
+                    f"'{path}' is a pattern with none beside its shards. Copy the shards and their index.json to "
+                    "a local directory (or write them with `genscale data write`) and pass that directory.")
+
+
 def load_shard_split(path: str, split: str, resolution: Optional[int] = None) -> ArrayDataset:
     """A whole split of a shard directory as in-memory uint8 tensors (for evaluation)."""
     import torch
@@ -421,6 +436,7 @@ def load_shard_split(path: str, split: str, resolution: Optional[int] = None) ->
 
     if not path:
         raise DataError("data.name=shards needs data.path=<shard directory with index.json>.")
+    path = _shard_dir_of(str(path), split)
     index = read_index(path)
     if split not in index["splits"]:
         raise DataError(f"'{path}' has no '{split}' split (has {', '.join(index['splits'])}).")

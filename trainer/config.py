@@ -350,6 +350,7 @@ class GenscaleConfig:
 
 CHOICES = {
     "trainer.precision": ["32", "bf16-mixed", "16-mixed"],
+    "trainer.accelerator": ["auto", "cpu", "gpu", "cuda", "mps"],
     "trainer.zero_stage": ["0", "1", "2"],
     "model.d_norm": ["batch", "layer", "none"],
     "model.g_norm": ["batch", "none"],
@@ -548,10 +549,18 @@ def validate(cfg: DictConfig) -> None:
         if val not in registry:
             raise ConfigError(f"Unknown {key.split('.')[0]} '{val}' for '{key}'. Valid: {', '.join(sorted(registry))}.")
     positive = ["trainer.max_iters", "data.batch_size", "data.resolution", "optim.n_critic",
-                "optim.accumulate", "model.z_dim", "trainer.sample_grid"]
+                "optim.accumulate", "model.z_dim", "trainer.sample_grid", "trainer.num_nodes", "trainer.log_every",
+                "optim.g.lr", "optim.d.lr", "flow.lr"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"'{key}' must be positive, got {OmegaConf.select(cfg, key)}.")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"'data.num_workers' must be 0 (load in the main process) or more, got {cfg.data.num_workers}.")
+    for key in ("optim.g.betas", "optim.d.betas", "flow.betas"):
+        betas = list(OmegaConf.select(cfg, key))
+        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+            raise ConfigError(f"'{key}' must be two numbers in [0, 1) (beta1, beta2), got {betas}.")
+    _validate_strategy(cfg.trainer.strategy)
     if cfg.data.batch_size % cfg.optim.accumulate:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
                           f"optim.accumulate={cfg.optim.accumulate}; choose values that divide.")
@@ -601,6 +610,18 @@ def _validate_deepspeed(cfg: DictConfig) -> None:
                           f"{t.zero_stage} and precision {t.precision} keeps its own master copy of the weights that "
                           "the clip would not reach. Use trainer.zero_stage=0 with precision 32 or bf16-mixed, or "
                           "trainer.strategy=gan_ddp.")
+
+
+def _validate_strategy(name: str) -> None:
+    """genscale's strategies, or one Lightning knows by name."""
+    if name in ("auto", "gan_ddp", "deepspeed"):
+        return
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    known = StrategyRegistry.available_strategies()
+    if name not in known:
+        raise ConfigError(f"Unknown trainer.strategy '{name}'. Valid: auto, gan_ddp, deepspeed, or one of Lightning's: "
+                          f"{', '.join(sorted(k for k in known if 'deepspeed' not in k and 'fsdp' not in k))}.")
 
 
 def _validate_optimizer_impls(cfg: DictConfig) -> None:

@@ -112,3 +112,25 @@ def test_two_gloo_processes_exact_mode_disjoint_and_covering(tmp_path):
     assert r0["n"] == r1["n"] == 4 and r0["shape"] == [8, 1, 8, 8]  # global batch 16 split over 2 ranks
     assert not set(r0["ids"]) & set(r1["ids"])  # disjoint
     assert sorted(r0["ids"] + r1["ids"]) == sorted(train_ids)  # together exactly the epoch
+
+
+def test_a_run_on_a_shard_pattern_evaluates_on_the_directorys_val_split(digit_shards, tmp_path):
+    """data.path as a brace pattern of the train shards: the held-out split for FID (during training and
+    in `genscale eval`) comes from the index.json beside them; a pattern without one is a clear error."""
+    from data_pipelines.builtin import DataError
+    from data_pipelines.shards import load_shard_split
+    from trainer.evaluate import evaluate_checkpoint
+
+    pattern = f"{digit_shards}/train-{{000000..000008}}.tar"
+    run = train("gan_digits", [f"data.path={pattern}", "data.name=shards", "data.epoch_batches=2",
+                               "logging.wandb=false", "trainer.progress_bar=false", f"logging.root={tmp_path}",
+                               "trainer.max_iters=2", "eval.every_n_iters=2", "eval.num_samples=50",
+                               f"eval.features_dir={tmp_path}/features"])
+    logged = json.loads((run.run_dir / "eval.jsonl").read_text().splitlines()[0])
+    assert logged["protocol"]["num_real"] == len(load_shard_split(str(digit_shards), "val")) == 180
+    again = evaluate_checkpoint(run.run_dir, features_dir=f"{tmp_path}/features")
+    assert again["fid"] == pytest.approx(logged["fid"], rel=1e-6)
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    with pytest.raises(DataError, match="pattern with none beside its shards"):
+        load_shard_split(f"{lonely}/train-{{0..1}}.tar", "val")

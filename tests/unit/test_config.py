@@ -165,7 +165,10 @@ def test_batch_not_divisible_by_accumulate_refused():
 
 
 @pytest.mark.parametrize("ov", ["trainer.max_iters=0", "data.batch_size=-1", "optim.n_critic=0",
-                                "data.val_fraction=1.0", "data.val_fraction=0", "ema.decay=1.0"])
+                                "data.val_fraction=1.0", "data.val_fraction=0", "ema.decay=1.0",
+                                "trainer.accelerator=tpu", "trainer.strategy=foo", "trainer.num_nodes=0",
+                                "trainer.log_every=0", "data.num_workers=-1", "optim.d.lr=-1", "flow.lr=0",
+                                "optim.g.betas=[0.5]", "flow.betas=[0.9,1.0]"])
 def test_out_of_range_values_refused(ov):
     with pytest.raises(ConfigError, match=ov.split("=")[0]):
         load_config("gan_digits", [ov])
