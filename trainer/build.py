@@ -89,6 +89,21 @@ def newest_checkpoint(run_dir: Path) -> Optional[str]:
     return None
 
 
+def _set_aside_attempt(run_dir: Path, cfg: DictConfig) -> None:
+    """A fresh start in the directory of an attempt that died before its first checkpoint: its metrics.csv
+    rows are dropped (the CSV logger keeps none past iteration 0) and its W&B files are moved to
+    wandb.abandoned-<time>/, so neither the CSV nor a later `genscale sync` mixes two attempts' steps."""
+    if launched_follower() or not (run_dir / "wandb").exists():
+        return
+    aside = run_dir / f"wandb.abandoned-{_dt.datetime.now():%Y%m%d-%H%M%S-%f}"
+    (run_dir / "wandb").rename(aside)
+    note = f"genscale: starting again in {run_dir}; the earlier attempt's W&B files are in {aside.name}/"
+    if cfg.logging.wandb and cfg.logging.wandb_mode == "online":
+        note += (" (it logged online under the same W&B id, whose server run keeps those steps: give "
+                 "logging.wandb_id=NEW to start a clean W&B run)")
+    print(note, file=sys.stderr, flush=True)
+
+
 def _check_shapes_match(saved: dict, module: torch.nn.Module, ckpt_path: str) -> None:
     """A resume whose overrides change the networks' shapes (widths, resolution, classes) is refused
     here, before anything is written, instead of by a page of size-mismatch errors at load time."""
@@ -432,6 +447,9 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
     if new_dir:
         run_dir = make_run_dir(cfg, reuse=reuse_dir)
         module.cfg = to_dict(cfg)
+        if reuse_dir and (run_dir / "config.yaml").exists():  # resume=auto, but the last attempt left no checkpoint
+            resume_iteration = 0
+            _set_aside_attempt(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer, ckpt_cb, samples = build_trainer(cfg, run_dir, resume_iteration)
     if resume and saved_world is not None and saved_world != trainer.world_size:

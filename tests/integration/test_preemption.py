@@ -57,9 +57,19 @@ def test_resume_auto_without_checkpoint_starts_fresh_in_place(tmp_path):
     run_dir = tmp_path / "gan_digits" / "p1"
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text("experiment: gan_digits\n")  # a job that died before its first checkpoint
+    # ... after logging 5 iterations: rows and W&B files of an attempt that is not continued
+    (run_dir / "metrics.csv").write_text("step,iteration,g/loss\n" + "".join(f"{i},{i},9.0\n" for i in range(1, 6)))
+    (run_dir / "wandb" / "offline-run-x").mkdir(parents=True)
     res = subprocess.run(_cmd(tmp_path, "trainer.max_iters=2"), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert load_checkpoint(run_dir)["genscale"]["iteration"] == 2
+    import csv
+
+    with open(run_dir / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("g/loss")]
+    assert [int(float(r["iteration"])) for r in rows] == [1, 2] and all(float(r["g/loss"]) != 9.0 for r in rows)
+    assert len(list(run_dir.glob("wandb.abandoned-*/offline-run-x"))) == 1 and not (run_dir / "wandb").exists()
+    assert "earlier attempt's W&B files" in res.stderr
 
 
 def test_resume_auto_needs_a_fixed_run_id(tmp_path, capsys, monkeypatch):
