@@ -18,6 +18,9 @@ def _user_errors() -> tuple:
     return (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteLossError)
 
 
+STOPPED_EARLY = 3  # exit status of a run a signal stopped before trainer.max_iters (checkpoint written)
+
+
 def cmd_train(args) -> int:
     from trainer.build import train
     from trainer.config import describe_fields
@@ -29,17 +32,19 @@ def cmd_train(args) -> int:
     if experiment and "=" in experiment:  # `genscale train key=value ...` with the default experiment
         overrides.insert(0, experiment)
         experiment = None
+    from trainer.progress import run_summary, stopped_early
+
     run = train(experiment, overrides)
     if run.trainer.is_global_zero:  # stderr: stdout stays one JSON line for scripts
-        from trainer.progress import run_summary
-
         print(run_summary(run), file=sys.stderr, flush=True)
     ckpt = run.checkpointer.last_path
+    stop = stopped_early(run)
     print(json.dumps({"run_dir": str(run.run_dir), "iteration": int(run.module.iteration),
                       "kimg": int(run.module.images_seen) / 1000, "checkpoint": str(ckpt) if ckpt else None,
                       "samples": str(run.sampler.last_path) if run.sampler.last_path else None,
-                      "metrics": str(run.run_dir / "metrics.csv")}))
-    return 0
+                      "metrics": str(run.run_dir / "metrics.csv"), "stopped_early": stop or None}))
+    # A signal's stop without SLURM's requeue is no success: a sweep or script sees status 3 (resume to continue).
+    return STOPPED_EARLY if stop == "signal" else 0
 
 
 def cmd_sample(args) -> int:

@@ -53,13 +53,27 @@ class ThroughputBar(TQDMProgressBar):
         return items
 
 
+def stopped_early(run) -> str:
+    """'' for a run that ended by itself (trainer.max_iters, or an error), 'signal' for one a preemption
+    signal stopped early, 'requeued' when that stop was handed to SLURM's requeue."""
+    from trainer.callbacks.preemption import PreemptionCallback
+
+    cb = next((c for c in run.trainer.callbacks if isinstance(c, PreemptionCallback)), None)
+    if cb is None or not cb.preempted:
+        return ""
+    return "requeued" if cb.requeued else "signal"
+
+
 def run_summary(run) -> str:
     """Where everything of a finished run is, and the commands that come next."""
     d = run.run_dir
     ckpt = run.checkpointer.last_path
     samples = sorted((d / "samples").glob("*.png"))
-    lines = [f"genscale: run finished at iteration {iteration_of(run.module)} "
-             f"({images_of(run.module) / 1000:g} kimg)",
+    stop = stopped_early(run)
+    head = (f"genscale: run stopped by a signal at iteration {iteration_of(run.module)} of {run.cfg.trainer.max_iters}"
+            + (" (requeued)" if stop == "requeued" else "; resume it to continue") if stop else
+            f"genscale: run finished at iteration {iteration_of(run.module)}")
+    lines = [f"{head} ({images_of(run.module) / 1000:g} kimg)",
              f"  run directory  {d}",
              f"  checkpoints    {d / 'checkpoints'} (last: {ckpt.name if ckpt else 'none'})",
              f"  samples        {d / 'samples'} ({len(samples)} grids"

@@ -37,11 +37,14 @@ def test_signal_checkpoints_and_resume_auto_continues(tmp_path, sig):
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 0, err[-2000:]
+    # stopped early without SLURM's requeue: status 3, said as much, and the JSON line says it too
+    assert proc.returncode == 3, err[-2000:]
     ckpts = sorted((run_dir / "checkpoints").glob("iter-*.ckpt"))
     assert len(ckpts) == 1, ckpts
     k = load_checkpoint(ckpts[0])["genscale"]["iteration"]
     assert 0 < k < 100000 and f"checkpoint {ckpts[0]} written at iteration {k}" in err
+    assert f"run stopped by a signal at iteration {k} of 100000; resume it to continue" in err
+    assert '"stopped_early": "signal"' in out.strip().splitlines()[-1]
 
     # a torn newer checkpoint (killed mid-write, e.g. SIGKILL on a non-atomic filesystem) is passed over
     (run_dir / "checkpoints" / "iter-9999999.ckpt").write_bytes(ckpts[0].read_bytes()[:1000])

@@ -24,6 +24,7 @@ class PreemptionCallback(L.Callback):
         self.checkpointer, self.signals, self.requeue = checkpointer, signals, requeue
         self.received = 0
         self.preempted = False
+        self.requeued = False  # the stop was handed to SLURM, which reruns the job
         self._previous = {}
 
     def _handler(self, signum, frame):
@@ -59,4 +60,5 @@ class PreemptionCallback(L.Callback):
                   file=sys.stderr, flush=True)
             if job and self.requeue:
                 subprocess.run(["scontrol", "requeue", job], check=False)
+        self.requeued = bool(job and self.requeue)
         trainer.should_stop = True
