@@ -79,15 +79,21 @@ def submit(script: Path) -> str:
 def cmd_slurm(args) -> int:
     overrides = list(args.overrides)
     try:
-        if args.nodes < 1 or args.gpus_per_node < 1:
-            raise LaunchError(f"--nodes and --gpus-per-node must be at least 1 (got {args.nodes}, {args.gpus_per_node}).")
         for key in ("trainer.num_nodes", "trainer.devices", "resume"):
             if _override(overrides, key) is not None:
                 raise LaunchError(f"Drop the {key}= override: the SLURM launcher sets it.")
         cfg, run_id, run_dir = _run_dir(args.experiment, overrides)
+        la = cfg.launch  # the options not given on the command line come from the config's launch section
+        nodes = args.nodes if args.nodes is not None else la.nodes
+        gpus = args.gpus_per_node if args.gpus_per_node is not None else la.gpus_per_node
+        if nodes < 1 or gpus < 1:
+            raise LaunchError(f"--nodes and --gpus-per-node (launch.nodes, launch.gpus_per_node) must be at least 1 "
+                              f"(got {nodes}, {gpus}).")
         gpu = cfg.trainer.accelerator != "cpu"
-        script = render_script(args.experiment, args.nodes, args.gpus_per_node, run_dir, run_id, overrides,
-                               args.partition, args.time, args.account, args.cpus_per_task, gpu)
+        script = render_script(args.experiment, nodes, gpus, run_dir, run_id, overrides,
+                               args.partition if args.partition is not None else la.partition,
+                               args.time if args.time is not None else la.time,
+                               args.account if args.account is not None else la.account, args.cpus_per_task, gpu)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "launch.sbatch"
         if path.exists() and path.read_text() != script:
@@ -112,11 +118,12 @@ def add_parser(launch_subparsers) -> argparse.ArgumentParser:
                      "submits it and prints the job id. key=value overrides go to `genscale train`."))
     s.add_argument("experiment", help="experiment name or path to a .yaml")
     s.add_argument("overrides", nargs="*", help="key=value config overrides")
-    s.add_argument("--nodes", type=int, default=1)
-    s.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node = tasks per node")
-    s.add_argument("--partition", default="")
-    s.add_argument("--time", default="", help="time limit, e.g. 24:00:00")
-    s.add_argument("--account", default="")
+    s.add_argument("--nodes", type=int, default=None, help="default: the config's launch.nodes (1)")
+    s.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs per node = tasks per node; default: the config's launch.gpus_per_node (1)")
+    s.add_argument("--partition", default=None, help="default: the config's launch.partition")
+    s.add_argument("--time", default=None, help="time limit, e.g. 24:00:00; default: the config's launch.time")
+    s.add_argument("--account", default=None, help="default: the config's launch.account")
     s.add_argument("--cpus-per-task", type=int, default=0)
     s.add_argument("--submit", action="store_true", help="submit with sbatch and print the job id")
     s.set_defaults(fn=cmd_slurm, takes_overrides=True)

@@ -135,10 +135,15 @@ def run(cmd: List[str], node_rank: Optional[int], master: Optional[str], timeout
 
 
 def cmd_torchrun(args) -> int:
+    from trainer.config import ConfigError, load_config
+
     try:
-        cmd = build_command(args.experiment, args.nodes, args.gpus_per_node, args.node_rank, args.master,
-                            list(args.overrides), args.timeout)
-    except LaunchError as e:
+        cfg = load_config(args.experiment, list(args.overrides))  # a bad config fails here, not on every rank
+        nodes = args.nodes if args.nodes is not None else cfg.launch.nodes
+        gpus = args.gpus_per_node if args.gpus_per_node is not None else cfg.launch.gpus_per_node
+        cmd = build_command(args.experiment, nodes, gpus, args.node_rank, args.master, list(args.overrides),
+                            args.timeout)
+    except (LaunchError, ConfigError) as e:
         print(f"genscale launch torchrun: error: {e}", file=sys.stderr)
         return 2
     print(shlex.join(cmd), flush=True)
@@ -155,8 +160,9 @@ def add_parser(launch_subparsers) -> argparse.ArgumentParser:
                      "go to `genscale train`."))
     t.add_argument("experiment", help="experiment name or path to a .yaml")
     t.add_argument("overrides", nargs="*", help="key=value config overrides")
-    t.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
-    t.add_argument("--gpus-per-node", type=int, default=1, help="processes (GPUs) per node (default 1)")
+    t.add_argument("--nodes", type=int, default=None, help="number of nodes (default: the config's launch.nodes, 1)")
+    t.add_argument("--gpus-per-node", type=int, default=None,
+                   help="processes (GPUs) per node (default: the config's launch.gpus_per_node, 1)")
     t.add_argument("--node-rank", type=int, default=None, help="this node's rank, 0..nodes-1")
     t.add_argument("--master", default=None, help="ADDR:PORT of node rank 0 (needed for more than one node)")
     t.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,

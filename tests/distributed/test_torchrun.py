@@ -38,6 +38,28 @@ def test_dry_run_prints_the_torchrun_command(capsys):
     assert "--standalone" in build_command("gan_digits", 1, 2)
 
 
+def test_launch_options_default_to_the_configs_launch_section_and_the_config_is_checked_first(capsys, tmp_path):
+    rc = main(["launch", "torchrun", "gan_digits", "--master", "10.1.2.3:29555", "--node-rank", "0", "--dry-run",
+               "launch.nodes=2", "launch.gpus_per_node=3"])
+    assert rc == 0
+    joined = capsys.readouterr().out
+    assert "--nnodes 2" in joined and "--nproc-per-node 3" in joined
+    rc = main(["launch", "torchrun", "gan_digits", "--nodes", "1", "--gpus-per-node", "2", "--dry-run",
+               "launch.nodes=2"])  # the flags win
+    assert rc == 0 and "--nproc-per-node 2" in capsys.readouterr().out
+    assert main(["launch", "torchrun", "gan_digits", "--dry-run", "optim.d.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.d.lrr" in err and "Traceback" not in err
+    # genscale launch slurm: the same defaults (the script is written, not submitted)
+    assert main(["launch", "slurm", "gan_digits", f"logging.root={tmp_path}", "launch.nodes=2",
+                 "launch.partition=gpuq", "launch.time=01:00:00", "logging.run_id=s"]) == 0
+    script = (tmp_path / "gan_digits" / "s" / "launch.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --partition=gpuq" in script and "--time=01:00:00" in script
+    # launching again into that run id with other settings would overwrite its script: refused
+    assert main(["launch", "slurm", "gan_digits", f"logging.root={tmp_path}", "logging.run_id=s"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(nodes=2, gpus_per_node=1), "needs --master"),
     (dict(nodes=2, gpus_per_node=1, master="10.0.0.1"), "not ADDR:PORT"),
