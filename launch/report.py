@@ -277,11 +277,30 @@ for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)ok++;}
 document.body.setAttribute('data-images-ok',ok+'/'+im.length);});</script>"""
 
 
+def _load_runs(dirs: List[Path]) -> tuple:
+    """The runs that have metrics rows, and the names of those without (a trial still starting, or one
+    that failed at start): one such run must not keep the others out of a sweep's report."""
+    if len(dirs) == 1:
+        return [load_run(dirs[0])], []
+    runs, skipped = [], []
+    for d in dirs:
+        try:
+            runs.append(load_run(d))
+        except ReportError as e:
+            if "no metrics.csv rows" not in str(e):
+                raise
+            skipped.append(d.name)
+            print(f"genscale report: skipping {d}: it has no metrics.csv rows yet", file=sys.stderr)
+    if not runs:
+        raise ReportError(f"None of the {len(dirs)} runs has metrics.csv rows yet.")
+    return runs, skipped
+
+
 def build_report(paths: List[str], out: str, metric: Optional[str] = None, higher_better: bool = False) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on clusters
-    runs = [load_run(p) for p in find_runs(paths)]
+    runs, skipped = _load_runs(find_runs(paths))
     metric = choose_metric(runs, metric)
     keys = sorted(set().union(*(r.keys() for r in runs)))
     perf = [k for k in keys if k.startswith("perf/")]
@@ -289,6 +308,7 @@ def build_report(paths: List[str], out: str, metric: Optional[str] = None, highe
     title = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"
     body = [f"<h1>genscale report: {html.escape(title)}</h1>",
             "<h2>Final metrics</h2>", metrics_table(runs, metric, higher_better),
+            *([f"<p>Not shown (no metrics.csv rows yet): {html.escape(', '.join(skipped))}.</p>"] if skipped else []),
             "<h2>Loss and metric curves</h2>",
             curves_plot(runs, curves, "losses and metrics vs kimg") if curves else "<p>No curves.</p>",
             "<h2>Throughput</h2>",

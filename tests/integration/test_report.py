@@ -78,6 +78,19 @@ def test_sweep_directory_and_directory_of_runs(two_runs, capsys):
         assert json.loads(capsys.readouterr().out)["metric"] == "g/loss"  # no eval metric logged: G's loss
 
 
+def test_a_run_without_rows_yet_is_listed_not_shown_and_keeps_no_one_out(two_runs, tmp_path, capsys):
+    tmp, dirs = two_runs
+    starting = tmp_path / "runs" / "gan_digits" / "c"  # a trial that has written its config, no rows yet
+    starting.mkdir(parents=True)
+    shutil.copy(dirs[0] / "config.yaml", starting / "config.yaml")
+    page, _ = report(tmp, *dirs, starting)
+    assert sorted(ranked_runs(page)) == ["gan_digits/a", "gan_digits/b"]
+    assert "Not shown (no metrics.csv rows yet): c." in page
+    assert "skipping" in capsys.readouterr().err
+    assert main(["report", str(starting), "--out", str(tmp_path / "r.html")]) == 2  # alone: nothing to show
+    assert "no metrics.csv rows yet" in capsys.readouterr().err
+
+
 def test_not_a_run_and_unknown_metric_are_clear_errors(two_runs, tmp_path, capsys):
     _, dirs = two_runs
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 2
