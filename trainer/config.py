@@ -439,10 +439,31 @@ def _merge_layer(base: DictConfig, layer: DictConfig, source: str) -> DictConfig
             "Run `genscale train --help-config` for every key with its meaning."
         ) from None
     except OmegaConfBaseException as e:
+        section = _section_given_a_value(base, layer)
+        if section:
+            raise ConfigError(f"'{section}' in {source} is a section of the config, not a value: set its keys, "
+                              f"e.g. {section}.{next(iter(OmegaConf.select(base, section)))}=... "
+                              f"(`genscale train --help-config` lists them).") from None
         key = getattr(e, "full_key", None) or "?"
         msg = str(getattr(e, "msg", e)).splitlines()[0]
         raise ConfigError(f"Bad value for '{key}' in {source}: {msg}. "
                           "Fix the value to the type shown in `genscale train --help-config`.") from None
+
+
+def _section_given_a_value(base: DictConfig, layer, prefix: str = "") -> str:
+    """The dotted key where ``layer`` puts a plain value over a section of ``base`` ('' if none)."""
+    if not isinstance(layer, DictConfig):
+        return ""
+    for k in layer.keys():
+        here, sub = f"{prefix}{k}", base.get(k) if isinstance(base, DictConfig) else None
+        if isinstance(sub, DictConfig):
+            v = layer._get_node(k)
+            if not isinstance(v, DictConfig):
+                return here
+            found = _section_given_a_value(sub, v, here + ".")
+            if found:
+                return found
+    return ""
 
 
 def _load_experiment(name_or_path: str, seen: Optional[set] = None) -> List[tuple]:

@@ -369,3 +369,9 @@ def test_pgan_feature_maps_that_run_out_before_the_last_resolution_are_refused()
     cfg = load_config("pgan_celebahq1024", base + ["pgan.fmap_base=128", "pgan.fmap_max=8"])  # the smallest that works
     G, D = build_pgan(8, 256, 3, fmap_base=cfg.pgan.fmap_base, fmap_max=cfg.pgan.fmap_max)
     assert G.levels == D.levels == 7
+
+
+@pytest.mark.parametrize("ov, section", [("trainer=3", "trainer"), ("trainer.checkpoint=5", "trainer.checkpoint")])
+def test_a_value_for_a_whole_section_names_the_section(ov, section):
+    with pytest.raises(ConfigError, match=rf"'{section}' in command-line argument '{ov}' is a section"):
+        load_config("gan_digits", [ov])
