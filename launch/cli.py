@@ -8,6 +8,10 @@ import sys
 import warnings
 from typing import Dict, List, Optional
 
+class UsageError(Exception):
+    """Options that do not go together (or with this checkpoint): exit 2 with the message."""
+
+
 def _user_errors() -> tuple:
     from data_pipelines.builtin import DataError
     from trainer.build import RunDirError
@@ -15,7 +19,7 @@ def _user_errors() -> tuple:
     from trainer.config import ConfigError
     from trainer.gan_module import NonFiniteLossError
 
-    return (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteLossError)
+    return (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteLossError, UsageError)
 
 
 STOPPED_EARLY = 3  # exit status of a run a signal stopped before trainer.max_iters (checkpoint written)
@@ -54,7 +58,10 @@ def cmd_sample(args) -> int:
 
     ckpt = load_checkpoint(args.checkpoint)
     if is_flow_checkpoint(ckpt) and args.truncation is not None:
-        raise SystemExit("genscale sample: --truncation applies to GAN checkpoints (flows: --temperature).")
+        raise UsageError("--truncation applies to GAN checkpoints (flows: --temperature).")
+    if is_flow_checkpoint(ckpt) and (args.interpolate_class or args.interpolate_z):
+        raise UsageError("--interpolate-class and --interpolate-z apply to class-conditional GAN checkpoints "
+                         "(flows: --interpolate A B between two held-out images).")
     if is_flow_checkpoint(ckpt) and args.interpolate:
         from trainer.flow_eval import flow_interpolate
 
@@ -71,7 +78,7 @@ def cmd_sample(args) -> int:
                           "temperature": temps, "class": args.label}))
         return 0
     if args.temperature or args.interpolate:
-        raise SystemExit("genscale sample: --temperature and --interpolate apply to flow checkpoints only.")
+        raise UsageError("--temperature and --interpolate apply to flow checkpoints only.")
     del ckpt
     if args.interpolate_class or args.interpolate_z:
         from trainer.evaluate import interpolation_grid
@@ -93,7 +100,7 @@ def cmd_eval(args) -> int:
 
     if args.target == "train-features":
         if not args.dataset:
-            raise SystemExit("genscale eval train-features needs --dataset (mnist5k, digits or npz).")
+            raise UsageError("eval train-features needs --dataset (mnist5k, digits or npz).")
         path = train_feature_net(args.dataset, args.resolution, data_path=args.data_path,
                                  features_dir=args.features_dir, force=args.force)
         print(json.dumps({"feature_net": str(path)}))
@@ -101,6 +108,8 @@ def cmd_eval(args) -> int:
     from trainer.checkpointing import load_checkpoint
     from trainer.flow_eval import evaluate_flow_checkpoint, is_flow_checkpoint
 
+    if args.num is not None and args.num < 2:
+        raise UsageError(f"--num must be at least 2 (FID/KID and bits/dim need samples), got {args.num}.")
     ckpt = load_checkpoint(args.target)
     if is_flow_checkpoint(ckpt):
         print(json.dumps(evaluate_flow_checkpoint(ckpt, num=args.num, seed=args.seed, use_ema=not args.no_ema),

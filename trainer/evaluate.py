@@ -272,8 +272,10 @@ def interpolation_images(G: torch.nn.Module, mode: str, a: int, b: int, rows: in
     class a + r (up to b, so rows = b - a + 1) while the latent moves linearly between two latents."""
     if not getattr(G, "conditional", False):
         raise ConfigError("Class interpolation needs a class-conditional generator (e.g. model.name=biggan).")
-    for c in (a, b):
-        class_labels(G, 1, c)  # range check, with the valid values in the error
+    n = int(G.num_classes)
+    if not (0 <= a < n and 0 <= b < n):
+        raise ConfigError(f"--interpolate-{mode} A B must be class indices in 0..{n - 1} (the model has {n} classes), "
+                          f"got {a} {b}.")
     t = torch.linspace(0, 1, steps).view(1, steps, 1)
     if mode == "class":
         z = _latents(rows, G.z_dim, seed, truncation)[:, None].expand(rows, steps, G.z_dim)

@@ -94,6 +94,15 @@ def test_cli_sample_interpolates_between_held_out_images(digits_run, tmp_path, c
     assert not torch.allclose(x[2], xa[0], atol=1e-2)
     assert main(["sample", str(digits_run.run_dir), "--interpolate", "0", "99999"]) == 2
     assert "held-out" in capsys.readouterr().err
+    # options for GAN checkpoints are refused with the usual error line, not ignored
+    for argv, said in ((["--interpolate-z", "1", "2"], "--interpolate-z apply to class-conditional GAN"),
+                       (["--truncation", "1.0"], "--truncation applies to GAN checkpoints")):
+        assert main(["sample", str(digits_run.run_dir), *argv, "--out", str(tmp_path / "no.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("genscale sample: error:") and said in err
+    assert not (tmp_path / "no.png").exists()
+    assert main(["eval", str(digits_run.run_dir), "--num", "0"]) == 2
+    assert "--num must be at least 2" in capsys.readouterr().err
 
 
 def test_cli_lists_the_flow_model(capsys):
