@@ -209,6 +209,9 @@ def load_source(source: str, input_path: str = "", resolution: Optional[int] = N
         raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}.")
     if resolution is not None and resolution <= 0:
         raise DataError(f"--resolution must be positive, got {resolution}.")
+    if source == "npz" and not input_path:
+        raise DataError("--source npz needs --input FILE.npz holding 'images' (N,H,W[,C] or N,C,H,W uint8) and "
+                        "optionally 'labels'.")
     if source == "imagefolder":
         return _load_imagefolder(input_path, resolution, val_fraction)
     if source == "cifar10":
@@ -317,13 +320,17 @@ def write_shards(source: str, out: str | os.PathLike, input_path: str = "", reso
     if encoding == "jpg" and src.channels not in (1, 3):
         raise DataError(f"jpg needs 1 or 3 channels, the data has {src.channels}; use png or raw.")
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     # The new shards are written beside the old ones, in a staging folder: a write that fails (an
     # unreadable input file, a full disk) leaves an existing dataset as it was.
-    for left in out_dir.glob(".staging-*"):  # of a write that was killed
-        shutil.rmtree(left, ignore_errors=True)
     stage = out_dir / f".staging-{os.getpid()}"
-    stage.mkdir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for left in out_dir.glob(".staging-*"):  # of a write that was killed
+            shutil.rmtree(left, ignore_errors=True)
+        stage.mkdir()
+    except OSError as e:
+        raise DataError(f"Cannot write shards to '{out_dir}' ({e.strerror or e}). Pass an --out directory you "
+                        "can write to.") from None
     try:
         index = _write_all(src, source, input_path, encoding, maxcount, val_fraction, workers, stage)
     except BaseException:

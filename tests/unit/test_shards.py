@@ -200,6 +200,14 @@ def test_a_failed_rewrite_leaves_the_existing_shards_as_they_were(tmp_path, work
     assert len(shards.load_shard_split(str(out), "train")) + len(shards.load_shard_split(str(out), "val")) == 10
 
 
+def test_write_without_input_or_into_an_unwritable_place_is_a_short_error(tmp_path):
+    with pytest.raises(DataError, match="--source npz needs --input FILE.npz"):
+        shards.write_shards("npz", tmp_path / "a")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="Cannot write shards to"):
+        shards.write_shards("digits", tmp_path / "file" / "sub")
+
+
 def test_cifar10_pickle_batches(tmp_path):
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
