@@ -534,8 +534,9 @@ def inspect_shards(path: str | os.PathLike, grid: Optional[str] = None, verify: 
 
                     for s in wds.tarfile_samples([{"url": str(f)}]):
                         try:
-                            decode_image(s[index["encoding"]] if index["encoding"] in s else None,
-                                         index["encoding"], index["shape"])
+                            if index["encoding"] not in s:
+                                raise ValueError(f"no '{index['encoding']}' image in the sample")
+                            decode_image(s[index["encoding"]], index["encoding"], index["shape"])
                             label = decode_label(s.get("cls")) if index["labels"] else 0
                             per_class[label] = per_class.get(label, 0) + (split == "train")
                             n += 1
