@@ -91,7 +91,7 @@ def newest_checkpoint(run_dir: Path) -> Optional[str]:
 
 def _set_aside_attempt(run_dir: Path, cfg: DictConfig) -> None:
     """A fresh start in the directory of an attempt that died before its first checkpoint: its metrics.csv
-    rows are dropped (the CSV logger keeps none past iteration 0) and its W&B files are moved to
+    rows are dropped (the CSV logger keeps none of them) and its W&B files are moved to
     wandb.abandoned-<time>/, so neither the CSV nor a later `genscale sync` mixes two attempts' steps."""
     if launched_follower() or not (run_dir / "wandb").exists():
         return
@@ -448,7 +448,7 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
         run_dir = make_run_dir(cfg, reuse=reuse_dir)
         module.cfg = to_dict(cfg)
         if reuse_dir and (run_dir / "config.yaml").exists():  # resume=auto, but the last attempt left no checkpoint
-            resume_iteration = 0
+            resume_iteration = -1  # the CSV logger keeps no row of the dead attempt (not even iteration 0's)
             _set_aside_attempt(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer, ckpt_cb, samples = build_trainer(cfg, run_dir, resume_iteration)
