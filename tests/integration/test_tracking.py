@@ -24,13 +24,12 @@ def history(run_dir, k=-1):
 
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory):
-    """A 4-iteration offline run (checkpoint at 2 and 4), then a resume from iteration 2 to 6."""
+    """A 4-iteration offline run (checkpoints at 2 and 4), then a resume from its newest (4) to 8."""
     tmp = tmp_path_factory.mktemp("wb")
     common = ["trainer.log_every=1", "trainer.sample_every=2", "trainer.checkpoint.every_n_iters=2",
               "logging.run_id=r", "logging.wandb_group=grp", "logging.wandb_tags=[t1,t2]", "trainer.cpu_threads=1"]
     first = train("gan_digits", wandb_on(tmp, *common, "trainer.max_iters=4"))
-    ckpt2 = first.run_dir / "checkpoints" / "iter-0000002.ckpt"
-    second = train(None, wandb_on(tmp, f"resume={ckpt2}", "trainer.max_iters=6"))
+    second = train(None, wandb_on(tmp, f"resume={first.run_dir}", "trainer.max_iters=8"))
     return first.run_dir, second
 
 
@@ -95,7 +94,7 @@ def test_resume_continues_the_same_wandb_run(resumed_run):
     assert ids == {"gan_digits-r"}
     rows = history(run_dir, 1)
     # The segment's steps are the iterations it covers (not 0, 1, ...), so a sync places it after the first
-    assert [r["iteration"] for r in rows if "g/loss" in r] == [r["_step"] for r in rows] == [3, 4, 5, 6]
+    assert [r["iteration"] for r in rows if "g/loss" in r] == [r["_step"] for r in rows] == [5, 6, 7, 8]
     assert second.run_dir == run_dir
 
 
