@@ -28,6 +28,8 @@ each with its share of the visible GPUs, or without GPUs of the CPU cores, and i
 trial-NNN.log), `slurm` submits them as
 one job array, `wandb` creates the sweep on the W&B server and runs an agent (online only).
 Each sweep writes runs/sweeps/<id>/ with the sweep file and one line per trial in trials.jsonl.
+A local sweep that was stopped continues with `--resume --id <id>`: finished trials are kept, the
+others run again with resume=auto added, from their runs' newest checkpoints.
 """
 from __future__ import annotations
 
@@ -214,19 +216,22 @@ def trial_threads(parallel: int, n_gpus: int, cores: int, omp_env: Optional[str]
     return max(1, cores // parallel)
 
 
-def run_local(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, parallel: int = 1) -> int:
+def run_local(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, parallel: int = 1,
+              skip: frozenset = frozenset(), extra: tuple = ()) -> int:
     """Runs the trials, up to ``parallel`` at once; each finished one appends its line to trials.jsonl.
-    One at a time, a trial's output goes to the console; concurrently, to sweep_dir/trial-NNN.log."""
+    One at a time, a trial's output goes to the console; concurrently, to sweep_dir/trial-NNN.log.
+    ``skip``: trial numbers already done (a resumed sweep); ``extra``: overrides added to every trial."""
     gpus = visible_gpus() if parallel > 1 else []
     threads = trial_threads(parallel, len(gpus), os.cpu_count() or 1, os.environ.get("OMP_NUM_THREADS"))
-    pending, free, running, failed = list(enumerate(trials)), list(range(parallel)), {}, 0
+    pending = [(i, a) for i, a in enumerate(trials) if i not in skip]
+    free, running, failed = list(range(parallel)), {}, 0
     try:
         while pending or running:
             while pending and free:
                 i, assignment = pending.pop(0)
                 slot = free.pop(0)
                 proc, record, out = _start_trial(spec, i, assignment, len(trials), sweep_dir, sweep_id,
-                                                 slot_gpus(slot, parallel, gpus), parallel > 1, threads)
+                                                 slot_gpus(slot, parallel, gpus), parallel > 1, threads, extra)
                 running[proc] = (slot, record, out)
             proc = _wait_any(running)
             slot, record, out = running.pop(proc)
@@ -236,13 +241,14 @@ def run_local(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, pa
         for proc in running:
             if proc.poll() is None:
                 proc.terminate()
-    print(json.dumps({"sweep_dir": str(sweep_dir), "trials": len(trials), "failed": failed}))
+    print(json.dumps({"sweep_dir": str(sweep_dir), "trials": len(trials), "run": len(trials) - len(skip),
+                      "failed": failed}))
     return 1 if failed else 0
 
 
 def _start_trial(spec: dict, i: int, assignment: dict, n: int, sweep_dir: Path, sweep_id: str,
-                 devices: Optional[str], to_log: bool, threads: Optional[int] = None):
-    cmd = command_for(spec, assignment)
+                 devices: Optional[str], to_log: bool, threads: Optional[int] = None, extra: tuple = ()):
+    cmd = command_for(spec, assignment, extra)
     env = dict(os.environ, GENSCALE_RUN_ID=f"{sweep_id}-{i:03d}")
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
@@ -251,6 +257,8 @@ def _start_trial(spec: dict, i: int, assignment: dict, n: int, sweep_dir: Path, 
     record = {"trial": i, "overrides": assignment, "command": cmd, "run_id": env["GENSCALE_RUN_ID"]}
     log = sweep_dir / f"trial-{i:03d}.log"
     notes = ([f"GPUs {devices}"] if devices else []) + ([f"output in {log}"] if to_log else [])
+    if to_log and log.exists():  # a resumed sweep: the earlier attempt's output stays beside
+        log.rename(sweep_dir / f"trial-{i:03d}.{_dt.datetime.now():%Y%m%d-%H%M%S}.log")
     print(f"genscale sweep: trial {i + 1}/{n}{' (' + '; '.join(notes) + ')' if notes else ''}: {shlex.join(cmd)}",
           flush=True)
     out = None
@@ -325,8 +333,34 @@ def run_wandb(spec: dict, project: str) -> int:
     return subprocess.run([sys.executable, "-m", "wandb", "agent", f"{project}/{sweep_id}"]).returncode
 
 
+def _resume_local(args) -> int:
+    """`--resume --id ID`: the sweep as it was recorded (its saved file, count and seed); trials whose last
+    attempt exited 0 are kept, the others run again with resume=auto, so each continues from its run's
+    newest checkpoint (or starts afresh in its directory)."""
+    sweep_dir = Path(args.root) / "sweeps" / (args.id or "")
+    if not args.id or not (sweep_dir / "sweep.json").is_file():
+        raise LaunchError(f"--resume needs the --id of a local sweep started here (with --root {args.root}): "
+                          f"{sweep_dir} holds no sweep.json.")
+    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    spec = load_sweep(str(sweep_dir / "sweep.yaml"))
+    trials = expand(spec, meta["count"], meta["seed"])
+    last = {}
+    if (sweep_dir / "trials.jsonl").exists():
+        for line in (sweep_dir / "trials.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            last[rec["trial"]] = rec.get("returncode")
+    done = frozenset(i for i, rc in last.items() if rc == 0)
+    print(f"genscale sweep: resuming {sweep_dir}: {len(done)} of {len(trials)} trials done, "
+          f"{len(trials) - len(done)} to run", flush=True)
+    return run_local(spec, trials, sweep_dir, args.id, args.parallel, done, ("resume=auto",))
+
+
 def cmd_sweep(args) -> int:
     try:
+        if args.resume:
+            if args.backend != "local":
+                raise LaunchError("--resume is for local sweeps (a SLURM array's tasks resume themselves on requeue).")
+            return _resume_local(args)
         spec = load_sweep(args.sweep)
         if args.backend == "wandb":
             return run_wandb(spec, args.project)
@@ -340,6 +374,8 @@ def cmd_sweep(args) -> int:
         check_trial_configs(spec, trials)
         sweep_id = args.id or f"sweep-{_dt.datetime.now():%Y%m%d-%H%M%S}"
         sweep_dir = _sweep_dir(args.root, sweep_id, args.sweep)
+        (sweep_dir / "sweep.json").write_text(json.dumps({"count": args.count, "seed": args.seed,
+                                                           "backend": args.backend}) + "\n")
         if args.backend == "local":
             return run_local(spec, trials, sweep_dir, sweep_id, args.parallel)
         try:
@@ -358,7 +394,7 @@ def cmd_sweep(args) -> int:
 def add_parser(sp) -> argparse.ArgumentParser:
     s = sp.add_parser("sweep", help="run a W&B-format sweep locally, as a SLURM job array, or on W&B",
                       description=__doc__.split("\n\n")[0] + " See launch/sweep.py for the file format.")
-    s.add_argument("sweep", help="sweep YAML (W&B format)")
+    s.add_argument("sweep", help="sweep YAML (W&B format); with --resume, ignored (the sweep's saved copy is used)")
     s.add_argument("--backend", choices=["local", "slurm", "wandb"], default="local")
     s.add_argument("--count", type=int, default=None, help="random sweeps: number of trials")
     s.add_argument("--parallel", type=int, default=1, metavar="N",
@@ -371,6 +407,9 @@ def add_parser(sp) -> argparse.ArgumentParser:
     s.add_argument("--partition", default="", help="slurm backend: partition")
     s.add_argument("--time", default="", help="slurm backend: time limit per trial")
     s.add_argument("--gpus", type=int, default=0, help="slurm backend: GPUs per trial (default 0: CPU trials)")
+    s.add_argument("--resume", action="store_true",
+                   help="local backend: continue the sweep --id: trials that finished are kept, the others run "
+                        "again with resume=auto (from their newest checkpoints)")
     s.add_argument("--project", default="genscale", help="wandb backend: project")
     s.set_defaults(fn=cmd_sweep)
     return s

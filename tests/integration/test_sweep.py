@@ -100,6 +100,26 @@ def test_trial_configs_are_checked_before_the_sweep_starts(tmp_path, capsys, swe
     assert "--backend slurm" in capsys.readouterr().err
 
 
+def test_a_stopped_local_sweep_resumes_its_unfinished_trials(tmp_path, capsys, sweep_file):
+    text = Path(sweep_file()).read_text().replace("model.g_width: {values: [8, 16]}", "model.g_width: {value: 8}")
+    assert main(["sweep", str(sweep_file(text)), "--root", str(tmp_path), "--id", "r"]) == 0
+    sweep = tmp_path / "sweeps" / "r"
+    lines = sweep.joinpath("trials.jsonl").read_text().splitlines()
+    # as if the sweep had been killed while trial 1 ran (after its checkpoint): no line of success for it
+    sweep.joinpath("trials.jsonl").write_text(lines[0] + "\n" + lines[1].replace('"returncode": 0', '"returncode": -9') + "\n")
+    trial1 = tmp_path / "runs" / "gan_digits" / "r-001"
+    before = load_checkpoint(trial1)["genscale"]["images_seen"]
+    capsys.readouterr()
+    assert main(["sweep", "ignored.yaml", "--root", str(tmp_path), "--id", "r", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 2 trials done, 1 to run" in out and '"run": 1' in out and "r-000" not in out.split("resuming")[1]
+    last = json.loads(sweep.joinpath("trials.jsonl").read_text().splitlines()[-1])
+    assert last["trial"] == 1 and last["returncode"] == 0 and "resume=auto" in last["command"]
+    assert load_checkpoint(trial1)["genscale"]["images_seen"] == before  # continued (at max_iters: no step)
+    assert main(["sweep", "x.yaml", "--root", str(tmp_path), "--id", "nope", "--resume"]) == 2
+    assert "holds no sweep.json" in capsys.readouterr().err
+
+
 def test_parallel_trials_share_the_gpus_out():
     from launch.sweep import slot_gpus
 
