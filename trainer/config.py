@@ -306,6 +306,11 @@ class KnowledgeConfig:
     phi_lr: float = f(1e-4, "Learned constraint: AdamW learning rate of phi.")
     phi_weight_decay: float = f(1e-4, "Learned constraint: AdamW weight decay of phi (its regulariser).")
     phi_every: int = f(1, "Learned constraint: one IRL step every this many G iterations (flow steps).")
+    irl_log_z: str = f("pooled", "Learned constraint, class-conditional models: log Z of the IRL loss over all "
+                                 "model samples ('pooled') or per requested class weighted by the data's class "
+                                 "shares ('per_class', the teacher's own normaliser: unbiased in the limit of many "
+                                 "samples per class, but with a few per class and step it measured worse, see "
+                                 "docs/knowledge_constraints.md).")
     samples: int = f(0, "Flows: model samples per rank and step for the weighted term (0: the batch per rank).")
     temperature: float = f(1.0, "Flows: temperature of those samples (1: the model distribution itself; > 0). The "
                                 "weights are corrected to the untempered model, but away from 1 their effective "
@@ -370,6 +375,7 @@ CHOICES = {
     "trainer.finite_check": ["auto", "host"],
     "model.attention_impl": ["matmul", "sdpa"],
     "knowledge.constraint": ["class_consistency", "symmetry"],
+    "knowledge.irl_log_z": ["pooled", "per_class"],
 }
 
 

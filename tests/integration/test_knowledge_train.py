@@ -24,6 +24,18 @@ def _callback(run):
     return next(cb for cb in run.trainer.callbacks if type(cb).__name__ == "KnowledgeCallback")
 
 
+def test_irl_log_z_setting_reaches_the_phi_step(tmp_path):
+    """knowledge.irl_log_z picks the IRL normaliser the callback uses: the same first step of a
+    conditional model moves phi differently under pooled and per_class."""
+    common = COMMON + BIGGAN + [f"logging.root={tmp_path}", f"eval.features_dir={tmp_path}/features",
+                                "trainer.checkpoint.every_n_iters=1", "trainer.max_iters=1"]
+    phi = {}
+    for mode in ("pooled", "per_class"):
+        run = train("biggan_mnist5k", common + [f"knowledge.irl_log_z={mode}", f"logging.run_id={mode}"])
+        phi[mode] = _knowledge_state(run.run_dir, 1)[0]["phi"]
+    assert any(not torch.equal(phi["pooled"][k], phi["per_class"][k]) for k in phi["pooled"])
+
+
 def test_learned_constraint_resume_restores_phi_and_its_optimiser(tmp_path):
     common = COMMON + BIGGAN + [f"logging.root={tmp_path}", f"eval.features_dir={tmp_path}/features",
                                 "trainer.checkpoint.every_n_iters=2"]

@@ -116,7 +116,8 @@ def test_float_for_int_is_refused():
 
 
 @pytest.mark.parametrize("key, bad", [("trainer.precision", "64"), ("model.d_norm", "instance"),
-                                      ("optim.d.name", "sgd"), ("eval.features", "clip")])
+                                      ("optim.d.name", "sgd"), ("eval.features", "clip"),
+                                      ("knowledge.irl_log_z", "mean")])
 def test_invalid_choice_lists_valid_values(key, bad):
     with pytest.raises(ConfigError) as ei:
         load_config("gan_digits", [f"{key}={bad}"])

@@ -176,8 +176,9 @@ class KnowledgeCallback(L.Callback):
         ys = [m[1] for m in self._model_samples]
         y_model = torch.cat(ys) if ys[0] is not None else None
         self.opt.zero_grad(set_to_none=True)
+        per_class = y_model is not None and self.k.get("irl_log_z", "pooled") == "per_class"
         loss = irl_loss(self.constraint(x_data, y_data), self.constraint(x_model.float(), y_model), self.lam,
-                        y_data if y_model is not None else None, y_model)
+                        y_data if per_class else None, y_model if per_class else None)
         loss.backward()
         size = world()[1]
         for p in self.constraint.parameters():
