@@ -347,6 +347,17 @@ def test_resume_continues_the_stream(tmp_path):
     assert resumed == whole[3:]  # the rest of the 5-batch epoch, as without the stop
 
 
+def next_batches(dm, k):
+    """The next k batches' ids, over epochs as Lightning iterates the loader (once per epoch), stopping
+    mid-epoch at k."""
+    got = []
+    while True:
+        for x, _ in dm.train_dataloader():
+            got.append(ids(x))
+            if len(got) == k:
+                return got
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resampled_resume_is_exact_and_a_changed_order_starts_a_new_epoch(tmp_path, workers):
     out = write(tmp_path, n=100, maxcount=8)
@@ -357,24 +368,14 @@ def test_resampled_resume_is_exact_and_a_changed_order_starts_a_new_epoch(tmp_pa
         dm.prepare()
         return dm
 
-    def batches(dm, k):
-        """The next k batches, over epochs as Lightning iterates the loader (once per epoch), stopping
-        mid-epoch at k."""
-        got = []
-        while True:
-            for x, _ in dm.train_dataloader():
-                got.append(ids(x))
-                if len(got) == k:
-                    return got
-
-    whole = batches(dm_(), 11)
+    whole = next_batches(dm_(), 11)
     for stop in (1, 4, 6):
         first = dm_()
-        head = batches(first, stop)
+        head = next_batches(first, stop)
         assert head == whole[:stop]
         resumed = dm_()
         resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
-        assert head + batches(resumed, 11 - stop) == whole, stop
+        assert head + next_batches(resumed, 11 - stop) == whole, stop
     changed = dm_(shuffle_buffer=7)
     with pytest.warns(UserWarning, match="data.shuffle_buffer 20 -> 7"):
         changed.load_state_dict(first.state_dict())
@@ -393,15 +394,7 @@ def test_scheduled_batches_resume_exactly_mid_epoch(tmp_path):
         dm.prepare()
         return dm
 
-    def batches(dm, k):
-        got = []
-        while True:
-            for x, _ in dm.train_dataloader():
-                got.append(ids(x))
-                if len(got) == k:
-                    return got
-
-    whole = batches(dm_(), 9)  # 30 samples per epoch: 4, 4, 4, 6, 6, 6 (2 left over), then epoch 1
+    whole = next_batches(dm_(), 9)  # 30 samples per epoch: 4, 4, 4, 6, 6, 6 (2 left over), then epoch 1
     assert [len(b) for b in whole] == [4, 4, 4, 6, 6, 6, 6, 6, 6]
     for stop in (2, 4, 6):
         first = dm_()
@@ -411,7 +404,7 @@ def test_scheduled_batches_resume_exactly_mid_epoch(tmp_path):
         state = json.loads(json.dumps(first.state_dict()))
         resumed = dm_()
         resumed.load_state_dict(state)
-        assert head + batches(resumed, 9 - stop) == whole, stop
+        assert head + next_batches(resumed, 9 - stop) == whole, stop
 
 
 def test_exact_resume_skips_what_was_trained_on(tmp_path):
