@@ -104,6 +104,20 @@ def _set_aside_attempt(run_dir: Path, cfg: DictConfig) -> None:
     print(note, file=sys.stderr, flush=True)
 
 
+def _check_per_rank_batches(cfg: DictConfig, world: int) -> None:
+    """Every batch (data.batch_size, each pgan.batch_sizes entry) splits over the processes and then into
+    optim.accumulate micro-batches; known only once the trainer has counted the processes."""
+    if is_flow(cfg):
+        return
+    accum = cfg.optim.accumulate
+    sizes = [cfg.data.batch_size] + (list(cfg.pgan.batch_sizes) if cfg.model.name == "pgan" else [])
+    bad = [b for b in sizes if b % (world * accum)]
+    if bad:
+        raise ConfigError(f"Batch size {bad[0]} does not split into {world} process(es) x optim.accumulate={accum} "
+                          "equal micro-batches (each rank would scale its gradient wrongly or drop samples). Choose "
+                          f"batch sizes divisible by {world * accum}.")
+
+
 def _check_shapes_match(saved: dict, module: torch.nn.Module, ckpt_path: str) -> None:
     """A resume whose overrides change the networks' shapes (widths, resolution, classes) is refused
     here, before anything is written, instead of by a page of size-mismatch errors at load time."""
@@ -429,6 +443,9 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
         saved_shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if torch.is_tensor(v)}
         _check_strategy_matches(ckpt, cfg)
         del ckpt
+        if run_dir is None and resume_iteration >= cfg.trainer.max_iters:
+            raise ConfigError(f"'{ckpt_path}' is at iteration {resume_iteration}, so a branch with trainer.max_iters="
+                              f"{cfg.trainer.max_iters} would train nothing. Give a larger trainer.max_iters.")
         if resume_iteration >= cfg.trainer.max_iters and not launched_follower():
             print(f"genscale: '{ckpt_path}' is at iteration {resume_iteration} and trainer.max_iters="
                   f"{cfg.trainer.max_iters}: the run is complete and takes no step (to train on, resume with a "
@@ -452,6 +469,7 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
             _set_aside_attempt(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer, ckpt_cb, samples = build_trainer(cfg, run_dir, resume_iteration)
+    _check_per_rank_batches(cfg, trainer.world_size)
     if resume and saved_world is not None and saved_world != trainer.world_size:
         raise CheckpointError(
             f"Checkpoint '{ckpt_path}' was written by {saved_world} process(es) and this resume would run "

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from trainer.bench_profile import phase
+from trainer.config import ConfigError
 from trainer.counters import HostCounters
 from trainer.finite import (DeviceStreaks, NonFiniteLossError, check_streaks, clear_skip_flag,
                              device_check_possible, flag_step)
@@ -51,6 +52,16 @@ def critic_steps(iteration: int, n_critic: int, boost_steps: int, boost_first: i
     if boost_steps > 0 and (iteration < boost_first or (boost_every > 0 and iteration % boost_every == 0)):
         return boost_steps
     return n_critic
+
+
+def check_micro_batches(per_rank: int, accum: int) -> int:
+    """The micro-batch of optim.accumulate equal parts of this rank's batch; anything else would scale the
+    gradient wrongly (fewer chunks, each divided by accum) or drop samples."""
+    if per_rank % accum:
+        raise ConfigError(f"This rank's batch of {per_rank} (data.batch_size / processes) does not split into "
+                          f"optim.accumulate={accum} equal micro-batches. Choose data.batch_size divisible by "
+                          f"processes x optim.accumulate (and so every pgan.batch_sizes entry).")
+    return per_rank // accum
 
 
 class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
@@ -317,6 +328,7 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
     def d_step(self, real: torch.Tensor, gen: torch.Generator, opt, labels: Optional[torch.Tensor] = None) -> dict:
         c = self.cfg["loss"]
         accum = self.cfg["optim"]["accumulate"]
+        check_micro_batches(real.shape[0], accum)
         set_requires_grad(self.G, False)
         set_requires_grad(self.D, True)
         opt.zero_grad(set_to_none=True)
@@ -360,7 +372,7 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
         opt.zero_grad(set_to_none=True)
         self.new_phase()
         total = torch.zeros((), device=self.device)
-        micro = batch // accum
+        micro = check_micro_batches(batch, accum)
         for k in range(accum):
             with self._sync_ctx(self.G, last=k == accum - 1):
                 z = self.sample_latents(micro, gen)

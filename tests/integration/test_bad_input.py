@@ -57,6 +57,8 @@ def test_a_resume_never_overwrites_a_later_checkpoint_and_branches_on_request(tm
     assert "later checkpoints (iter-0000004.ckpt, iter-0000006.ckpt)" in err and "logging.run_id=NAME" in err
     assert _snapshot(run) == before
     # a branch: iteration 2 continued in a new run directory, the original untouched
+    assert main(["train", f"resume={old}", "trainer.max_iters=2", "logging.run_id=b"]) == 2  # nothing to train
+    assert "would train nothing" in capsys.readouterr().err and not (tmp_path / "gan_digits" / "b").exists()
     assert main(["train", f"resume={old}", "trainer.max_iters=4", "logging.run_id=b"]) == 0
     branch = tmp_path / "gan_digits" / "b"
     assert load_checkpoint(branch)["genscale"]["iteration"] == 4 and (branch / "config.yaml").exists()

@@ -182,3 +182,21 @@ def test_a_batchnorm_critic_scores_fakes_as_in_the_g_step():
     y = torch.arange(8) % 10
     b._d_real_fake(torch.rand(8, 1, 32, 32), torch.rand(8, 1, 32, 32), y, y)
     assert calls == [16]
+
+
+def test_every_batch_must_split_into_processes_times_micro_batches():
+    """2 ranks x optim.accumulate: a per-rank batch that does not split into accumulate equal parts is
+    refused before training (the module would otherwise scale D's gradient down or drop G's samples)."""
+    from trainer.build import _check_per_rank_batches
+    from trainer.gan_module import check_micro_batches
+
+    cfg = load_config("gan_digits", ["data.batch_size=12", "optim.accumulate=4"])
+    _check_per_rank_batches(cfg, 1)
+    with pytest.raises(ConfigError, match=r"Batch size 12 does not split into 2 process\(es\) x optim.accumulate=4"):
+        _check_per_rank_batches(cfg, 2)
+    pgan = load_config("pgan_mnist5k", ["optim.accumulate=2", "pgan.batch_sizes=[32,32,32,6]"])
+    with pytest.raises(ConfigError, match="Batch size 6"):
+        _check_per_rank_batches(pgan, 2)
+    assert check_micro_batches(8, 4) == 2
+    with pytest.raises(ConfigError, match="does not split into optim.accumulate=4"):
+        check_micro_batches(6, 4)
