@@ -234,13 +234,22 @@ def cmd_bench_train(args) -> int:
         return 0
     rows = []
     for batch, precision, variant in cases:
-        rows.append(run_variant(args.experiment, args.overrides, variant, batch=batch, steps=args.steps,
-                                warmup=args.warmup, precision=precision, compile_nets=args.compile,
-                                log=lambda m: print(m, file=sys.stderr, flush=True), profile=args.profile,
-                                profile_top=args.profile_top, memory_gb=args.memory_gb))
+        try:
+            rows.append(run_variant(args.experiment, args.overrides, variant, batch=batch, steps=args.steps,
+                                    warmup=args.warmup, precision=precision, compile_nets=args.compile,
+                                    log=lambda m: print(m, file=sys.stderr, flush=True), profile=args.profile,
+                                    profile_top=args.profile_top, memory_gb=args.memory_gb,
+                                    count_flops=not args.no_flops))
+        except ValueError as e:
+            print(f"genscale bench train: error: {e}", file=sys.stderr)
+            return 2
+        if rows[-1].get("rank", 0):  # several processes: rank 0 reports the case
+            continue
         if args.out:  # each row as soon as it is measured: a later one may be cut off by a time limit
             with open(args.out, "a") as fh:
                 fh.write(json.dumps(rows[-1]) + "\n")
+    if any(r.get("rank", 0) for r in rows):
+        return 0
     print(format_table(rows))
     if args.profile:
         print(format_profiles(rows))
@@ -331,6 +340,9 @@ def _bench_parser(sp) -> None:
     t.add_argument("--check", action="store_true", help="only load each case's config (overrides, batch, "
                                                        "precision, variant) and report errors; nothing is built "
                                                        "or timed: a dry run before spending GPU time")
+    t.add_argument("--no-flops", action="store_true",
+                   help="skip the eager FLOP-count iteration: a compiled step compiles before its first iteration "
+                        "(`bench memory` probes of a compiled step use this, so eager memory sets no limit)")
     t.add_argument("--memory-gb", type=float, default=None, metavar="G",
                    help="CUDA: let the allocator use at most G GB (out of memory beyond it, as on a smaller card)")
     m = bsp.add_parser("memory", help="the largest batch per device that trains: one probe process per batch",

@@ -160,8 +160,11 @@ class BenchTimer(L.Callback):
     FLOP_IT = 2
 
     def __init__(self, warmup: int, steps: int, compile_mode: str, log: Callable[[str], None], profile: int = 0,
-                 profile_top: int = 12):
+                 profile_top: int = 12, count_flops: bool = True):
         self.warmup, self.steps, self.compile_mode, self.log = warmup, steps, compile_mode, log
+        # without the count (memory probes of a compiled step) the networks compile before the first step,
+        # so no eager iteration sets the memory high-water mark
+        self.count_flops = count_flops
         self.profile, self.profile_top = profile, profile_top
         self.profile_summary: Optional[dict] = None
         self._window = None
@@ -184,9 +187,12 @@ class BenchTimer(L.Callback):
 
     def on_train_start(self, trainer, module):
         self.optimizer_impls = [optimizer_impl(opt) for opt in trainer.optimizers]
+        if not self.count_flops:
+            self._warm_from = time.perf_counter()
+            module.compile_networks(self.compile_mode)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if iteration_of(module) == self.FLOP_IT - 1 and self._flop_mode is None:
+        if self.count_flops and iteration_of(module) == self.FLOP_IT - 1 and self._flop_mode is None:
             self._flop_mode = global_flop_counter()
             self._flop_mode.__enter__()
 
@@ -206,6 +212,7 @@ class BenchTimer(L.Callback):
             self._sync(module)
             self.warmup_s = time.perf_counter() - self._warm_from
             if module.device.type == "cuda":
+                torch.cuda.empty_cache()  # the eager FLOP count's cached blocks are not the timed step's
                 torch.cuda.reset_peak_memory_stats(module.device)
             self._t, self._seen = time.perf_counter(), images_of(module)
         elif first < it <= first + self.steps:  # (the profiled iterations after these are not timed)
@@ -249,20 +256,28 @@ def _quantile(xs: List[float], q: float) -> float:
 
 def bench_config(experiment: str, overrides: Optional[List[str]], batch: Optional[int], steps: int, warmup: int,
                  precision: Optional[str], profile: int = 0):
-    """The run config one bench case trains with (`--check` loads only this)."""
+    """The run config one bench case trains with (`--check` loads only this). The steady state is timed:
+    WGAN's boosted critic iterations (100 D steps in the first 25) are off, and a Progressive GAN grows to
+    its final resolution within the first iteration (phases of one image; batch data.batch_size), unless
+    the overrides set those keys."""
     ov = list(overrides or [])
     if batch is not None:
         ov.append(f"data.batch_size={batch}")
     if precision is not None:
         ov.append(f"trainer.precision={precision}")
     ov += ["logging.wandb=false", f"trainer.max_iters={steps + warmup + profile + BenchTimer.FLOP_IT + 1}"]
-    return load_config(experiment, ov)
+    cfg = load_config(experiment, ov)
+    steady = [] if is_flow(cfg) else ["optim.critic_boost_steps=0"]
+    if cfg.model.name == "pgan" and not any(o.startswith(("pgan.fade_images=", "pgan.stable_images=",
+                                                          "pgan.batch_sizes=")) for o in ov):
+        steady += ["pgan.fade_images=[1]", "pgan.stable_images=[1]", "pgan.batch_sizes=[]"]
+    return load_config(experiment, steady + ov) if steady else cfg
 
 
 def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batch: Optional[int] = None,
                     steps: int = 20, warmup: int = 5, precision: Optional[str] = None, compile_nets: Optional[bool] = None,
                     log: Callable[[str], None] = lambda m: None, profile: int = 0, profile_top: int = 12,
-                    memory_gb: Optional[float] = None) -> dict:
+                    memory_gb: Optional[float] = None, count_flops: bool = True) -> dict:
     cfg = bench_config(experiment, overrides, batch, steps, warmup, precision, profile)
     if memory_gb:
         cap_device_memory(memory_gb)
@@ -271,8 +286,11 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
     module = build_module(cfg, channels=channels, num_classes=classes)
     t = cfg.trainer
     compile_mode = resolve_compile_mode(str(t.compile), compile_nets)
+    if compile_mode != "off" and warmup < 1:
+        raise ValueError("A compiled step needs --warmup of at least 1: the first compiled iterations compile, "
+                         "and timing them would measure the compiler.")
     module.cfg["trainer"]["compile"] = "off"  # compiled by the timer after the eager FLOP count instead
-    timer = BenchTimer(warmup, steps, compile_mode, log, profile, profile_top)
+    timer = BenchTimer(warmup, steps, compile_mode, log, profile, profile_top, count_flops)
     callbacks: list = [timer]
     if cfg.ema.enabled and not is_flow(cfg):
         callbacks.append(EMACallback(cfg.ema.decay, cfg.ema.start_iter, cfg.ema.rampup_iters))
@@ -298,7 +316,9 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
     per_iter = statistics.median(timer.images)
     n_critic = 1 if is_flow(cfg) else int(cfg.optim.n_critic)
     return {
-        "experiment": experiment, "model": str(cfg.model.name), "resolution": int(cfg.data.resolution),
+        "experiment": experiment, "model": str(cfg.model.name),
+        # the resolution the timed steps ran at (a Progressive GAN's current level)
+        "resolution": int(module.phase.resolution) if hasattr(module, "phase") else int(cfg.data.resolution),
         "batch": int(cfg.data.batch_size), "n_critic": n_critic, "images_per_iter": int(per_iter),
         "precision": str(t.precision), "strategy": type(trainer.strategy).__name__,
         "zero_stage": int(t.zero_stage) if str(t.strategy) == "deepspeed" else None,
@@ -307,13 +327,14 @@ def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batc
         "optimizer_impl": "/".join(timer.optimizer_impls), "cudnn_benchmark": cudnn_benchmark(t),
         # where the finite-loss check was decided: on the device (fused optimisers, no host sync) or host
         "finite_check": "device" if getattr(module, "_device_streaks", None) else "host",
-        "world_size": int(trainer.world_size),
+        "world_size": int(trainer.world_size), "rank": int(trainer.global_rank),
         "device": _device_name(timer.device or module.device), "torch": torch.__version__, "commit": _commit(),
         "date": time.strftime("%Y-%m-%d"), "steps": steps, "warmup": warmup, "warmup_s": timer.warmup_s,
         "compile_cache": cache,
         "s_per_iter_median": med, "s_per_iter_p10": _quantile(timer.times, 0.1),
         "s_per_iter_p90": _quantile(timer.times, 0.9), "images_per_s": per_iter / med,
-        "flops_per_iter": timer.flops, "tflops_per_s": timer.flops / med / 1e12,
+        # FLOPs of this process's share of the iteration (all ranks: times world_size), so TFLOP/s is per device
+        "flops_per_iter": timer.flops or None, "tflops_per_s": timer.flops / med / 1e12 if timer.flops else None,
         "peak_mem_gb": timer.peak_bytes / 2 ** 30 if timer.peak_bytes else None,
         "peak_reserved_gb": timer.reserved_bytes / 2 ** 30 if timer.reserved_bytes else None,
         "peak_host_gb": peak_host_gb(), "memory_limit_gb": memory_gb,
@@ -349,10 +370,14 @@ def _timing_table(rows: List[dict]) -> str:
                      f"{_compile_label(r)} | "
                      f"{'yes' if r.get('channels_last') else 'no'} | {r.get('optimizer_impl') or '?'} | "
                      f"{r['s_per_iter_median']:.4f} ({r['s_per_iter_p10']:.4f}-{r['s_per_iter_p90']:.4f}) | "
-                     f"{r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f}x | {r['flops_per_iter'] / 1e12:.3f} | "
-                     f"{r['tflops_per_s']:.2f} | {mem} | "
+                     f"{r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f}x | {_tera(r['flops_per_iter'], '.3f')} | "
+                     f"{_tera(r['tflops_per_s'] and r['tflops_per_s'] * 1e12, '.2f')} | {mem} | "
                      f"{r.get('warmup_s', 0):.1f}{_cache_label(r.get('compile_cache'))} |")
     return "\n".join(lines)
+
+
+def _tera(x: Optional[float], fmt: str) -> str:
+    return format(x / 1e12, fmt) if x else "n/a (--no-flops)"
 
 
 def _cache_label(c: Optional[dict]) -> str:

@@ -108,8 +108,9 @@ def probe_config(experiment: str, overrides: Optional[List[str]], batch: Optiona
 def probe_command(experiment: str, overrides: List[str], batch: int, out: str, *, precision: Optional[str],
                   compile_nets: Optional[bool], steps: int, warmup: int, memory_gb: Optional[float],
                   cuda: bool) -> List[str]:
+    # --no-flops: no eager FLOP-count iteration, so a compiled step's probe fits or not as the compiled step
     cmd = [sys.executable, "-m", "launch.cli", "bench", "train", experiment, *probe_overrides(overrides),
-           "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup), "--out", out]
+           "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup), "--out", out, "--no-flops"]
     if precision:
         cmd += ["--precision", precision]
     if compile_nets is not None:

@@ -86,7 +86,35 @@ def phase_times(events, cuda: bool) -> Dict[str, List[float]]:
         row[0] += host
         row[1] += dev
         row[2] += ops
+    if cuda:
+        _add_other_threads(events, out, kernels)
     return dict(out)
+
+
+def _add_other_threads(events, out: Dict[str, List[float]], kernels) -> None:
+    """On CUDA the backward pass runs on autograd's own device thread, outside the call trees of the
+    parts (they live on the thread that called backward): each top-level op there gives its kernels to
+    the innermost part whose time span holds the op's start."""
+    from torch.autograd import DeviceType
+
+    parts = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith(PHASE)]
+    threads = {getattr(p, "thread", None) for p in parts}
+    for e in events:
+        if (e.device_type != DeviceType.CPU or getattr(e, "thread", None) in threads
+                or getattr(e, "cpu_parent", None) is not None or e.name.startswith(PHASE)):
+            continue
+        t = e.time_range.start
+        holders = [p for p in parts if p.time_range.start <= t <= p.time_range.end]
+        if not holders:
+            continue
+        part = min(holders, key=lambda p: p.time_range.end - p.time_range.start)
+        row, stack = out[part.name[len(PHASE):]], [e]
+        while stack:
+            c = stack.pop()
+            own = kernels(c)
+            row[1] += sum(k.duration for k in own)
+            row[2] += len(own)
+            stack.extend(c.cpu_children)
 
 
 def kind_of(name: str) -> str:

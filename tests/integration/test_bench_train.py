@@ -172,3 +172,30 @@ def test_bench_applies_the_configs_cpu_threads(tmp_path):
         assert row["device"].endswith("(1 threads)") and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(old)
+
+
+def test_the_bench_times_the_steady_state(capsys):
+    """WGAN's boosted critic iterations (100 D steps) are not the steady state: the bench turns them off,
+    so an iteration is n_critic D steps + 1 G step; a Progressive GAN is timed at its final resolution."""
+    ov = ["trainer.accelerator=cpu", "model.g_width=4", "model.d_width=4"]
+    row = run_train_bench("wgan_mnist5k", ov, batch=4, steps=2, warmup=0)
+    assert row["n_critic"] == 5 and row["images_per_iter"] == 5 * 4
+    row = run_train_bench("pgan_mnist5k", ["trainer.accelerator=cpu", "pgan.fmap_base=16", "pgan.fmap_max=4"],
+                          batch=8, steps=2, warmup=0)
+    assert row["resolution"] == 32 and row["images_per_iter"] == 8
+    # the FLOPs of the 32 px step: more than those of the same nets held at 4 px
+    small = run_train_bench("pgan_mnist5k", ["trainer.accelerator=cpu", "pgan.fmap_base=16", "pgan.fmap_max=4",
+                                             "pgan.stable_images=[100000]", "pgan.batch_sizes=[]"],
+                            batch=8, steps=2, warmup=0)
+    assert small["resolution"] == 4 and small["flops_per_iter"] < row["flops_per_iter"] / 10
+
+
+def test_compiled_rows_need_a_warmup_and_no_flops_rows_say_so(tmp_path, capsys):
+    args = ["bench", "train", "gan_digits", "trainer.accelerator=cpu", "--steps", "2", "--batch", "8"]
+    assert main([*args, "--warmup", "0", "--compile"]) == 2
+    assert "--warmup of at least 1" in capsys.readouterr().err
+    out = tmp_path / "rows.jsonl"
+    assert main([*args, "--warmup", "0", "--no-flops", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["flops_per_iter"] is None and row["tflops_per_s"] is None and row["rank"] == 0
+    assert "n/a (--no-flops)" in capsys.readouterr().out

@@ -167,3 +167,32 @@ def test_step_parts_on_cuda_take_the_device_time_of_the_kernels_they_launched():
     events = [outer, conv, add, inner, step, graph, cpu("aten::empty", 1)]
     parts = phase_times(events, cuda=True)
     assert parts == {"D forward": [70, 350, 4], "D penalty": [30, 120, 3], "G forward": [15, 36000, 40]}
+
+
+def test_cuda_backward_on_autograd_s_thread_counts_in_the_part_that_called_it():
+    """On CUDA, backward ops run on autograd's device thread, not under the "D backward" range that
+    called them: their kernels go to the innermost part whose time span holds the op's start."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Kernel
+
+    from trainer.bench_profile import PHASE, phase_times
+
+    def ev(name, thread, start, end, children=(), kernels=(), parent=None):
+        e = SimpleNamespace(name=name, device_type=DeviceType.CPU, cpu_time_total=end - start, thread=thread,
+                            time_range=SimpleNamespace(start=start, end=end), cpu_children=list(children),
+                            cpu_parent=parent, kernels=[Kernel(n, 0, us) for n, us in kernels])
+        for c in e.cpu_children:
+            c.cpu_parent = e
+        return e
+
+    backward = ev(PHASE + "D backward", 1, 100, 200)
+    update = ev(PHASE + "D update", 1, 200, 230)
+    conv_bwd = ev("ConvolutionBackward0", 7, 110, 150,
+                  [ev("aten::convolution_backward", 7, 111, 149, kernels=[("dgrad", 60), ("wgrad", 40)])])
+    leaky_bwd = ev("LeakyReluBackward0", 7, 150, 160, kernels=[("elementwise", 5)])
+    late = ev("AccumulateGrad", 7, 240, 245, kernels=[("copy", 1)])  # after every part: nobody's
+    events = [backward, update, conv_bwd, *conv_bwd.cpu_children, leaky_bwd, late]
+    parts = phase_times(events, cuda=True)
+    assert parts["D backward"] == [100, 105, 3] and parts["D update"] == [30, 0, 0]
