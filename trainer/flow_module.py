@@ -203,6 +203,15 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
         noise = torch.rand(images.shape, generator=gen, device=self.device)
         return nhwc(dequantize(images, self.n_bits, noise), self.channels_last_on)
 
+    def _hflip(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """data.hflip: each training image mirrored with probability 1/2, drawn from the step's generator
+        (so a resume flips the same images); evaluation never flips."""
+        if not self.cfg.get("data", {}).get("hflip"):
+            return images
+        images = images.to(self.device, non_blocking=True)
+        flip = torch.rand(images.shape[0], device=self.device, generator=gen) < 0.5
+        return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
     def _labels(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
         return labels.to(self.device, torch.long) if self.glow.num_classes else None
 
@@ -215,6 +224,14 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
         self.glow.initialize_actnorm(x, y, reduce_fn)
         if self.glow_ema is not None:
             self.glow_ema.load_state_dict(self.glow.state_dict())
+
+    def init_from_batch(self, batch) -> None:
+        """ActNorm's data-dependent init from this training batch ahead of its step, exactly as the step
+        would do it (the same flips and noise from the step's generator; collective across ranks): an
+        evaluation before the first step then sees the flow that training starts from."""
+        images, labels = batch
+        gen = self.noise_generator()
+        self._ensure_init(self.prep(self._hflip(images, gen), gen), self._labels(labels))
 
     def _ensure_init(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
         if self._init_checked:
@@ -267,7 +284,8 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, labels = batch
         f = self.cfg["flow"]
-        x = self.prep(images, self.noise_generator())
+        gen = self.noise_generator()
+        x = self.prep(self._hflip(images, gen), gen)
         y = self._labels(labels)
         self._ensure_init(x, y)
         ensure = getattr(self.trainer.strategy, "ensure_engines", None)

@@ -280,3 +280,15 @@ def test_fixed_noise_grids_and_the_existing_checkpoint_and_sample_callbacks(digi
     # generate(z) is sample() at flow.sample_temperature from the noise z, mapped to [-1, 1]
     x = m.glow.sample(9, 0.7, eps=m.fixed_z)
     assert torch.allclose(a, (2 * x).clamp(-1, 1))
+
+
+def test_hflip_mirrors_the_training_images_the_step_generator_picks(digits):
+    """data.hflip (glow_celebahq256 sets it) flips each training image with probability 1/2, drawn from
+    the step's generator, so a resume flips the same ones; off, the batch passes untouched."""
+    images = digits[0][:16]
+    got = make({"data": {"hflip": True}})._hflip(images, torch.Generator().manual_seed(3))
+    flip = torch.rand(16, generator=torch.Generator().manual_seed(3)) < 0.5
+    assert 0 < int(flip.sum()) < 16
+    for i in range(16):
+        assert torch.equal(got[i], images[i].flip(-1) if flip[i] else images[i])
+    assert make()._hflip(images, torch.Generator()) is images

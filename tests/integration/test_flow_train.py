@@ -164,3 +164,15 @@ def test_periodic_held_out_bits_per_dim_during_training(tmp_path):
     assert evals[2]["bpd"] < evals[0]["bpd"]
     rows = [r for r in _rows(run.run_dir) if r.get("eval/bpd")]
     assert [int(float(r["iteration"])) for r in rows] == [0, 10, 20]
+
+
+def test_the_untrained_eval_sees_the_flow_training_starts_from(tmp_path):
+    """eval.at_start evaluates after ActNorm's data-dependent init on the first batch (as the first step
+    would do it), not the identity ActNorm of a fresh flow: with a negligible learning rate, the value
+    before the first step equals the value after it."""
+    run = train("glow_digits", TINY + [f"logging.root={tmp_path}", "trainer.max_iters=1", "trainer.sample_every=0",
+                                       "eval.every_n_iters=1", "eval.at_start=true", "eval.num_samples=64",
+                                       "flow.lr=1e-12"])
+    evals = [json.loads(line) for line in (run.run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in evals] == [0, 1]
+    assert evals[0]["bpd"] == pytest.approx(evals[1]["bpd"], abs=1e-4)

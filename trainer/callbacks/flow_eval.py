@@ -17,6 +17,7 @@ class FlowEvalCallback(L.Callback):
     def __init__(self, cfg: dict, run_dir: str | Path, every: int, at_start: bool = False):
         self.cfg, self.run_dir, self.every, self.at_start = cfg, Path(run_dir), every, at_start
         self.val = None
+        self._start_done = False
 
     def _evaluate(self, trainer, module) -> None:
         from trainer.evaluate import _run_data
@@ -43,8 +44,12 @@ class FlowEvalCallback(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics({"eval/bpd": float(value), "iteration": float(it)}, step=it)
 
-    def on_train_start(self, trainer, pl_module):
-        if self.at_start and iteration_of(pl_module) == 0:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # eval.at_start: before the first step, but after ActNorm's data-dependent init on its batch (the
+        # identity ActNorm of a fresh flow is a state training never uses)
+        if self.at_start and iteration_of(pl_module) == 0 and not self._start_done:
+            self._start_done = True
+            pl_module.init_from_batch(batch)
             self._evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
