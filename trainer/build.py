@@ -78,8 +78,10 @@ def auto_run_dir(experiment: Optional[str], overrides: List[str]) -> Path:
 
 
 def newest_checkpoint(run_dir: Path) -> Optional[str]:
-    """The newest checkpoint of a run that loads completely (a torn or half-written one is passed over)."""
+    """The newest checkpoint of a run that loads completely (a torn or half-written one is passed over);
+    last.ckpt last of all (a copy where the filesystem has no hard links, which can outlive torn iter files)."""
     cands = sorted((run_dir / "checkpoints").glob("iter-*.ckpt"), reverse=True)
+    cands += [p for p in [run_dir / "checkpoints" / "last.ckpt"] if p.exists()]
     for path in cands:
         try:
             load_checkpoint(path)

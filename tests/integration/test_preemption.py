@@ -100,3 +100,21 @@ def test_relaunching_a_finished_run_takes_no_step(tmp_path, experiment):
     assert "the run is complete and takes no step" in again.stderr
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in ckpts.glob("*.ckpt")} == before
     assert '"iteration": 2' in again.stdout
+
+
+def test_resume_auto_falls_back_to_an_intact_last_ckpt(tmp_path):
+    """Every iter-* file torn, last.ckpt a whole copy (filesystems without hard links): resume=auto
+    continues from last.ckpt instead of starting over in the directory."""
+    first = subprocess.run(_cmd(tmp_path, "trainer.max_iters=2", "trainer.checkpoint.every_n_iters=2"),
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpts = tmp_path / "gan_digits" / "p1" / "checkpoints"
+    whole = (ckpts / "last.ckpt").read_bytes()
+    (ckpts / "last.ckpt").unlink()
+    (ckpts / "last.ckpt").write_bytes(whole)  # a copy, not a link
+    (ckpts / "iter-0000002.ckpt").write_bytes(whole[:1000])
+    res = subprocess.run(_cmd(tmp_path, "trainer.max_iters=3"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "skipping unusable checkpoint" in res.stderr
+    meta = load_checkpoint(ckpts / "iter-0000003.ckpt")["genscale"]
+    assert meta["config"]["resume"].endswith("checkpoints/last.ckpt")  # continued, not started over
