@@ -74,6 +74,14 @@ class HostCounters:
         """G iterations (GANs) or steps (flows) taken: what callbacks key their cadence on."""
         return self.count("iteration")
 
+    def on_train_batch_start(self, batch, batch_idx):
+        # A run resumed at or past trainer.max_iters (a requeue after its last step, a relaunch of a
+        # finished job) takes no step: Lightning ends the epoch on -1, and should_stop ends the fit.
+        if self.it >= self.cfg["trainer"]["max_iters"]:
+            self.trainer.should_stop = True
+            return -1
+        return None
+
     @property
     def seen(self) -> int:
         """Images seen over all ranks."""

@@ -273,14 +273,6 @@ class FlowModule(HostCounters, SpeedSwitches, L.LightningModule):
                 f"The flow loss was non-finite for {self._nonfinite_streak} consecutive steps (step "
                 f"{self.it}, {self.count('nonfinite_total')} skipped in all). {self._NONFINITE_ADVICE}")
 
-    def on_train_batch_start(self, batch, batch_idx):
-        # A run resumed at or past trainer.max_iters (a requeue after its last step, a relaunch of a
-        # finished job) takes no step: Lightning ends the epoch on -1, and should_stop ends the fit.
-        if self.it >= self.cfg["trainer"]["max_iters"]:
-            self.trainer.should_stop = True
-            return -1
-        return None
-
     def training_step(self, batch, batch_idx):
         images, labels = batch
         f = self.cfg["flow"]

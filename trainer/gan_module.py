@@ -397,14 +397,6 @@ class GANModule(HostCounters, SpeedSwitches, L.LightningModule):
         return critic_steps(self.it, o["n_critic"], o["critic_boost_steps"],
                             o["critic_boost_first"], o["critic_boost_every"])
 
-    def on_train_batch_start(self, batch, batch_idx):
-        # A run resumed at or past trainer.max_iters (a requeue after its last step, a relaunch of a
-        # finished job) takes no step: Lightning ends the epoch on -1, and should_stop ends the fit.
-        if self.it >= self.cfg["trainer"]["max_iters"]:
-            self.trainer.should_stop = True
-            return -1
-        return None
-
     def training_step(self, batch, batch_idx):
         images, labels = batch
         ensure = self._strategy_hook("ensure_engines")
