@@ -22,11 +22,28 @@ def _levels(resolution: int) -> int:
     return n
 
 
+class LayerNorm2d(nn.GroupNorm):
+    """Layer norm over (C, H, W) per sample, as in the WGAN-GP critic, computed in fp32 whatever the
+    input's dtype (as fairseq's Fp32GroupNorm). With 16-bit weights (DeepSpeed's fp16 engines) the
+    gradient penalty differentiates D twice, and group norm's double-backward formula then runs in
+    fp16: rstd^3 overflows once activations have std below about 0.025 (0.009 at DCGAN's init), and
+    every penalty is NaN. In fp32 the result is cast back, so the next conv keeps its dtype. Same
+    parameters and state_dict keys as nn.GroupNorm(1, ch)."""
+
+    def __init__(self, ch: int):
+        super().__init__(1, ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return nn.functional.group_norm(x.float(), 1, w, b, self.eps).to(x.dtype)
+
+
 def _norm2d(kind: str, ch: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(ch)
-    if kind == "layer":  # normalises over (C, H, W) per sample, as in the WGAN-GP critic
-        return nn.GroupNorm(1, ch)
+    if kind == "layer":
+        return LayerNorm2d(ch)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"Unknown norm '{kind}'. Valid: batch, layer, none.")

@@ -55,7 +55,7 @@ def test_deepspeed_fp16_engines_train_wgan_gp(tmp_path):
     out = tmp_path / "fp16.jsonl"
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "bench", "train", "wgan_gp_mnist5k",
                            f"logging.root={tmp_path}/runs", "trainer.accelerator=cpu", "trainer.devices=1",
-                           "trainer.strategy=deepspeed", "trainer.zero_stage=1", "model.d_norm=none",
+                           "trainer.strategy=deepspeed", "trainer.zero_stage=1",
                            "model.g_width=8", "model.d_width=8", "--batch", "8", "--precision", "16-mixed",
                            "--steps", "2", "--warmup", "0", "--out", str(out)],
                           cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
