@@ -292,3 +292,63 @@ def test_hflip_mirrors_the_training_images_the_step_generator_picks(digits):
     for i in range(16):
         assert torch.equal(got[i], images[i].flip(-1) if flip[i] else images[i])
     assert make()._hflip(images, torch.Generator()) is images
+
+
+def test_ema_start_iter_counts_the_step_index_from_zero(digits):
+    """ema.start_iter=2: the steps with index 0 and 1 copy the flow into the EMA (beta 0), the one with
+    index 2 is the first to average. After two steps the EMA equals the flow exactly; after a third it
+    is 0.75 * (weights after two) + 0.25 * (weights after three)."""
+    m = make({"ema": {"enabled": True, "decay": 0.75, "start_iter": 2}})
+    after = []  # (flow, EMA) weights after each step
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            after.append([[p.detach().clone() for p in net.parameters()] for net in (module.glow, module.glow_ema)])
+
+    fit(m, digits, 3, callbacks=[Record()])
+    (flow1, ema1), (flow2, ema2), (flow3, ema3) = after
+    assert all(torch.equal(e, p) for e, p in zip(ema1 + ema2, flow1 + flow2))
+    assert not all(torch.equal(a, b) for a, b in zip(flow2, flow3))
+    for a, p, e in zip(flow2, flow3, ema3):
+        torch.testing.assert_close(e, 0.75 * a + 0.25 * p, rtol=1e-6, atol=1e-7)
+
+
+def test_class_conditional_loss_adds_weight_y_times_the_classifier_bits(digits, monkeypatch):
+    """The flow's loss is mean bpd + flow.weight_y * mean classifier bits (log2(10) bits from the zero-
+    initialised head); the backward receives exactly that."""
+    m = make({"flow": {"class_conditional": True, "weight_y": 0.5}}, num_classes=10)
+    seen = []
+    monkeypatch.setattr(FlowModule, "backward", lambda self, loss, *a, **k: seen.append(loss.detach().clone()))
+    bpd = []
+    losses = FlowModule.losses
+    monkeypatch.setattr(FlowModule, "losses", lambda self, *a, **k: bpd.append(losses(self, *a, **k)) or bpd[-1])
+    fit(m, digits, 1)
+    assert len(seen) == 1 and float(bpd[-1]["bits_y"].mean()) == pytest.approx(math.log2(10), rel=1e-6)
+    expected = float(bpd[-1]["bpd"].mean()) + 0.5 * math.log2(10)
+    assert float(seen[0]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_evaluate_bpd_is_the_mean_over_images_with_a_partial_last_batch(digits, monkeypatch):
+    """10 images in batches of 4 (4, 4, 2): the result is the mean of the ten per-image values, not of
+    the three batch means."""
+    m = make()
+    images, labels = digits
+    values = torch.arange(10, dtype=torch.float32) ** 2
+    pos = {"i": 0}
+
+    def per_image(self, x, y, net=None):
+        out = values[pos["i"]: pos["i"] + x.shape[0]]
+        pos["i"] += x.shape[0]
+        return {"bpd": out}
+
+    monkeypatch.setattr(FlowModule, "losses", per_image)
+    assert m.evaluate_bpd(images[:10], labels[:10], batch_size=4) == pytest.approx(float(values.mean()))
+
+
+def test_dequantisation_noise_differs_between_ranks_and_repeats_within_one():
+    """Each rank draws its own dequantisation noise and flips: the step generator is seeded by (seed,
+    rank, iteration)."""
+    m = make()
+    a, again = torch.rand(16, generator=m.noise_generator()), torch.rand(16, generator=m.noise_generator())
+    m._rank = lambda: 1
+    assert torch.equal(a, again) and not torch.equal(a, torch.rand(16, generator=m.noise_generator()))

@@ -300,3 +300,39 @@ def test_attention_impl_reaches_every_attention_block_and_unknown_ones_are_refus
     with pytest.raises(ValueError, match=r"Unknown model.attention_impl 'flash'. Valid: matmul, sdpa"):
         build_biggan(z_dim=20, g_width=4, d_width=4, resolution=32, channels=1, attention_res=16,
                      attention_impl="flash")
+
+
+def test_spectral_norm_gradient_treats_u_and_v_as_constants():
+    """Miyato et al.'s backward: sigma = u^T W v with u, v from the power iteration held constant, so
+    d sum(G * W/sigma) / dW = G/sigma - (sum G*W)/sigma^2 * u v^T. A v that carried gradient would add
+    terms through the power iteration."""
+    import torch.nn.functional as F
+
+    from models.layers import SNLinear
+
+    torch.manual_seed(0)
+    layer = SNLinear(5, 4).eval()  # eval: one power iteration from the stored u, u not updated
+    with torch.no_grad():
+        layer.weight.normal_()
+    W = layer.weight.detach()
+    v = F.normalize(layer.u.clone() @ W, dim=0, eps=1e-6)
+    u = F.normalize(W @ v, dim=0, eps=1e-6)
+    sigma = u @ W @ v
+    G = torch.randn(4, 5)
+    (layer.sn_weight() * G).sum().backward()
+    expected = G / sigma - (G * W).sum() / sigma ** 2 * torch.outer(u, v)
+    torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_conditional_bn_closed_form():
+    """BigGAN's conditional BN: BN(x) * (1 + gain(c)) + bias(c), gain and bias separate linear maps of
+    the conditioning vector (eval mode: running statistics 0 and 1)."""
+    torch.manual_seed(0)
+    cbn = ConditionalBatchNorm2d(6, 5).eval()
+    with torch.no_grad():
+        cbn.gain.weight.normal_()
+        cbn.bias.weight.normal_()
+    x, c = torch.randn(3, 6, 2, 2), torch.randn(3, 5)
+    expected = x / (1 + 1e-5) ** 0.5 * (1 + cbn.gain(c))[:, :, None, None] + cbn.bias(c)[:, :, None, None]
+    assert (cbn.gain(c) - cbn.bias(c)).abs().max() > 1e-2  # gain and bias really differ
+    torch.testing.assert_close(cbn(x, c), expected)

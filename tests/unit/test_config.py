@@ -376,3 +376,9 @@ def test_pgan_feature_maps_that_run_out_before_the_last_resolution_are_refused()
 def test_a_value_for_a_whole_section_names_the_section(ov, section):
     with pytest.raises(ConfigError, match=rf"'{section}' in command-line argument '{ov}' is a section"):
         load_config("gan_digits", [ov])
+
+
+def test_a_key_in_the_wrong_section_suggests_the_same_key_where_it_lives():
+    with pytest.raises(ConfigError) as ei:
+        load_config("gan_digits", ["trainer.z_dim=5"])
+    assert "model.z_dim" in str(ei.value).split("Closest")[1]

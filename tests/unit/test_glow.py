@@ -537,3 +537,21 @@ def test_fused_glow_folds_each_level_in_batched_ops():
             glow.log_prob(x).sum().backward()
         ops[fused] = count.n
     assert ops[True] < 0.7 * ops[False], ops
+
+
+def test_class_prior_shifts_the_learned_top_prior():
+    """Class-conditional Glow: the top prior's (mean, log-scale) = learn-top conv output + a linear map
+    of the one-hot label, both in play (replacing one with the other would leave parameters dead)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    g = Glow(1, 4, levels=1, steps=1, hidden=4, num_classes=3).double()
+    with torch.no_grad():
+        for p in list(g.top_prior.parameters()) + list(g.class_prior.parameters()):
+            p.add_(0.1 * torch.randn_like(p))
+    y, c = torch.tensor([0, 2]), g.top_shape[0]
+    h = g.top_prior(torch.zeros(2, 2 * c, *g.top_shape[1:], dtype=torch.float64))
+    h = h + g.class_prior(F.one_hot(y, 3).double())[:, :, None, None]
+    mean, logs = g.top_params(2, y, torch.float64, "cpu")
+    torch.testing.assert_close(mean, h[:, :c])
+    torch.testing.assert_close(logs, h[:, c:])

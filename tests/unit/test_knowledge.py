@@ -392,3 +392,29 @@ def test_teacher_diagnostic_weighs_classes_by_their_samples():
     per_class = [(torch.softmax(0.5 * f[y == c], 0) * f[y == c]).sum() for c in range(3)]
     expected = sum(float((y == c).sum()) / 8 * float(v) for c, v in enumerate(per_class))
     assert float(cb._device_stats["knowledge/f_teacher"]) == pytest.approx(expected)
+
+
+def test_weighted_nll_term_drops_neg_inf_samples_from_both_averages():
+    """A sample whose constraint value is non-finite (log-weight -inf) counts in neither the importance-
+    weighted nor the uniform average: with three equal weights left, w = uniform = 1/3 for them, so the
+    term is exactly 0 (keeping it in the uniform average would give 1/3 * 8 - 10/4 = 1/6)."""
+    s = torch.tensor([0.0, -math.inf, 0.0, 0.0])
+    term, _ = weighted_nll_term(torch.tensor([1.0, 2.0, 3.0, 4.0]), s, alpha=1.0)
+    assert abs(float(term)) < 1e-7
+
+
+@pytest.mark.parametrize("override, message", [
+    ("knowledge.temperature=0", "temperature must be > 0"),
+    ("knowledge.temperature=-1", "temperature must be > 0"),
+    ("knowledge.bound=-1", "must be non-negative"),
+    ("knowledge.lam=-0.5", "must be non-negative"),
+    ("knowledge.phi_every=0", "phi_every positive"),
+    ("knowledge.ess_min=1.5", "ess_min"),
+    ("knowledge.learned=true", "needs a constraint with parameters"),
+])
+def test_knowledge_settings_are_validated(override, message):
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("gan_digits", ["knowledge.enabled=true", "knowledge.constraint=symmetry", override])
+    load_config("gan_digits", ["knowledge.enabled=false", override])  # checked only when the callback is on

@@ -101,3 +101,9 @@ def test_kid_is_seeded():
     rng = np.random.default_rng(7)
     a, b = rng.normal(size=(300, 8)), rng.normal(size=(300, 8)) + 0.2
     assert kid_from_features(a, b, 10, 50, seed=3) == kid_from_features(a, b, 10, 50, seed=3)
+
+
+def test_fid_uses_the_unbiased_covariance():
+    """As the reference FID (np.cov, ddof 1): features {0, 2} have variance 2, {1, 1} variance 0 and the
+    means agree, so FID = 2 + 0 - 2 * sqrt(0) = 2 (the biased covariance would give 1)."""
+    assert fid_from_features(np.array([[0.0], [2.0]]), np.array([[1.0], [1.0]])) == pytest.approx(2.0)

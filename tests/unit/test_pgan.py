@@ -190,3 +190,14 @@ def test_fused_scale_flops_by_hand():
                      for i in range(1, G.levels) for conv in (G.blocks[i][0], D.blocks[i][1]))
     assert flops[False] - flops[True] == 2 * 3 * saved_macs  # 2 FLOPs per multiply-add, fwd + 2x bwd
     assert flops[True] < 0.73 * flops[False]  # and at 256 px with the paper's widths: 0.65x
+
+
+def test_generator_normalises_the_latent_before_its_dense_layer():
+    """The paper's G pixel-normalises z first, so G(7 z) = G(z). With the dense layer's bias non-zero a
+    missing normalisation shows (with a zero bias the later pixel norms would cancel the scale)."""
+    torch.manual_seed(0)
+    G = PGANGenerator(z_dim=16, resolution=8, channels=1, fmap_base=64, fmap_max=16)
+    with torch.no_grad():
+        G.dense.bias.normal_()
+    z = torch.randn(4, 16)
+    torch.testing.assert_close(G(7.0 * z), G(z), rtol=1e-4, atol=1e-5)

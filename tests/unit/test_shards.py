@@ -298,6 +298,31 @@ def test_exact_plan_equal_batches_with_uneven_shards():
         assert sorted(i for v in shards_of.values() for i in v) == list(range(6))
 
 
+def test_exact_plan_deals_shards_anew_each_epoch():
+    """The shard-to-rank assignment is reshuffled every epoch (seeded by epoch): otherwise each rank
+    would see the same subset of the data for the whole run."""
+    plans = [exact_plan([8] * 16, 2, 1, 4, seed=0, epoch=e)[0] for e in (0, 1, 0)]
+    assert plans[0] == plans[2]
+    assert sorted(plans[0][0, 0]) != sorted(plans[1][0, 0])
+
+
+def test_resampled_shard_draws_differ_by_rank_and_worker(tmp_path):
+    """In resampled mode each (rank, worker) draws its own shard sequence, and repeats it when asked
+    again (resume); equal sequences would make ranks or workers read the same shards."""
+    src = resolve_shards(str(write(tmp_path, n=70, maxcount=4)))
+
+    def draws(rank, worker):
+        s = ShardStream(src, rank=rank, world_size=2, batch_size=4, mode="resampled", num_workers=2, seed=0,
+                        epoch_batches=4)
+        it, n = s._shard_iter(worker, 0, None, 0)
+        urls = [d["url"] for d in it]
+        assert len(urls) == n
+        return urls
+
+    assert draws(0, 0) == draws(0, 0)
+    assert len({tuple(draws(r, w)) for r, w in ((0, 0), (1, 0), (0, 1), (1, 1))}) == 4
+
+
 def test_resampled_mode_same_batch_count_on_every_rank_with_uneven_shards(tmp_path):
     big = write(tmp_path, name="big", n=56, maxcount=50)  # train shards of 50 and 0..: one big shard
     small = write(tmp_path, name="small", n=40, maxcount=3)  # many 3-sample shards
