@@ -352,3 +352,19 @@ def test_dequantisation_noise_differs_between_ranks_and_repeats_within_one():
     a, again = torch.rand(16, generator=m.noise_generator()), torch.rand(16, generator=m.noise_generator())
     m._rank = lambda: 1
     assert torch.equal(a, again) and not torch.equal(a, torch.rand(16, generator=m.noise_generator()))
+
+
+def test_a_skipped_step_leaves_the_ema_as_it_was_on_the_host_path(digits, monkeypatch):
+    """With the host's finite check a non-finite step neither updates the flow nor ticks its EMA."""
+    _nan_at(monkeypatch, {2})
+    ema = {}
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            ema[int(module.iteration)] = [p.detach().clone() for p in module.glow_ema.parameters()]
+
+    m = make({"ema": {"enabled": True, "decay": 0.5}, "trainer": {"finite_check": "host"}})
+    fit(m, digits, 4, callbacks=[Record()])
+    assert int(m.nonfinite_total) == 1
+    assert all(torch.equal(a, b) for a, b in zip(ema[2], ema[3]))
+    assert not all(torch.equal(a, b) for a, b in zip(ema[3], ema[4]))
