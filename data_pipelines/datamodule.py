@@ -10,6 +10,7 @@ the epoch and the batches consumed in it (see the class).
 """
 from __future__ import annotations
 
+import signal
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
@@ -119,7 +120,8 @@ class ArrayDataModule(L.LightningDataModule):
             sampler = StreamBatchSampler(len(self.train), self.batch_size, rank, world, self.seed,
                                          start_batch=self.batches_consumed)
         return DataLoader(_Images(self.train), batch_sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=pin_for(self.trainer))
+                          persistent_workers=self.num_workers > 0, pin_memory=pin_for(self.trainer),
+                          worker_init_fn=ignore_ctrl_c)
 
     def state_dict(self) -> dict:
         module = self.trainer.lightning_module if self.trainer is not None else None
@@ -157,6 +159,14 @@ def pin_for(trainer) -> bool:
     return device is not None and device.type == "cuda"
 
 
+def ignore_ctrl_c(worker_id: int) -> None:
+    """Loader workers ignore SIGINT. A terminal's Ctrl-C reaches the whole process group; a worker would
+    exit on it and the main process, which stops at the end of its step with a checkpoint
+    (trainer/callbacks/preemption.py), would fail fetching its next batch first. The main process
+    still ends its workers when it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ShardLoader(DataLoader):
     """A DataLoader over a ShardStream that starts each epoch where the data module says.
 
@@ -166,7 +176,8 @@ class ShardLoader(DataLoader):
 
     def __init__(self, stream, dm: "ShardDataModule", num_workers: int, timeout: float = 0.0):
         super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                         timeout=timeout if num_workers > 0 else 0.0, pin_memory=pin_for(dm.trainer))
+                         timeout=timeout if num_workers > 0 else 0.0, pin_memory=pin_for(dm.trainer),
+                         worker_init_fn=ignore_ctrl_c)
         self._dm = dm
 
     def __iter__(self):

@@ -41,6 +41,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -216,15 +217,47 @@ def trial_threads(parallel: int, n_gpus: int, cores: int, omp_env: Optional[str]
     return max(1, cores // parallel)
 
 
+class SweepStopped(Exception):
+    """SIGTERM (or Ctrl-C) reached the sweep: its running trials are stopped and recorded."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stop(signum, frame):
+    raise SweepStopped(signum)
+
+
+def _stop_trials(running: dict, sweep_dir: Path, grace_s: float = 300.0) -> None:
+    """Each running trial gets SIGTERM, which makes `genscale train` write a checkpoint at the end of its
+    step and exit 3; the trial is waited for (killed after grace_s) and recorded, so `--resume`
+    continues it from that checkpoint and no trial keeps writing its run directory unattended."""
+    for proc in running:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc, (_, record, out) in running.items():
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        _finish_trial(proc, record, out, sweep_dir)
+
+
 def run_local(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, parallel: int = 1,
               skip: frozenset = frozenset(), extra: tuple = ()) -> int:
     """Runs the trials, up to ``parallel`` at once; each finished one appends its line to trials.jsonl.
     One at a time, a trial's output goes to the console; concurrently, to sweep_dir/trial-NNN.log.
-    ``skip``: trial numbers already done (a resumed sweep); ``extra``: overrides added to every trial."""
+    ``skip``: trial numbers already done (a resumed sweep); ``extra``: overrides added to every trial.
+    SIGTERM or Ctrl-C stops the running trials at a checkpoint (exit 128 + the signal's number)."""
     gpus = visible_gpus() if parallel > 1 else []
     threads = trial_threads(parallel, len(gpus), os.cpu_count() or 1, os.environ.get("OMP_NUM_THREADS"))
     pending = [(i, a) for i, a in enumerate(trials) if i not in skip]
     free, running, failed = list(range(parallel)), {}, 0
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stop), signal.SIGINT: signal.getsignal(signal.SIGINT)}
+    stopped = None
     try:
         while pending or running:
             while pending and free:
@@ -237,13 +270,21 @@ def run_local(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, pa
             slot, record, out = running.pop(proc)
             free.append(slot)
             failed += _finish_trial(proc, record, out, sweep_dir)
-    finally:  # Ctrl-C or an error here: no trial keeps running unattended
+    except (SweepStopped, KeyboardInterrupt) as e:
+        stopped = e.signum if isinstance(e, SweepStopped) else signal.SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trials' stop must not be interrupted in turn
+        print(f"genscale sweep: {signal.Signals(stopped).name}: stopping {len(running)} running trial(s) at a "
+              f"checkpoint; continue with: genscale sweep --resume --id {sweep_id}", file=sys.stderr, flush=True)
+        _stop_trials(running, sweep_dir)
+    finally:  # an error here: no trial keeps running unattended (each stops at a checkpoint)
         for proc in running:
             if proc.poll() is None:
                 proc.terminate()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(json.dumps({"sweep_dir": str(sweep_dir), "trials": len(trials), "run": len(trials) - len(skip),
-                      "failed": failed}))
-    return 1 if failed else 0
+                      "failed": failed, **({"stopped": signal.Signals(stopped).name} if stopped else {})}))
+    return 128 + int(stopped) if stopped else (1 if failed else 0)
 
 
 def _start_trial(spec: dict, i: int, assignment: dict, n: int, sweep_dir: Path, sweep_id: str,
@@ -355,8 +396,20 @@ def _resume_local(args) -> int:
     return run_local(spec, trials, sweep_dir, args.id, args.parallel, done, ("resume=auto",))
 
 
+def _check_sweep_id(sweep_id: Optional[str]) -> None:
+    """The id names sweeps/<id>/ and is the stem of every trial's run id: one directory name."""
+    from trainer.config import ConfigError, check_run_id
+
+    if sweep_id is not None:
+        try:
+            check_run_id(sweep_id, "--id")
+        except ConfigError as e:
+            raise LaunchError(str(e)) from None
+
+
 def cmd_sweep(args) -> int:
     try:
+        _check_sweep_id(args.id)
         if args.resume:
             if args.backend != "local":
                 raise LaunchError("--resume is for local sweeps (a SLURM array's tasks resume themselves on requeue).")

@@ -25,7 +25,7 @@ from trainer.callbacks.samples import SampleGridCallback
 from trainer.csv_log import AppendingCSVLogger
 from trainer.checkpointing import (AtomicCheckpointIO, CheckpointError, IterationCheckpoint, iteration_in_name,
                                   load_checkpoint)
-from trainer.config import ConfigError, is_flow, load_config, to_dict, to_yaml
+from trainer.config import ConfigError, check_run_id, is_flow, load_config, to_dict, to_yaml
 from trainer.gan_module import GANModule, NonFiniteLossError
 from trainer.progress import ThroughputBar
 from trainer.strategies.gan_ddp import STRATEGY_NAME as GAN_DDP, GANDDPStrategy
@@ -52,7 +52,7 @@ def default_run_id() -> str:
     # GENSCALE_RUN_ID first: a sweep's trial (or a rank joining rank 0) names its run inside a SLURM job too
     for var in ("GENSCALE_RUN_ID", "SLURM_JOB_ID"):
         if os.environ.get(var):
-            return os.environ[var]
+            return check_run_id(os.environ[var], f"${var}")
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 

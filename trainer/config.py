@@ -588,6 +588,8 @@ def validate(cfg: DictConfig) -> None:
         if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
             raise ConfigError(f"'{key}' must be two numbers in [0, 1) (beta1, beta2), got {betas}.")
     _validate_strategy(cfg.trainer.strategy)
+    if cfg.logging.run_id:
+        check_run_id(str(cfg.logging.run_id), "logging.run_id")
     if cfg.data.batch_size % cfg.optim.accumulate:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
                           f"optim.accumulate={cfg.optim.accumulate}; choose values that divide.")
@@ -706,6 +708,18 @@ def is_flow(cfg) -> bool:
     from models.glow import FLOWS
 
     return OmegaConf.select(cfg, "model.name") in FLOWS if isinstance(cfg, DictConfig) else cfg["model"]["name"] in FLOWS
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+
+
+def check_run_id(run_id: str, source: str) -> str:
+    """A run id is one directory name: no path separators, '.' or '..', so a run can never land in its
+    experiment's directory, beside it or inside another run (where `report` and `resume` would mix them)."""
+    if not RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"{source}='{run_id}' is not a valid run id: use letters, digits and . _ + - (not first, "
+                          "no '/'), at most 200 characters: it names one directory.")
+    return run_id
 
 
 def _validate_flow(cfg: DictConfig) -> None:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, _update_n
 
 from trainer.tracking import offline_runs, wandb_loggers
 from trainer.counters import iteration_of, images_of
@@ -19,13 +20,34 @@ class ThroughputBar(TQDMProgressBar):
     time to the configured length, also after a resume), with images/s, kimg and the latest losses.
     Lightning's default counts batches of one epoch, which means nothing here."""
 
+    def setup(self, trainer, pl_module, stage) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._module = pl_module
+
+    def init_train_tqdm(self) -> Tqdm:
+        """Lightning's train bar, but on stderr (stdout carries `genscale train`'s one JSON line), named
+        after the experiment and spanning the run from the iteration it starts at (after a resume too:
+        made at on_train_start, once the checkpoint is restored)."""
+        m = self._module
+        return Tqdm(desc=m.cfg.get("experiment") or "train", total=m.cfg["trainer"]["max_iters"],
+                    initial=iteration_of(m), position=2 * self.process_position, disable=self.is_disabled,
+                    leave=True, dynamic_ncols=True, file=sys.stderr, smoothing=0, bar_format=self.BAR_FORMAT)
+
+    def _on_stderr(self, make):
+        saved, sys.stdout = sys.stdout, sys.stderr  # Lightning reads sys.stdout when it makes a bar
+        try:
+            return make()
+        finally:
+            sys.stdout = saved
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return self._on_stderr(super().init_validation_tqdm)
+
+    def init_sanity_tqdm(self) -> Tqdm:
+        return self._on_stderr(super().init_sanity_tqdm)
+
     def on_train_epoch_start(self, trainer, pl_module=None, *_) -> None:
-        bar = self.train_progress_bar
-        if bar.total is None or bar.total != pl_module.cfg["trainer"]["max_iters"]:
-            bar.reset(total=pl_module.cfg["trainer"]["max_iters"])
-            bar.initial = iteration_of(pl_module)
-            bar.n = iteration_of(pl_module)
-            bar.set_description(f"{pl_module.cfg.get('experiment') or 'train'}")
+        pass  # the bar spans epochs
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n = iteration_of(pl_module)  # the host mirror: no device sync on steps the bar does not redraw
@@ -34,7 +56,7 @@ class ThroughputBar(TQDMProgressBar):
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        pass  # the bar spans epochs
+        pass
 
     def get_metrics(self, trainer, pl_module):
         items = super().get_metrics(trainer, pl_module)

@@ -1,5 +1,6 @@
 """Preemption and automatic resume without SLURM: SIGUSR1/SIGTERM -> checkpoint at a step boundary,
 clean exit; `resume=auto` continues from the newest complete checkpoint, passing over a torn one."""
+import json
 import os
 import signal
 import subprocess
@@ -118,3 +119,31 @@ def test_resume_auto_falls_back_to_an_intact_last_ckpt(tmp_path):
     assert "skipping unusable checkpoint" in res.stderr
     meta = load_checkpoint(ckpts / "iter-0000003.ckpt")["genscale"]
     assert meta["config"]["resume"].endswith("checkpoints/last.ckpt")  # continued, not started over
+
+
+def test_ctrl_c_stops_at_a_checkpoint_with_loader_workers_and_twice_aborts(tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the whole process group, loader workers included: the run
+    stops at the end of its step with a checkpoint and exits 3, as for SIGTERM. A second Ctrl-C aborts at
+    once (exit 1, no checkpoint of its own)."""
+    run_dir = tmp_path / "gan_digits" / "p1"
+    proc = subprocess.Popen(_cmd(tmp_path, "trainer.max_iters=100000", "data.num_workers=2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(run_dir / "metrics.csv")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, err[-3000:]
+    (ckpt,) = (run_dir / "checkpoints").glob("iter-*.ckpt")
+    k = load_checkpoint(ckpt)["genscale"]["iteration"]
+    assert "Ctrl-C: stopping at the end of this step" in err and f"written at iteration {k}" in err
+    assert json.loads(out.strip().splitlines()[-1])["stopped_early"] == "signal"
+
+    from trainer.callbacks.preemption import PreemptionCallback
+
+    cb = PreemptionCallback(checkpointer=None)
+    cb._handler(signal.SIGINT, None)
+    assert cb.received == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        cb._handler(signal.SIGINT, None)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from launch.cli import main
+from tests.conftest import SWEEP_SPEC
 from launch.sweep import command_for, expand, load_sweep
 from trainer.checkpointing import load_checkpoint
 
@@ -173,3 +174,34 @@ def test_local_trials_one_at_a_time_or_together_record_each_exit(tmp_path, capsy
             threads = max(1, os.cpu_count() // 3)
             assert Path(x["log"]).read_text().startswith(f"trial q-{x['trial']:03d} ['a={x['trial'] + 1}'] {threads}")
         assert f"trial 2 failed (exit 3); its output: {lines[1]['log']}" in printed
+
+
+def test_sigterm_stops_the_running_trial_at_a_checkpoint_and_records_it(tmp_path, sweep_file):
+    """A killed sweep must not leave its trial running unattended: SIGTERM to the sweep reaches the trial,
+    which writes a checkpoint at its step and exits 3; the sweep records that (so --resume runs the
+    trial again, from its checkpoint) and exits 128 + 15."""
+    import signal
+    import time
+
+    text = SWEEP_SPEC.replace("{values: [8, 16]}", "{value: 8}").replace("{value: 2}", "{value: 1000000}")
+    text += "  - trainer.log_every=1\n  - trainer.checkpoint.every_n_iters=1000000\n"
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "sweep", str(sweep_file(text)), "--id", "st",
+                             "--root", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    metrics = tmp_path / "runs" / "gan_digits" / "st-000" / "metrics.csv"
+    end = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
+        assert time.time() < end and proc.poll() is None, "the trial did not start"
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert json.loads(out.splitlines()[-1])["stopped"] == "SIGTERM" and "--resume --id st" in err
+    # one record: the grid's second trial never starts
+    (record,) = [json.loads(x) for x in (tmp_path / "sweeps" / "st" / "trials.jsonl").read_text().splitlines()]
+    assert record["returncode"] == 3  # the trial's "stopped early at a checkpoint"
+    rows = len(metrics.read_text().splitlines())
+    it = load_checkpoint(metrics.parent)["genscale"]["iteration"]
+    assert 3 <= it < 1000000 and rows - 1 == it
+    time.sleep(1.0)
+    assert len(metrics.read_text().splitlines()) == rows  # nothing writes the run any more

@@ -2,6 +2,7 @@
 run file), a resume continues the same W&B run id, online without a key or network falls back to
 offline with one warning, `genscale sync` refuses a directory without offline runs, and the console
 prints an end-of-run summary."""
+import json
 import re
 import warnings
 
@@ -180,11 +181,10 @@ def test_progress_bar_shows_kimg_losses_and_counts_iterations_to_max_iters():
     module = SimpleNamespace(images_seen=torch.tensor(6400), iteration=torch.tensor(200), g_stepped=True,
                              cfg={"trainer": {"max_iters": 1000}, "experiment": "x"},
                              last_logged={"d/loss": 1.2345, "g/loss": 0.5, "perf/img_per_s": 10.0})
-    trainer = SimpleNamespace(progress_bar_metrics={"img/s": "512"}, loggers=[])
-    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-
-    bar.train_progress_bar = Tqdm(total=None, disable=True)
-    bar.on_train_epoch_start(trainer, module)
+    trainer = SimpleNamespace(progress_bar_metrics={"img/s": "512"}, loggers=[], is_global_zero=True)
+    bar.setup(trainer, module, "fit")
+    bar.disable()
+    bar.train_progress_bar = bar.init_train_tqdm()
     # one bar for the run: the ETA is to trainer.max_iters, from the resume point
     assert bar.train_progress_bar.total == 1000 and bar.train_progress_bar.n == 200
     items = bar.get_metrics(trainer, module)
@@ -197,3 +197,25 @@ def test_list_shows_experiment_descriptions_models_and_data(capsys):
     assert "gan_digits: A seconds-long smoke run: vanilla GAN on scikit-learn's 8x8 digits" in out
     assert "model glow (L=2, K=2, width 16, affine), data digits 8px" in out and "no constraints" in out
     assert "WGAN-GP (Gulrajani et al. 2017)" in out  # "et al." does not end the sentence
+
+
+def test_console_bar_goes_to_stderr_and_spans_a_mid_epoch_resume(tmp_path):
+    """`genscale train` prints one JSON line on stdout (scripts parse it) and the progress bar on stderr.
+    After a resume in the middle of an epoch (gan_digits: 50 batches per epoch, resumed at 7) the bar
+    still counts to trainer.max_iters (Lightning calls no on_train_epoch_start there)."""
+    import subprocess
+    import sys
+
+    from tests.distributed.helpers import REPO, clean_env
+
+    def run(*extra):
+        cmd = [sys.executable, "-m", "launch.cli", "train", "gan_digits", f"logging.root={tmp_path}",
+               "logging.run_id=bar", "logging.wandb=false", "trainer.progress_bar=true", *extra]
+        proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout), proc.stderr.replace("\r", "\n")
+
+    out, err = run("trainer.max_iters=7")
+    assert out["iteration"] == 7 and "gan_digits: 100%" in err and "7/7 [" in err
+    out, err = run("trainer.max_iters=15", "resume=auto")
+    assert out["iteration"] == 15 and "15/15 [" in err and "/?" not in err

@@ -382,3 +382,22 @@ def test_a_key_in_the_wrong_section_suggests_the_same_key_where_it_lives():
     with pytest.raises(ConfigError) as ei:
         load_config("gan_digits", ["trainer.z_dim=5"])
     assert "model.z_dim" in str(ei.value).split("Closest")[1]
+
+
+@pytest.mark.parametrize("run_id", [".", "..", "../features", "a/b", "/abs", "-x", "a b", "x" * 201])
+def test_a_run_id_must_name_one_directory(run_id):
+    """A run id with path parts would put a run into its experiment's directory ('.'), beside it ('..')
+    or inside another run ('a/b'), where report and resume=auto would mix runs up."""
+    with pytest.raises(ConfigError, match="not a valid run id"):
+        load_config("gan_digits", [f"logging.run_id={run_id}"])
+
+
+def test_run_ids_from_the_environment_are_checked_too(monkeypatch):
+    from trainer.build import default_run_id
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setenv("GENSCALE_RUN_ID", "sweep-1_003.b+c")
+    assert default_run_id() == "sweep-1_003.b+c"
+    monkeypatch.setenv("GENSCALE_RUN_ID", "../x")
+    with pytest.raises(ConfigError, match=r"\$GENSCALE_RUN_ID='../x' is not a valid run id"):
+        default_run_id()

@@ -1,4 +1,5 @@
 """Preemption: on SIGUSR1 or SIGTERM, finish the current step, write a checkpoint, requeue, stop.
+Ctrl-C (SIGINT) stops the same way, without a requeue; a second Ctrl-C aborts at once, without one.
 
 The handler only sets a flag: the checkpoint is written at the end of a training step, where the
 weights, optimiser states and counters agree (a checkpoint written from inside the signal handler
@@ -20,7 +21,7 @@ from trainer.counters import iteration_of
 
 
 class PreemptionCallback(L.Callback):
-    def __init__(self, checkpointer, signals=(signal.SIGUSR1, signal.SIGTERM), requeue: bool = True):
+    def __init__(self, checkpointer, signals=(signal.SIGUSR1, signal.SIGTERM, signal.SIGINT), requeue: bool = True):
         self.checkpointer, self.signals, self.requeue = checkpointer, signals, requeue
         self.received = 0
         self.preempted = False
@@ -28,6 +29,11 @@ class PreemptionCallback(L.Callback):
         self._previous = {}
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.received == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C: the user wants out now
+            print("genscale: Ctrl-C: stopping at the end of this step with a checkpoint (Ctrl-C again to abort "
+                  "without one)", file=sys.stderr, flush=True)
         self.received = signum
 
     def on_train_start(self, trainer, pl_module):
@@ -53,7 +59,8 @@ class PreemptionCallback(L.Callback):
             return
         self.preempted = True
         path = self.checkpointer.save(trainer, pl_module)
-        job = os.environ.get("SLURM_JOB_ID")
+        # a user's Ctrl-C is not a preemption: nothing to rerun (another rank's signal reads as a preemption)
+        job = os.environ.get("SLURM_JOB_ID") if self.received != signal.SIGINT else None
         if trainer.is_global_zero:
             print(f"genscale: signal {self.received or 'on another rank'}: checkpoint {path} written at "
                   f"iteration {iteration_of(pl_module)}" + (f"; requeueing SLURM job {job}" if job and self.requeue else ""),
