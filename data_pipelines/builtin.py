@@ -10,7 +10,7 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -58,7 +58,8 @@ def _digits(path: str) -> Tuple[np.ndarray, np.ndarray]:
     return imgs, d.target.astype(np.int64)
 
 
-def _npz(path: str) -> Tuple[np.ndarray, np.ndarray]:
+def _npz(path: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """images, and labels or None when the file has none (unlabelled: 0 classes, not 1)."""
     if not path:
         raise DataError("data.name=npz needs data.path=<file.npz> holding 'images' (N,H,W[,C] or N,C,H,W uint8).")
     if not os.path.exists(path):
@@ -66,7 +67,7 @@ def _npz(path: str) -> Tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path) as z:
             imgs = z["images"]
-            labels = z["labels"] if "labels" in z else np.zeros(len(imgs), np.int64)
+            labels = z["labels"] if "labels" in z else None
     except Exception as e:
         raise DataError(f"Cannot read '{path}' as an .npz with an 'images' array: {e}") from None
     if imgs.ndim == 3:
@@ -75,7 +76,7 @@ def _npz(path: str) -> Tuple[np.ndarray, np.ndarray]:
         imgs = imgs.transpose(0, 3, 1, 2)
     if imgs.dtype != np.uint8:
         raise DataError(f"'{path}': images must be uint8 (0..255), got {imgs.dtype}.")
-    return imgs, labels.astype(np.int64)
+    return imgs, None if labels is None else labels.astype(np.int64)
 
 
 def _shards(path: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -86,7 +87,7 @@ def _shards(path: str) -> Tuple[np.ndarray, np.ndarray]:
     return (np.concatenate([p.images.numpy() for p in parts]), np.concatenate([p.labels.numpy() for p in parts]))
 
 
-DATASETS: Dict[str, Callable[[str], Tuple[np.ndarray, np.ndarray]]] = {
+DATASETS: Dict[str, Callable[[str], Tuple[np.ndarray, Optional[np.ndarray]]]] = {
     "mnist5k": _mnist5k,
     "digits": _digits,
     "npz": _npz,
@@ -117,10 +118,11 @@ def load_split(name: str, split: str, resolution: int, val_fraction: float = 0.1
 
         return load_shard_split(path, split, resolution)
     imgs, labels = DATASETS[name](path)
+    num_classes = int(labels.max()) + 1 if labels is not None and len(labels) else 0
+    labels = np.zeros(len(imgs), np.int64) if labels is None else labels
     n = len(imgs)
     perm = np.random.default_rng(SPLIT_SEED).permutation(n)
     n_val = max(1, int(round(n * val_fraction)))
     idx = perm[:n_val] if split == "val" else perm[n_val:]
     images = resize_uint8(torch.from_numpy(np.ascontiguousarray(imgs[idx])), resolution)
-    num_classes = int(labels.max()) + 1 if len(labels) else 0
     return ArrayDataset(images, torch.from_numpy(labels[idx]), num_classes, name)

@@ -129,7 +129,7 @@ def _array_source(imgs: np.ndarray, labels: np.ndarray, resolution: Optional[int
         # Same order of operations as builtin.load_split (select, then resize), so values match it exactly.
         splits[split] = {"images": _resize_array(np.ascontiguousarray(imgs[idx]), resolution), "files": None,
                          "labels": labels[idx].astype(np.int64)}
-    num_classes = int(labels.max()) + 1 if len(labels) else 0
+    num_classes = int(labels.max()) + 1 if len(labels) and has_labels else 0
     return _Source(splits, imgs.shape[1], splits["train"]["images"].shape[-1],
                    classes or [str(k) for k in range(num_classes)], has_labels,
                    f"seeded permutation (seed {SPLIT_SEED}), val fraction {val_fraction}")
@@ -217,7 +217,8 @@ def load_source(source: str, input_path: str = "", resolution: Optional[int] = N
     if source == "cifar10":
         return _load_cifar10(input_path, resolution, val_fraction)
     imgs, labels = DATASETS[source](input_path)
-    has_labels = source != "npz" or bool(labels.any())
+    has_labels = labels is not None
+    labels = np.zeros(len(imgs), np.int64) if labels is None else labels
     return _array_source(imgs, labels, resolution, val_fraction, None, has_labels)
 
 

@@ -266,12 +266,13 @@ def bench_config(experiment: str, overrides: Optional[List[str]], batch: Optiona
     if precision is not None:
         ov.append(f"trainer.precision={precision}")
     ov += ["logging.wandb=false", f"trainer.max_iters={steps + warmup + profile + BenchTimer.FLOP_IT + 1}"]
-    cfg = load_config(experiment, ov)
-    steady = [] if is_flow(cfg) else ["optim.critic_boost_steps=0"]
-    if cfg.model.name == "pgan" and not any(o.startswith(("pgan.fade_images=", "pgan.stable_images=",
-                                                          "pgan.batch_sizes=")) for o in ov):
+    # which model it is, before --batch (a Progressive GAN's batch needs the steady schedule's pgan.batch_sizes=[])
+    probe = load_config(experiment, [o for o in ov if not o.startswith("data.batch_size=")])
+    steady = [] if is_flow(probe) else ["optim.critic_boost_steps=0"]
+    if probe.model.name == "pgan" and not any(o.startswith(("pgan.fade_images=", "pgan.stable_images=",
+                                                            "pgan.batch_sizes=")) for o in ov):
         steady += ["pgan.fade_images=[1]", "pgan.stable_images=[1]", "pgan.batch_sizes=[]"]
-    return load_config(experiment, steady + ov) if steady else cfg
+    return load_config(experiment, steady + ov)
 
 
 def run_train_bench(experiment: str, overrides: Optional[List[str]] = None, batch: Optional[int] = None,

@@ -46,6 +46,23 @@ class Run:
     ckpt_path: Optional[str]
     checkpointer: IterationCheckpoint
     sampler: SampleGridCallback
+    fresh_dir: bool = False  # this process made run_dir: a failure before the first step removes it
+
+
+def discard_unstarted(run_dir: Path, module) -> bool:
+    """After a failure: remove a run directory this process made if nothing was trained into it (no
+    step, no checkpoint), so the same logging.run_id can simply be run again. True if removed."""
+    import shutil
+
+    from trainer.counters import iteration_of
+
+    ckpts = run_dir / "checkpoints"
+    if (module is not None and iteration_of(module) > 0) or (ckpts.is_dir() and any(ckpts.iterdir())):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"genscale: the run failed before its first step, so its directory {run_dir} was removed "
+          "(nothing had been trained); fix the cause and run the same command again.", file=sys.stderr, flush=True)
+    return True
 
 
 def default_run_id() -> str:
@@ -172,6 +189,10 @@ def make_run_dir(cfg: DictConfig, reuse: bool = False) -> Path:
     run_dir = base / run_id
     if (run_dir / "config.yaml").exists() and not reuse:
         if explicit or os.environ.get("GENSCALE_RUN_ID") or os.environ.get("SLURM_JOB_ID"):  # a name others rely on
+            if newest_checkpoint(run_dir) is None:
+                raise RunDirError(f"Run directory '{run_dir}' already holds a run that wrote no checkpoint. Start it "
+                                  f"again in place with resume=auto logging.run_id={run_id}, or choose a new "
+                                  "logging.run_id.")
             raise RunDirError(f"Run directory '{run_dir}' already holds a run. Resume it with "
                               f"resume={run_dir}, or choose a new logging.run_id.")
         k = 1
@@ -210,6 +231,9 @@ def build_module(cfg: DictConfig, channels: int, num_classes: int):
     if is_flow(cfg):
         from trainer.flow_module import FlowModule, glow_from_config
 
+        if cfg.flow.class_conditional and num_classes == 0:
+            raise ConfigError(f"flow.class_conditional=true needs labelled data, but the dataset '{cfg.data.name}' "
+                              f"{cfg.data.path} has no labels. Use labelled data or flow.class_conditional=false.")
         d = to_dict(cfg)
         return FlowModule(glow_from_config(d, channels, cfg.data.resolution, num_classes), d)
     num_classes = resolve_num_classes(cfg, num_classes)
@@ -454,12 +478,16 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
                   "larger trainer.max_iters).", file=sys.stderr, flush=True)
     else:
         cfg = load_config(experiment, overrides)
-        run_dir, resume_iteration = None, None
+        run_dir, resume_iteration, saved_world = None, None, None
     check_devices(cfg.trainer)
     dm = build_datamodule(cfg)
     train = dm.prepare()  # a missing or unreadable data path fails here, before any directory is made
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = build_module(cfg, channels=train.channels, num_classes=train.num_classes)
+    if cfg.knowledge.enabled:
+        from trainer.callbacks.knowledge import check_constraint_fits
+
+        check_constraint_fits(cfg.knowledge.constraint, module)
     if resume:
         _check_shapes_match(saved_shapes, module, ckpt_path)
     new_dir = run_dir is None
@@ -469,7 +497,21 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
         if reuse_dir and (run_dir / "config.yaml").exists():  # resume=auto, but the last attempt left no checkpoint
             resume_iteration = -1  # the CSV logger keeps no row of the dead attempt (not even iteration 0's)
             _set_aside_attempt(run_dir, cfg)
+    fresh = not run_dir.exists() and not launched_follower()
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run = _finish_prepare(cfg, run_dir, module, dm, resume_iteration, ckpt_path, saved_world, new_dir)
+    except BaseException:
+        if fresh:
+            discard_unstarted(run_dir, None)
+        raise
+    run.fresh_dir = fresh
+    return run
+
+
+def _finish_prepare(cfg, run_dir, module, dm, resume_iteration, ckpt_path, saved_world, new_dir) -> Run:
+    """prepare_run once the run directory exists: the trainer, the checks that need it, config.yaml."""
+    resume = ckpt_path is not None
     trainer, ckpt_cb, samples = build_trainer(cfg, run_dir, resume_iteration)
     _check_per_rank_batches(cfg, trainer.world_size)
     if resume and saved_world is not None and saved_world != trainer.world_size:
@@ -499,8 +541,10 @@ def train(experiment: Optional[str] = None, overrides: Optional[List[str]] = Non
     share_id = run.trainer.world_size > 1 and not launched_follower() and "GENSCALE_RUN_ID" not in os.environ
     if share_id:
         os.environ["GENSCALE_RUN_ID"] = run.run_dir.name
+    failed = True
     try:
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
+        failed = False
     except NonFiniteLossError as e:
         last = run.checkpointer.last_path
         raise NonFiniteLossError(f"{e} Last good checkpoint: {last or 'none was written yet'} "
@@ -509,6 +553,8 @@ def train(experiment: Optional[str] = None, overrides: Optional[List[str]] = Non
         if share_id:
             os.environ.pop("GENSCALE_RUN_ID", None)
         close_loggers(run.trainer)
+        if failed and run.fresh_dir and run.trainer.is_global_zero:
+            discard_unstarted(run.run_dir, run.module)
     return run
 
 

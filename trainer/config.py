@@ -521,6 +521,7 @@ def load_config(experiment: Optional[str] = None, overrides: Optional[List[str]]
         cfg = _merge_layer(cfg, layer, source)
     _undo_yaml_booleans(cfg)
     _deepspeed_overrules_experiment_speed_switches(cfg, [layer for _, layer in command_line])
+    _check_batch_not_shadowed(cfg, [layer for _, layer in command_line])
     validate(cfg)
     OmegaConf.set_readonly(cfg, False)
     OmegaConf.set_struct(cfg, True)
@@ -547,6 +548,20 @@ def _undo_yaml_booleans(cfg: DictConfig) -> None:
     for key, choices in CHOICES.items():
         if "off" in choices and str(OmegaConf.select(cfg, key)) == "False":
             OmegaConf.update(cfg, key, "off")
+
+
+def _check_batch_not_shadowed(cfg: DictConfig, command_line: List[DictConfig]) -> None:
+    """A Progressive GAN with pgan.batch_sizes takes its batch from that list: data.batch_size given on the
+    command line alone would be silently ignored."""
+    def given(key):
+        return any(OmegaConf.select(layer, key, default=None) is not None for layer in command_line)
+
+    sizes = list(cfg.pgan.batch_sizes)
+    if cfg.model.name == "pgan" and sizes and given("data.batch_size") and not given("pgan.batch_sizes"):
+        b = cfg.data.batch_size
+        raise ConfigError(f"data.batch_size={b} would be ignored: pgan.batch_sizes={sizes} sets the batch at each "
+                          f"resolution. Give pgan.batch_sizes=[{', '.join([str(b)] * len(sizes))}] (one per "
+                          f"resolution), or pgan.batch_sizes=[] to use data.batch_size at every resolution.")
 
 
 def _deepspeed_overrules_experiment_speed_switches(cfg: DictConfig, command_line: List[DictConfig]) -> None:

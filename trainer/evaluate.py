@@ -114,7 +114,7 @@ def train_feature_net(dataset: str, resolution: int, data_path: str = "", featur
     val = load_split(dataset, "val", resolution, val_fraction, data_path)
     if train.num_classes < 2:
         raise DataError(f"The domain feature network is a classifier and needs labels, but '{dataset}' "
-                        f"{data_path} has {train.num_classes} class. Add 'labels' to the data or use "
+                        f"{data_path} has {train.num_classes} class(es). Add 'labels' to the data or use "
                         "eval.features=inception.")
     print(f"genscale: training the domain feature network for {dataset} at {resolution} px "
           f"({len(train)} train images, {epochs} epochs; done once, then reused from {path})", file=sys.stderr)

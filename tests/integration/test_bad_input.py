@@ -201,3 +201,36 @@ def test_gpu_count_that_does_not_match_the_machine_or_allocation(tmp_path, capsy
     with pytest.raises(ConfigError, match="--ntasks-per-node=2"):
         check_devices(load_config("gan_digits", ["trainer.accelerator=gpu", "trainer.devices=4"]).trainer)
     check_devices(load_config("gan_digits", ["trainer.accelerator=gpu", "trainer.devices=2"]).trainer)  # matches
+
+
+def test_a_run_directory_without_checkpoint_points_to_resume_auto(tmp_path, capsys):
+    """A run killed before its first checkpoint leaves config.yaml only: `resume=<dir>` could not load
+    anything, so the message names resume=auto (which starts it again in place)."""
+    (tmp_path / "gan_digits" / "r2").mkdir(parents=True)
+    (tmp_path / "gan_digits" / "r2" / "config.yaml").write_text("x: 1\n")
+    assert main(["train", "gan_digits", *_base(tmp_path), "trainer.max_iters=2", "logging.run_id=r2"]) == 2
+    assert "wrote no checkpoint" in capsys.readouterr().err
+    assert main(["train", "gan_digits", *_base(tmp_path), "trainer.max_iters=2", "logging.run_id=r2",
+                 "resume=auto"]) == 0
+
+
+def test_class_consistency_on_an_unconditional_model_is_refused_before_anything_is_written(tmp_path, capsys):
+    """Refused with a short error before the run directory is made and before the constraint's own
+    classifier is trained (it was a traceback from inside fit)."""
+    assert main(["train", "gan_digits", *_base(tmp_path), "knowledge.enabled=true",
+                 "knowledge.constraint=class_consistency"]) == 2
+    err = capsys.readouterr().err
+    assert "class_consistency needs a class-conditional model" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_class_conditional_flow_on_unlabelled_data_is_refused(tmp_path, capsys):
+    """flow.class_conditional=true is a request: on data without labels it used to train an unconditional
+    flow while config.yaml said class_conditional: true."""
+    import numpy as np
+
+    np.savez(tmp_path / "u.npz", images=np.random.default_rng(0).integers(0, 256, (64, 8, 8), dtype=np.uint8))
+    assert main(["train", "glow_digits", *_base(tmp_path), "data.name=npz", f"data.path={tmp_path}/u.npz",
+                 "flow.class_conditional=true"]) == 2
+    assert "flow.class_conditional=true needs labelled data" in capsys.readouterr().err
+    assert not (tmp_path / "glow_digits").exists()

@@ -134,3 +134,35 @@ def test_a_run_on_a_shard_pattern_evaluates_on_the_directorys_val_split(digit_sh
     lonely.mkdir()
     with pytest.raises(DataError, match="pattern with none beside its shards"):
         load_shard_split(f"{lonely}/train-{{0..1}}.tar", "val")
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_directory(digit_shards, tmp_path, capsys):
+    """A failure at the start of fit (here: exact mode with more workers than shards) removes the run
+    directory it had just made, so the same command with the cause fixed simply runs (before, the id was
+    blocked by a directory holding only config.yaml, with a hint to resume a run that had no checkpoint)."""
+    from data_pipelines.builtin import DataError
+
+    base = ["data.name=shards", f"data.path={digit_shards}", "data.mode=exact", "logging.wandb=false",
+            "trainer.progress_bar=false", f"logging.root={tmp_path}", "logging.run_id=r1", "trainer.max_iters=2"]
+    with pytest.raises((DataError, ValueError), match="needs at least ranks x workers"):
+        train("gan_digits", base + ["data.num_workers=16"])
+    assert not (tmp_path / "gan_digits" / "r1").exists()
+    assert "failed before its first step" in capsys.readouterr().err
+    assert int(train("gan_digits", base).module.iteration) == 2
+
+
+def test_a_failure_after_training_started_keeps_the_directory(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from trainer.build import discard_unstarted
+
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    trained = SimpleNamespace(iteration=torch.tensor(3))
+    assert not discard_unstarted(run_dir, trained) and run_dir.is_dir()
+    (run_dir / "checkpoints" / "iter-0000003.ckpt").write_bytes(b"x")
+    assert not discard_unstarted(run_dir, None) and run_dir.is_dir()
+    (run_dir / "checkpoints" / "iter-0000003.ckpt").unlink()
+    assert discard_unstarted(run_dir, None) and not run_dir.exists()

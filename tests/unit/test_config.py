@@ -401,3 +401,13 @@ def test_run_ids_from_the_environment_are_checked_too(monkeypatch):
     monkeypatch.setenv("GENSCALE_RUN_ID", "../x")
     with pytest.raises(ConfigError, match=r"\$GENSCALE_RUN_ID='../x' is not a valid run id"):
         default_run_id()
+
+
+def test_a_batch_the_pgan_schedule_would_ignore_is_refused():
+    """pgan_mnist5k sets pgan.batch_sizes, so data.batch_size alone on the command line would not change
+    the batch (it trained at 32, then 16): refused with both fixes named. With the list given too, or
+    emptied, data.batch_size counts."""
+    with pytest.raises(ConfigError, match=r"pgan.batch_sizes=\[8, 8, 8, 8\].*pgan.batch_sizes=\[\]"):
+        load_config("pgan_mnist5k", ["data.batch_size=8"])
+    assert load_config("pgan_mnist5k", ["data.batch_size=8", "pgan.batch_sizes=[]"]).data.batch_size == 8
+    assert list(load_config("pgan_mnist5k", ["data.batch_size=8", "pgan.batch_sizes=[8,8,8,8]"]).pgan.batch_sizes) == [8] * 4

@@ -618,3 +618,19 @@ def test_http_shards_with_their_index(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_npz_without_labels_is_unlabelled_not_one_class(tmp_path):
+    """No 'labels' array: 0 classes (as an unlabelled image folder), both read directly and written to
+    shards; an npz whose labels are all 0 is one class."""
+    from data_pipelines.builtin import load_split
+
+    imgs = np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "u.npz", images=imgs)
+    np.savez(tmp_path / "one.npz", images=imgs, labels=np.zeros(20, np.int64))
+    assert load_split("npz", "train", 8, path=str(tmp_path / "u.npz")).num_classes == 0
+    assert load_split("npz", "train", 8, path=str(tmp_path / "one.npz")).num_classes == 1
+    index = shards.write_shards("npz", tmp_path / "us", input_path=str(tmp_path / "u.npz"))
+    assert (index["labels"], index["num_classes"], index["classes"]) == (False, 0, [])
+    index = shards.write_shards("npz", tmp_path / "os", input_path=str(tmp_path / "one.npz"))
+    assert (index["labels"], index["num_classes"], index["classes"]) == (True, 1, ["0"])

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from trainer.knowledge.constraints import ClassConsistency, Constraint, Symmetry
 from trainer.knowledge.teacher import gather_cat, importance_teacher, irl_loss, reverse_kl_loss, weighted_nll_term, world
+from trainer.config import ConfigError
 from trainer.counters import iteration_of
 
 
@@ -56,6 +57,16 @@ def frozen(module: torch.nn.Module):
 def _conditional_classes(pl_module) -> int:
     glow = getattr(pl_module, "glow", None)
     return int(glow.num_classes) if glow is not None else int(getattr(pl_module, "num_classes", 0))
+
+
+def check_constraint_fits(constraint: str, pl_module) -> None:
+    """class_consistency scores the class G (or the flow) was asked for: it needs a class-conditional model.
+    Checked before the run directory is made and before its classifier is trained."""
+    if constraint == "class_consistency" and not _conditional_classes(pl_module):
+        raise ConfigError("knowledge.constraint=class_consistency needs a class-conditional model (it scores "
+                          "the requested class), and this one has no classes: use a class-conditional model "
+                          "(biggan on labelled data, or glow with flow.class_conditional=true) or "
+                          "knowledge.constraint=symmetry.")
 
 
 class KnowledgeCallback(L.Callback):
@@ -93,9 +104,8 @@ class KnowledgeCallback(L.Callback):
 
     # ---- wiring -----------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage=None):
-        if isinstance(self.constraint, ClassConsistency) and not _conditional_classes(pl_module):
-            raise ValueError("knowledge.constraint=class_consistency needs a class-conditional model (it scores "
-                             "the requested class); use a conditional model or knowledge.constraint=symmetry.")
+        if isinstance(self.constraint, ClassConsistency):
+            check_constraint_fits("class_consistency", pl_module)
         self.constraint.to(pl_module.device)
         if self.constraint.learned and self.opt is None:
             self.opt = torch.optim.AdamW(self.constraint.parameters(), lr=self.k["phi_lr"],
