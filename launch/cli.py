@@ -118,7 +118,7 @@ def cmd_eval(args) -> int:
     del ckpt
     result = evaluate_checkpoint(args.target, num_samples=args.num, seed=args.seed, use_ema=not args.no_ema,
                                  features_dir=args.features_dir, truncation=args.truncation,
-                                 bn_mode=args.bn_mode)
+                                 bn_mode=args.bn_mode, features=args.features)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -332,8 +332,9 @@ def _bench_parser(sp) -> None:
     t.add_argument("--profile-top", type=int, default=12, metavar="K",
                    help="kernels (or ops) kept in the profile's list")
     t.add_argument("--variant", action="append", default=None, metavar="'KEY=VALUE ...'",
-                   help="extra overrides measured as one more row in the same process (repeatable; '' is the "
-                        "overrides alone): switches on and off on the same card, without a process start each")
+                   help="extra overrides measured as a row of their own, in the same process (repeatable): "
+                        "switches on and off on the same card, without a process start each. With --variant "
+                        "only the variants are measured: add --variant '' for the overrides alone (a baseline)")
     t.add_argument("--out", default=None, help="append one JSON line per measurement to this file (appended: a "
                                                "sweep over several calls collects in one file)")
     t.set_defaults(takes_overrides=True)  # key=value overrides may also follow the options
@@ -439,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bn-mode", default=None, choices=["eval", "standing"],
                    help="GANs: BatchNorm statistics, running ('eval') or re-accumulated ('standing'); "
                         "default: the run's eval.bn_mode")
+    e.add_argument("--features", default=None, choices=["auto", "domain", "inception"],
+                   help="GANs: the feature network of FID/KID, instead of the run's eval.features")
     e.add_argument("--features-dir", default=None, help="where feature networks are kept")
     e.add_argument("--dataset", default=None, help="train-features: dataset name")
     e.add_argument("--resolution", type=int, default=32, help="train-features: image resolution")

@@ -109,7 +109,8 @@ def _unavailable(reason: str) -> InceptionUnavailableError:
         f"(torchmetrics[image], which brings torch-fidelity and torchvision), then on a machine with internet "
         f"download {INCEPTION_URL} and copy the file {INCEPTION_WEIGHTS} into the torch hub checkpoints directory "
         f"{hub}/ (that is $TORCH_HOME/hub/checkpoints/, TORCH_HOME defaulting to ~/.cache/torch). For digit data "
-        f"use eval.features=domain instead, which needs no download.")
+        f"use the domain feature network instead, which needs no download: eval.features=domain in training, "
+        f"`genscale eval CKPT --features domain` afterwards.")
 
 
 def inception_feature_extractor(device: str | torch.device = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:

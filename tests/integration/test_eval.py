@@ -127,8 +127,12 @@ def test_inception_without_local_weights_fails_fast(run, tmp_path, monkeypatch, 
     torch.save(ckpt, edited)
     capsys.readouterr()
     assert main(["eval", str(edited)]) == 2
-    assert "Inception-v3 features are not available" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Inception-v3 features are not available" in err and "--features domain" in err
     assert not (tmp_path / "eval.jsonl").exists()
+    # the fix the message names works on that same checkpoint
+    assert main(["eval", str(edited), "--features", "domain", "--num", "50"]) == 0
+    assert json.loads(capsys.readouterr().out)["protocol"]["features"].startswith("domain-classifier")
 
 
 def test_copied_run_dir_without_config_gets_no_log(run, tmp_path):
