@@ -260,10 +260,15 @@ def cmd_bench_train(args) -> int:
 
 def cmd_bench_memory(args) -> int:
     from trainer.bench import resolve_compile_mode
-    from trainer.bench_memory import ProbeError, format_memory, probe_config, run_memory_bench
+    from trainer.bench_memory import ProbeError, format_memory, probe_config, probes_on_cuda, run_memory_bench
 
     if args.check:
         cfg = probe_config(args.experiment, args.overrides, args.start, args.precision, args.steps, args.warmup)
+        try:
+            probes_on_cuda(cfg, args.memory_gb)
+        except ValueError as e:
+            print(f"genscale bench memory: error: {e}", file=sys.stderr)
+            return 2
         print(f"ok: {args.experiment} from batch {cfg.data.batch_size} {cfg.trainer.precision} compile "
               f"{resolve_compile_mode(str(cfg.trainer.compile), args.compile)} (largest batch)")
         return 0

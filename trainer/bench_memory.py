@@ -145,6 +145,18 @@ def run_probe(cmd: List[str], batch: int, memory_gb: Optional[float], cuda: bool
     return row
 
 
+def probes_on_cuda(cfg, memory_gb: Optional[float]) -> bool:
+    """Whether the probes run on CUDA; on the CPU a memory limit is required (also checked by --check)."""
+    import torch
+
+    cuda = str(cfg.trainer.accelerator) in ("gpu", "cuda") or (
+        str(cfg.trainer.accelerator) == "auto" and torch.cuda.is_available())
+    if not cuda and not memory_gb:
+        raise ValueError("on the CPU nothing runs out of memory: give --memory-gb G (a probe fits when its "
+                         "peak resident memory is at most G GB), or run on a GPU (trainer.accelerator=gpu)")
+    return cuda
+
+
 def run_memory_bench(experiment: str, overrides: Optional[List[str]] = None, *, start: Optional[int] = None,
                      multiple: int = 8, maximum: int = 8192, precision: Optional[str] = None,
                      compile_nets: Optional[bool] = None, steps: int = 2, warmup: int = 1,
@@ -155,11 +167,7 @@ def run_memory_bench(experiment: str, overrides: Optional[List[str]] = None, *, 
     from trainer.bench import _commit
 
     cfg = probe_config(experiment, overrides, start, precision, steps, warmup)  # config errors before any probe
-    cuda = str(cfg.trainer.accelerator) in ("gpu", "cuda") or (
-        str(cfg.trainer.accelerator) == "auto" and torch.cuda.is_available())
-    if not cuda and not memory_gb:
-        raise ValueError("on the CPU nothing runs out of memory: give --memory-gb G (a probe fits when its "
-                         "peak resident memory is at most G GB), or run on a GPU (trainer.accelerator=gpu)")
+    cuda = probes_on_cuda(cfg, memory_gb)
     start = int(cfg.data.batch_size)
     probes: List[dict] = []
 

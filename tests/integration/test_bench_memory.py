@@ -28,6 +28,10 @@ def test_a_probe_over_the_budget_does_not_fit(tmp_path, capsys):
 def test_refusals_cost_no_probe(capsys):
     assert main(["bench", "memory", "gan_digits", "trainer.accelerator=cpu"]) == 2
     assert "on the CPU nothing runs out of memory: give --memory-gb G" in capsys.readouterr().err
+    # --check, the dry run, says so too (it answered ok, and the real command then failed)
+    assert main(["bench", "memory", "gan_digits", "trainer.accelerator=cpu", "--check"]) == 2
+    assert "give --memory-gb G" in capsys.readouterr().err
+    assert main(["bench", "memory", "gan_digits", "trainer.accelerator=cpu", "--check", "--memory-gb", "2"]) == 0
     assert main(["bench", "memory", "gan_digits", "optim.bogus=1", "--memory-gb", "1"]) == 2
     assert "Unknown config key 'optim.bogus'" in capsys.readouterr().err
     assert main(["bench", "memory", "gan_digits", "--memory-gb", "1", "--multiple", "64", "--max", "32"]) == 2
