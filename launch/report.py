@@ -41,6 +41,7 @@ class RunData:
     config: dict
     rows: List[Dict[str, float]]
     samples: List[Path] = field(default_factory=list)
+    config_file: str = "config.yaml"
 
     def series(self, key: str):
         pts = [(r["progress/kimg"], r[key]) for r in self.rows if key in r and "progress/kimg" in r]
@@ -133,14 +134,21 @@ def fill_kimg(rows: List[Dict[str, float]]) -> None:
                 kimgs[-1] / its[-1] if it > its[-1] else kimgs[0] / max(its[0], 1.0))
 
 
+def latest_config(path: Path) -> Path:
+    """The config the run last trained with: a resume writes config.resume-<time>.yaml beside the first
+    (the names sort by time), and may have changed trainer.max_iters and other settings."""
+    return max(path.glob("config.resume-*.yaml"), default=path / "config.yaml")
+
+
 def load_run(path: Path) -> RunData:
-    cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    config_file = latest_config(path)
+    cfg = yaml.safe_load(config_file.read_text()) or {}
     rows = read_metrics(path / "metrics.csv")
     fill_kimg(rows)
     if not rows:
         _fail(path, "it has no metrics.csv rows yet")
     name = f"{cfg.get('experiment') or path.parent.name}/{path.name}"
-    return RunData(path, name, cfg, rows, sorted((path / "samples").glob("iter_*.png")))
+    return RunData(path, name, cfg, rows, sorted((path / "samples").glob("iter_*.png")), config_file.name)
 
 
 # ---- pieces of the page ----------------------------------------------------------------------
@@ -243,7 +251,7 @@ def config_section(runs: List[RunData]) -> str:
             parts.append(f"<h3>Settings that differ</h3><table><tr><th>key</th>{head}</tr>{rows}</table>")
     for r in runs:
         text = yaml.safe_dump(r.config, sort_keys=False)
-        parts.append(f"<details{' open' if len(runs) == 1 else ''}><summary>{html.escape(r.name)}: config.yaml"
+        parts.append(f"<details{' open' if len(runs) == 1 else ''}><summary>{html.escape(r.name)}: {r.config_file}"
                      f"</summary><pre>{html.escape(text)}</pre></details>")
     return "".join(parts)
 

@@ -137,3 +137,14 @@ def test_rows_without_kimg_are_placed_by_iteration():
             {"iteration": 6.0, "eval/fid": 4.0}]
     fill_kimg(rows)
     assert [r["progress/kimg"] for r in rows] == pytest.approx([0.0, 0.064, 0.128, 0.096, 0.192])
+
+
+def test_a_resumed_run_shows_the_config_it_last_trained_with(tmp_path, capsys):
+    """A resume to a larger trainer.max_iters writes config.resume-<time>.yaml: the report shows that
+    config (it showed the first, max_iters 2, beside iteration 4)."""
+    run = train("gan_digits", tiny(tmp_path, "trainer.max_iters=2", "logging.run_id=r", "trainer.log_every=1"))
+    train(None, [f"resume={run.run_dir}", "trainer.max_iters=4"])
+    (resumed,) = run.run_dir.glob("config.resume-*.yaml")
+    page, _ = report(tmp_path, run.run_dir)
+    shown = page.split(f"{resumed.name}</summary><pre>", 1)[1].split("</pre>", 1)[0]
+    assert "max_iters: 4" in shown and "max_iters: 2" not in shown
