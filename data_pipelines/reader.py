@@ -166,6 +166,9 @@ def resolve_shards(path: str, split: str = "train", allow_pipe: bool = False) ->
         raise DataError(f"data.path='{path}' names no shards (an empty list). Point it at a shard directory "
                         "or a pattern like train-{000000..000009}.tar.")
     missing = [u for u in urls if not _is_remote(u) and not u.startswith("pipe:") and not os.path.exists(u)]
+    if missing and len(urls) == 1 and not urls[0].endswith(".tar"):
+        raise DataError(f"data.path='{path}' does not exist. Point it at a shard directory written by `genscale data "
+                        "write` (with index.json) or at shards like train-{000000..000009}.tar.")
     if missing:
         raise DataError(f"{len(missing)} of {len(urls)} shard(s) do not exist, e.g. '{missing[0]}'. "
                         "Check data.path (and the brace range).")

@@ -104,7 +104,7 @@ def newest_checkpoint(run_dir: Path) -> Optional[str]:
             load_checkpoint(path)
             return str(path)
         except CheckpointError as e:
-            print(f"genscale: skipping unusable checkpoint: {e}", file=sys.stderr)
+            print(f"genscale: skipping unusable checkpoint: {e.problem} Trying the next older one.", file=sys.stderr)
     return None
 
 
@@ -207,8 +207,13 @@ def resolve_num_classes(cfg: DictConfig, data_classes: int) -> int:
     """The model's class count: model.num_classes, which must match the data's, or (0) the data's,
     recorded in the config so that a resume on data with another class count is refused at start."""
     want = int(cfg.model.num_classes)
+    data = f"'{cfg.data.name}'" + (f" at {cfg.data.path}" if cfg.data.path else "")
+    if want and not data_classes:
+        raise ConfigError(f"model.num_classes={want} (this run is class-conditional) but the dataset "
+                          f"{data} has no labels. Use labelled data with {want} classes, "
+                          "or start a new run on this data (model.num_classes=0).")
     if want and want != data_classes:
-        raise ConfigError(f"model.num_classes={want} but the dataset '{cfg.data.name}' {cfg.data.path} has "
+        raise ConfigError(f"model.num_classes={want} but the dataset {data} has "
                           f"{data_classes} classes (labels 0..{max(data_classes - 1, 0)}). Use data with {want} classes, "
                           f"or set model.num_classes={data_classes} (or 0: the data's count) for a new run.")
     cfg.model.num_classes = data_classes
@@ -232,8 +237,9 @@ def build_module(cfg: DictConfig, channels: int, num_classes: int):
         from trainer.flow_module import FlowModule, glow_from_config
 
         if cfg.flow.class_conditional and num_classes == 0:
-            raise ConfigError(f"flow.class_conditional=true needs labelled data, but the dataset '{cfg.data.name}' "
-                              f"{cfg.data.path} has no labels. Use labelled data or flow.class_conditional=false.")
+            where = f" at {cfg.data.path}" if cfg.data.path else ""
+            raise ConfigError(f"flow.class_conditional=true needs labelled data, but the dataset '{cfg.data.name}'"
+                              f"{where} has no labels. Use labelled data or flow.class_conditional=false.")
         d = to_dict(cfg)
         return FlowModule(glow_from_config(d, channels, cfg.data.resolution, num_classes), d)
     num_classes = resolve_num_classes(cfg, num_classes)

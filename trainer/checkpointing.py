@@ -21,7 +21,12 @@ from trainer.counters import iteration_of
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file, the problem and the fix."""
+    """A checkpoint that cannot be used; the message names the file, the problem and the fix.
+    ``problem``: the message without the fix (for callers that pass over the file themselves)."""
+
+    def __init__(self, message: str, problem: str = ""):
+        super().__init__(message)
+        self.problem = problem or message
 
 
 def _atomic_replace(tmp: Path, path: Path) -> None:
@@ -156,9 +161,10 @@ def load_checkpoint(path: str | Path) -> dict:
     except Exception as e:  # truncated zip, garbage bytes, pickle errors
         siblings = sorted(x.name for x in p.parent.glob("*.ckpt") if x != p)
         hint = f" Other checkpoints beside it: {', '.join(siblings)}." if siblings else ""
-        raise CheckpointError(f"Checkpoint '{p}' is truncated or corrupt and cannot be read "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]}).{hint} "
-                              "Nothing was changed; pass an intact checkpoint.") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        first = first if len(first) <= 200 else first[:200].rsplit(" ", 1)[0] + " ..."  # never cut in a word
+        problem = f"Checkpoint '{p}' is truncated or corrupt and cannot be read ({type(e).__name__}: {first})."
+        raise CheckpointError(f"{problem}{hint} Nothing was changed; pass an intact checkpoint.", problem) from None
     if not isinstance(ckpt, dict) or "genscale" not in ckpt or "state_dict" not in ckpt:
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"'{p}' is not a genscale checkpoint (it has no 'genscale' section; found {keys}). "

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"  # the configs package
@@ -451,6 +451,11 @@ def _merge_layer(base: DictConfig, layer: DictConfig, source: str) -> DictConfig
                               f"e.g. {section}.{next(iter(OmegaConf.select(base, section)))}=... "
                               f"(`genscale train --help-config` lists them).") from None
         key = getattr(e, "full_key", None) or "?"
+        current = OmegaConf.select(base, key, default=None) if key != "?" else None
+        if isinstance(current, ListConfig):  # OmegaConf says "AnyNode is not a ListConfig, ..."
+            example = ",".join(str(v) for v in current) or "..."
+            raise ConfigError(f"Bad value for '{key}' in {source}: it takes a list, e.g. {key}=[{example}] "
+                              "(`genscale train --help-config` shows each key's type).") from None
         msg = str(getattr(e, "msg", e)).splitlines()[0]
         raise ConfigError(f"Bad value for '{key}' in {source}: {msg}. "
                           "Fix the value to the type shown in `genscale train --help-config`.") from None
@@ -476,6 +481,9 @@ def _load_experiment(name_or_path: str, seen: Optional[set] = None) -> List[tupl
     """Returns [(source, DictConfig)] for the experiment and those it extends, base first."""
     seen = seen or set()
     path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and not path.exists():
+        raise ConfigError(f"Experiment file '{name_or_path}' does not exist (from {Path.cwd()}). Give an existing "
+                          f".yaml file or an experiment name (`genscale list experiments`).")
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
         path = EXPERIMENT_DIR / f"{name_or_path}.yaml"
     if not path.exists():

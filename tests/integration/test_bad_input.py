@@ -234,3 +234,8 @@ def test_a_class_conditional_flow_on_unlabelled_data_is_refused(tmp_path, capsys
                  "flow.class_conditional=true"]) == 2
     assert "flow.class_conditional=true needs labelled data" in capsys.readouterr().err
     assert not (tmp_path / "glow_digits").exists()
+
+
+def test_a_missing_shard_directory_is_named_as_such(tmp_path, capsys):
+    assert main(["train", "gan_digits", *_base(tmp_path), "data.name=shards", f"data.path={tmp_path}/nope"]) == 2
+    assert f"data.path='{tmp_path}/nope' does not exist" in capsys.readouterr().err

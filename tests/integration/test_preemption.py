@@ -116,7 +116,8 @@ def test_resume_auto_falls_back_to_an_intact_last_ckpt(tmp_path):
     (ckpts / "iter-0000002.ckpt").write_bytes(whole[:1000])
     res = subprocess.run(_cmd(tmp_path, "trainer.max_iters=3"), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "skipping unusable checkpoint" in res.stderr
+    assert "skipping unusable checkpoint" in res.stderr and "Trying the next older one" in res.stderr
+    assert "Nothing was changed" not in res.stderr  # that advice is for an explicit resume, which stops
     meta = load_checkpoint(ckpts / "iter-0000003.ckpt")["genscale"]
     assert meta["config"]["resume"].endswith("checkpoints/last.ckpt")  # continued, not started over
 

@@ -411,3 +411,21 @@ def test_a_batch_the_pgan_schedule_would_ignore_is_refused():
         load_config("pgan_mnist5k", ["data.batch_size=8"])
     assert load_config("pgan_mnist5k", ["data.batch_size=8", "pgan.batch_sizes=[]"]).data.batch_size == 8
     assert list(load_config("pgan_mnist5k", ["data.batch_size=8", "pgan.batch_sizes=[8,8,8,8]"]).pgan.batch_sizes) == [8] * 4
+
+
+def test_messages_for_a_list_key_given_a_number_and_a_missing_experiment_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"it takes a list, e.g. optim.g.betas=\[0.5,0.999\]"):
+        load_config("gan_digits", ["optim.g.betas=0.5"])
+    with pytest.raises(ConfigError, match="Experiment file '.*nope.yaml' does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_a_labelled_run_on_unlabelled_data_names_the_missing_labels():
+    from trainer.build import resolve_num_classes
+
+    cfg = load_config("biggan_mnist5k", ["model.num_classes=10"])
+    with pytest.raises(ConfigError, match="has no labels. Use labelled data with 10 classes"):
+        resolve_num_classes(cfg, 0)
+    with pytest.raises(ConfigError, match="has 3 classes"):
+        resolve_num_classes(cfg, 3)
+    assert resolve_num_classes(load_config("biggan_mnist5k"), 0) == 0
