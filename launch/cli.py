@@ -494,6 +494,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except _user_errors() as e:
         print(f"genscale {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `genscale list | head`: the reader has gone, which is not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail too
+        return 141  # as a shell reports a process ended by SIGPIPE
 
 
 if __name__ == "__main__":

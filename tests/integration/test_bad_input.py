@@ -239,3 +239,15 @@ def test_a_class_conditional_flow_on_unlabelled_data_is_refused(tmp_path, capsys
 def test_a_missing_shard_directory_is_named_as_such(tmp_path, capsys):
     assert main(["train", "gan_digits", *_base(tmp_path), "data.name=shards", f"data.path={tmp_path}/nope"]) == 2
     assert f"data.path='{tmp_path}/nope' does not exist" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_a_listing_quietly(tmp_path):
+    """`genscale list | head -1`: the reader goes away; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    from tests.distributed.helpers import REPO, clean_env
+
+    proc = subprocess.run(f"{sys.executable} -m launch.cli list all | head -1", shell=True, cwd=REPO,
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "models:" and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
