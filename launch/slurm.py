@@ -54,6 +54,8 @@ def render_script(experiment: str, nodes: int, gpus_per_node: int, run_dir: Path
         sb.append(f"--cpus-per-task={cpus_per_task}")
     sb += [f"--partition={partition}"] * bool(partition) + [f"--time={time}"] * bool(time)
     sb += [f"--account={account}"] * bool(account)
+    # the script sets the run id, root and resume itself: a user's logging.run_id=... is not repeated
+    overrides = [o for o in overrides if not o.startswith(("logging.run_id=", "logging.root=", "resume="))]
     train = [sys.executable, "-m", "launch.cli", "train", experiment, *overrides, f"trainer.num_nodes={nodes}",
              f"trainer.devices={gpus_per_node}", f"logging.root={run_dir.parent.parent}",
              f"logging.run_id={run_id}", "resume=auto"]

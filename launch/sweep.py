@@ -133,8 +133,9 @@ def expand(spec: dict, count: Optional[int] = None, seed: int = 0) -> List[Dict[
         return [dict(zip(names, combo)) for combo in itertools.product(*axes)]
     count = count if count is not None else spec.get("run_cap")
     if not isinstance(count, int) or count < 1:
-        raise LaunchError(f"A random sweep needs a number of trials of at least 1 (run_cap in the file or --count N), "
-                          f"got {count!r}.")
+        got = "neither was given" if count is None else f"got {count!r}"
+        raise LaunchError(f"A random sweep needs a number of trials of at least 1 (run_cap in the file or --count N): "
+                          f"{got}.")
     rng = random.Random(seed)
     return [{n: _draw(n, params[n], rng) for n in names} for _ in range(int(count))]
 
@@ -437,7 +438,8 @@ def cmd_sweep(args) -> int:
             shutil.rmtree(sweep_dir, ignore_errors=True)  # nothing was submitted: the --id stays free
             raise
     except FileExistsError as e:
-        print(f"genscale sweep: error: sweep directory {e.filename} exists: choose another --id.", file=sys.stderr)
+        print(f"genscale sweep: error: sweep directory {e.filename} exists: choose another --id, or continue that "
+              f"sweep with --resume --id {Path(e.filename).name}.", file=sys.stderr)
         return 2
     except LaunchError as e:
         print(f"genscale sweep: error: {e}", file=sys.stderr)

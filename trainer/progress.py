@@ -98,7 +98,7 @@ def run_summary(run) -> str:
     lines = [f"{head} ({images_of(run.module) / 1000:g} kimg)",
              f"  run directory  {d}",
              f"  checkpoints    {d / 'checkpoints'} (last: {ckpt.name if ckpt else 'none'})",
-             f"  samples        {d / 'samples'} ({len(samples)} grids"
+             f"  samples        {d / 'samples'} ({len(samples)} grid{'' if len(samples) == 1 else 's'}"
              + (f", last: {samples[-1].name})" if samples else ")"),
              f"  metrics        {d / 'metrics.csv'}",
              f"  report         genscale report {shlex.quote(str(d))} --out {shlex.quote(str(d / 'report.html'))}"]

@@ -55,6 +55,7 @@ def test_launch_options_default_to_the_configs_launch_section_and_the_config_is_
                  "launch.partition=gpuq", "launch.time=01:00:00", "logging.run_id=s"]) == 0
     script = (tmp_path / "gan_digits" / "s" / "launch.sbatch").read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --partition=gpuq" in script and "--time=01:00:00" in script
+    assert script.count("logging.run_id=") == 1 and script.count("logging.root=") == 1  # set once, by the script
     # launching again into that run id with other settings would overwrite its script: refused
     assert main(["launch", "slurm", "gan_digits", f"logging.root={tmp_path}", "logging.run_id=s"]) == 2
     assert "other settings" in capsys.readouterr().err

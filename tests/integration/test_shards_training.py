@@ -49,8 +49,9 @@ def test_train_on_shards_checkpoint_and_resume(digit_shards, tmp_path):
     import csv
 
     with open(run.run_dir / "metrics.csv") as fh:
-        skipped = [r["data/skipped"] for r in csv.DictReader(fh) if r.get("data/skipped")]
-    assert skipped and float(skipped[0]) == 0.0  # the reader's skip counter is logged
+        skipped = [r for r in csv.DictReader(fh) if r.get("data/skipped")]
+    assert skipped and float(skipped[0]["data/skipped"]) == 0.0  # the reader's skip counter is logged,
+    assert skipped[0]["iteration"] == "1.0" and float(skipped[0]["progress/kimg"]) > 0  # keyed like the rest
     ckpt = load_checkpoint(str(run.run_dir))
     state = ckpt["ShardDataModule"]
     # 5 batches of 3-batch epochs: epoch 0 done, 2 batches into epoch 1.

@@ -70,6 +70,9 @@ def test_bad_sweeps_and_offline_wandb_are_refused(tmp_path, capsys, monkeypatch,
         assert main(["sweep", str(sweep_file()), "--root", str(tmp_path), "--id", "p", *argv]) == 2
         assert "--parallel" in capsys.readouterr().err
     assert not (tmp_path / "sweeps" / "p").exists()  # refused before anything was written
+    (tmp_path / "sweeps" / "taken").mkdir(parents=True)
+    assert main(["sweep", str(sweep_file()), "--root", str(tmp_path), "--id", "taken"]) == 2
+    assert "choose another --id, or continue that sweep with --resume --id taken" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, message", [
@@ -81,6 +84,7 @@ def test_bad_sweeps_and_offline_wandb_are_refused(tmp_path, capsys, monkeypatch,
     ("method: random\nrun_cap: 2\nparameters: {a: {distribution: log_uniform_values, min: 0, max: 1}}",
      "min > 0"),
     ("method: random\nrun_cap: 2\nparameters: {a: {distribution: uniform, max: 1}}", "needs numbers 'min' and 'max'"),
+    ("method: random\nparameters: {a: {values: [1, 2]}}", "run_cap in the file or --count N): neither was given"),
     ("method: random\nparameters: {a: {distribution: uniform, min: 0, max: 1}}", "at least 1"),
     ("parameters: {a: {values: [1]}}\ncommand: [python, -c, pass]", "${args_no_hyphens}"),
 ])

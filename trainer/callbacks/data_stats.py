@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from trainer.counters import iteration_of
+from trainer.counters import images_of, iteration_of
 
 
 class DataSkippedCallback(L.Callback):
@@ -21,4 +21,6 @@ class DataSkippedCallback(L.Callback):
         total = trainer.strategy.reduce(torch.tensor(float(dm.skipped), device=pl_module.device), reduce_op="sum")
         if trainer.is_global_zero:
             for lg in trainer.loggers:
-                lg.log_metrics({"data/skipped": float(total)}, step=it)
+                # keyed like the modules' rows, so metrics.csv and the report place it by iteration and kimg
+                lg.log_metrics({"data/skipped": float(total), "iteration": float(it),
+                                "progress/kimg": images_of(pl_module) / 1000.0}, step=it)
