@@ -108,6 +108,30 @@ def newest_checkpoint(run_dir: Path) -> Optional[str]:
     return None
 
 
+def _supersede_evals(run_dir: Path, iteration: int) -> None:
+    """A run resumed at ``iteration`` drops the later rows of metrics.csv (that stretch of training is gone,
+    and is trained again); its evaluations of those iterations move from eval.jsonl to
+    eval.superseded.jsonl, so eval.jsonl describes the run's one history (and nothing is deleted)."""
+    import json
+
+    log = run_dir / "eval.jsonl"
+    if not log.is_file():
+        return
+    keep, gone = [], []
+    for line in log.read_text().splitlines():
+        try:
+            later = int(json.loads(line).get("iteration", -1)) > iteration
+        except (ValueError, TypeError, AttributeError):
+            later = False
+        (gone if later else keep).append(line)
+    if gone:
+        with open(run_dir / "eval.superseded.jsonl", "a") as fh:
+            fh.write("".join(f"{x}\n" for x in gone))
+        tmp = log.with_name(f"eval.jsonl.tmp-{os.getpid()}")
+        tmp.write_text("".join(f"{x}\n" for x in keep))
+        os.replace(tmp, log)
+
+
 def _set_aside_attempt(run_dir: Path, cfg: DictConfig) -> None:
     """A fresh start in the directory of an attempt that died before its first checkpoint: its metrics.csv
     rows are dropped (the CSV logger keeps none of them) and its W&B files are moved to
@@ -187,6 +211,9 @@ def make_run_dir(cfg: DictConfig, reuse: bool = False) -> Path:
     run_id = cfg.logging.run_id or default_run_id()
     base = Path(cfg.logging.root) / (cfg.experiment or "default")
     run_dir = base / run_id
+    if (run_dir / "launch.sbatch").exists() and not (run_dir / "config.yaml").exists() and not reuse:
+        raise RunDirError(f"Run directory '{run_dir}' was made by `genscale launch slurm` for its job script: "
+                          f"submit it (sbatch {run_dir / 'launch.sbatch'}), or choose a new logging.run_id.")
     if (run_dir / "config.yaml").exists() and not reuse:
         if explicit or os.environ.get("GENSCALE_RUN_ID") or os.environ.get("SLURM_JOB_ID"):  # a name others rely on
             if newest_checkpoint(run_dir) is None:
@@ -527,6 +554,8 @@ def _finish_prepare(cfg, run_dir, module, dm, resume_iteration, ckpt_path, saved
             "and its random stream depend on the number of processes, so the run would not continue where it "
             f"stopped. Resume with {saved_world} process(es), or start a new run.")
     if trainer.is_global_zero:
+        if resume_iteration is not None:
+            _supersede_evals(run_dir, resume_iteration)
         name = "config.yaml" if new_dir else f"config.resume-{_dt.datetime.now():%Y%m%d-%H%M%S}.yaml"
         (run_dir / name).write_text(to_yaml(cfg))
     return Run(cfg, run_dir, module, dm, trainer, ckpt_path, ckpt_cb, samples)

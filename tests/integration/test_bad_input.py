@@ -251,3 +251,12 @@ def test_a_closed_pipe_ends_a_listing_quietly(tmp_path):
     proc = subprocess.run(f"{sys.executable} -m launch.cli list all | head -1", shell=True, cwd=REPO,
                           env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "models:" and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_a_directory_made_for_a_slurm_script_is_not_trained_into(tmp_path, capsys):
+    """`genscale launch slurm` writes launch.sbatch into the run directory; a plain `genscale train` with
+    that run id would start the run there with other process counts before the job does."""
+    assert main(["launch", "slurm", "gan_digits", *_base(tmp_path), "logging.run_id=sl1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "gan_digits", *_base(tmp_path), "logging.run_id=sl1"]) == 2
+    assert "sbatch" in capsys.readouterr().err and not (tmp_path / "gan_digits" / "sl1" / "config.yaml").exists()

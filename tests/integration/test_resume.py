@@ -59,3 +59,22 @@ def test_resume_exact_vanilla_with_batchnorm_and_ema(tmp_path):
 def test_resume_exact_wgan_gp_with_critic_steps_and_accumulation(tmp_path):
     _check_resume(tmp_path, "gan_digits", 4, ["loss.name=wgan_gp", "model.d_norm=layer", "optim.n_critic=3",
                                               "optim.accumulate=2", "data.hflip=true"])
+
+
+def test_resume_from_an_older_checkpoint_supersedes_later_evaluations(tmp_path):
+    """resume=auto falls back to iteration 2 when iteration 4's checkpoint is torn: metrics.csv drops the
+    rows after 2, and eval.jsonl's evaluation of iteration 4 moves to eval.superseded.jsonl."""
+    import json as _json
+
+    from trainer.build import train
+
+    common = [f"logging.root={tmp_path}", "trainer.progress_bar=false", "logging.wandb=false",
+              "logging.run_id=e", "trainer.checkpoint.every_n_iters=2", "trainer.sample_every=0"]
+    run = train("gan_digits", common + ["trainer.max_iters=4"])
+    log = run.run_dir / "eval.jsonl"
+    log.write_text("".join(_json.dumps({"iteration": i, "fid": float(i)}) + "\n" for i in (2, 4)))
+    ckpt4 = run.run_dir / "checkpoints" / "iter-0000004.ckpt"
+    ckpt4.write_bytes(ckpt4.read_bytes()[:1000])  # torn (last.ckpt, a hard link to it, too)
+    train("gan_digits", common + ["trainer.max_iters=4", "resume=auto"])
+    assert [_json.loads(x)["iteration"] for x in log.read_text().splitlines()] == [2]
+    assert [_json.loads(x)["iteration"] for x in (run.run_dir / "eval.superseded.jsonl").read_text().splitlines()] == [4]
