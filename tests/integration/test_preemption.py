@@ -148,3 +148,14 @@ def test_ctrl_c_stops_at_a_checkpoint_with_loader_workers_and_twice_aborts(tmp_p
     assert cb.received == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
         cb._handler(signal.SIGINT, None)
+
+
+def test_preemption_handlers_are_restored_after_training():
+    from trainer.callbacks.preemption import PreemptionCallback
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    cb = PreemptionCallback(checkpointer=None)
+    cb.on_train_start(None, None)
+    assert all(signal.getsignal(s) == cb._handler for s in before)
+    cb.on_train_end(None, None)
+    assert {s: signal.getsignal(s) for s in before} == before  # SIGTERM kills the process again after fit, Ctrl-C interrupts

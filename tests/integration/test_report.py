@@ -148,3 +148,16 @@ def test_a_resumed_run_shows_the_config_it_last_trained_with(tmp_path, capsys):
     page, _ = report(tmp_path, run.run_dir)
     shown = page.split(f"{resumed.name}</summary><pre>", 1)[1].split("</pre>", 1)[0]
     assert "max_iters: 4" in shown and "max_iters: 2" not in shown
+
+
+def test_ranking_uses_the_last_value_and_puts_nan_last():
+    from pathlib import Path
+
+    from launch.report import RunData, ranking
+
+    def run(name, values):
+        return RunData(Path(name), name, {}, [{"eval/fid": v} for v in values])
+
+    runs = [run("good", [50.0, 10.0]), run("diverged", [float("nan")]), run("late", [5.0, 20.0]), run("none", [])]
+    assert [r.name for r in ranking(runs, "eval/fid", False)] == ["good", "late", "diverged", "none"]
+    assert [r.name for r in ranking(runs, "eval/fid", True)][:2] == ["late", "good"]

@@ -209,3 +209,18 @@ def test_sigterm_stops_the_running_trial_at_a_checkpoint_and_records_it(tmp_path
     assert 3 <= it < 1000000 and rows - 1 == it
     time.sleep(1.0)
     assert len(metrics.read_text().splitlines()) == rows  # nothing writes the run any more
+
+
+def test_random_sweep_distributions():
+    from launch.sweep import expand
+
+    spec = {"method": "random", "parameters": {
+        "a": {"distribution": "int_uniform", "min": 0, "max": 1},
+        "lr": {"distribution": "log_uniform_values", "min": 1e-5, "max": 1e-1}}}
+    trials = expand(spec, count=400, seed=0)
+    assert {t["a"] for t in trials} == {0, 1}  # max is inclusive
+    lrs = sorted(t["lr"] for t in trials)
+    assert 1e-5 <= lrs[0] and lrs[-1] <= 1e-1
+    # log-uniform: the median is the geometric mean 1e-3 (uniform would put it near 0.05)
+    assert 3e-4 < lrs[200] < 3e-3
+    assert sum(lr < 1e-3 for lr in lrs) > 150

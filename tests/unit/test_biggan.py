@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models.biggan import (D_ARCH, G_ARCH, BigGANDiscriminator, BigGANGenerator, build_biggan,
                            truncated_normal)
@@ -336,3 +337,41 @@ def test_conditional_bn_closed_form():
     expected = x / (1 + 1e-5) ** 0.5 * (1 + cbn.gain(c))[:, :, None, None] + cbn.bias(c)[:, :, None, None]
     assert (cbn.gain(c) - cbn.bias(c)).abs().max() > 1e-2  # gain and bias really differ
     torch.testing.assert_close(cbn(x, c), expected)
+
+
+def test_biggan_hierarchical_latent_feeds_chunk_k_to_layer_k():
+    from models.biggan import BigGANGenerator
+
+    G = BigGANGenerator(z_dim=20, ch=4, resolution=32, channels=3, num_classes=5, shared_dim=6, attention_res=0).eval()
+    seen = {}
+    G.linear.register_forward_pre_hook(lambda mod, args: seen.__setitem__("linear", args[0].clone()))
+    for i, b in enumerate(G.blocks):
+        b.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(i, args[1].clone()))
+    z, y = torch.randn(3, 20), torch.tensor([0, 2, 4])
+    G(z, y)
+    chunks = z.split(5, 1)  # 3 blocks + the input layer: 4 chunks of 5
+    assert torch.equal(seen["linear"], chunks[0])
+    for i in range(3):
+        assert torch.equal(seen[i], torch.cat([G.shared(y), chunks[i + 1]], 1)), i
+
+
+def test_first_dblock_has_no_preactivation_closed_form():
+    from models.biggan import DBlock
+
+    torch.manual_seed(0)
+    blk = DBlock(3, 8, downsample=True, preactivation=False, sn_eps=1e-6).eval()  # eval: SN vectors fixed
+    x = torch.rand(2, 3, 8, 8) * 2 - 1  # images in [-1, 1]: a ReLU first would drop the negative half
+    expected = F.avg_pool2d(blk.conv2(F.relu(blk.conv1(x))), 2) + blk.conv_sc(F.avg_pool2d(x, 2))
+    torch.testing.assert_close(blk(x), expected)
+
+
+def test_gblock_closed_form():
+    from models.biggan import GBlock
+
+    torch.manual_seed(0)
+    blk = GBlock(4, 6, cond_dim=5, sn_eps=1e-6).eval()  # eval: running BN stats, fixed SN vectors
+    x, c = torch.randn(2, 4, 4, 4), torch.randn(2, 5)
+    up = lambda t: F.interpolate(t, scale_factor=2, mode="nearest")  # noqa: E731
+    h = blk.conv1(up(F.relu(blk.bn1(x, c))))
+    expected = blk.conv2(F.relu(blk.bn2(h, c))) + blk.conv_sc(up(x))
+    torch.testing.assert_close(blk(x, c), expected)

@@ -201,3 +201,31 @@ def test_generator_normalises_the_latent_before_its_dense_layer():
         G.dense.bias.normal_()
     z = torch.randn(4, 16)
     torch.testing.assert_close(G(7.0 * z), G(z), rtol=1e-4, atol=1e-5)
+
+
+def test_pgan_generator_pixel_norms_by_hand():
+    from models.pgan import PGANGenerator, _lrelu, pixel_norm
+
+    torch.manual_seed(0)
+    G = PGANGenerator(z_dim=8, resolution=8, channels=1, fmap_base=32, fmap_max=8, fused_scale=False)
+    with torch.no_grad():
+        for p in G.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # non-zero biases, so a missing norm shows
+    z = torch.randn(3, 8)
+    h = _lrelu(G.dense(pixel_norm(z))).view(3, -1, 4, 4)
+    h = pixel_norm(_lrelu(G.conv0(pixel_norm(h))))
+    torch.testing.assert_close(G._base(z), h)
+    c0, c1 = G.blocks[1]
+    up = pixel_norm(_lrelu(c1(pixel_norm(_lrelu(c0(F.interpolate(h, scale_factor=2, mode="nearest")))))))
+    torch.testing.assert_close(G._block(1, h), up)
+
+
+def test_pgan_output_layers_use_gain_one():
+    from models.pgan import PGANDiscriminator, PGANGenerator
+
+    G = PGANGenerator(z_dim=8, resolution=8, channels=1, fmap_base=32, fmap_max=8)
+    D = PGANDiscriminator(resolution=8, channels=1, fmap_base=32, fmap_max=8)
+    for rgb in G.to_rgb:  # to-RGB: linear output, gain 1 (the reference), He scale 1 / sqrt(fan_in)
+        assert rgb.scale == pytest.approx(1.0 / math.sqrt(rgb.weight.shape[1]))
+    assert D.dense2.scale == pytest.approx(1.0 / math.sqrt(D.dense2.weight.shape[1]))
+    assert D.dense1.scale == pytest.approx(math.sqrt(2.0) / math.sqrt(D.dense1.weight.shape[1]))

@@ -634,3 +634,22 @@ def test_an_npz_without_labels_is_unlabelled_not_one_class(tmp_path):
     assert (index["labels"], index["num_classes"], index["classes"]) == (False, 0, [])
     index = shards.write_shards("npz", tmp_path / "os", input_path=str(tmp_path / "one.npz"))
     assert (index["labels"], index["num_classes"], index["classes"]) == (True, 1, ["0"])
+
+
+def test_cifar10_official_split_keeps_each_train_image_with_its_label(tmp_path):
+    from data_pipelines import shards
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for name, n, off in (("data_batch_1", 10, 0), ("data_batch_2", 10, 10), ("test_batch", 4, 20)):
+        labels = [(off + i) % 10 for i in range(n)]
+        data = np.zeros((n, 3072), np.uint8)
+        data[:, 0] = [off + i for i in range(n)]  # pixel 0 = the image's number; label = number % 10
+        with open(root / name, "wb") as fh:
+            pickle.dump({b"data": data, b"labels": labels}, fh)
+    out = tmp_path / "sh"
+    shards.write_shards("cifar10", out, input_path=str(root), encoding="png", maxcount=8)
+    for split in ("train", "val"):
+        ds = shards.load_shard_split(str(out), split)
+        ids = ds.images[:, 0, 0, 0].long()
+        assert (ds.labels == ids % 10).all(), split
