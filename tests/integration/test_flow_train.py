@@ -176,3 +176,25 @@ def test_the_untrained_eval_sees_the_flow_training_starts_from(tmp_path):
     evals = [json.loads(line) for line in (run.run_dir / "eval.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in evals] == [0, 1]
     assert evals[0]["bpd"] == pytest.approx(evals[1]["bpd"], abs=1e-4)
+
+
+def test_the_interpolation_grid_shows_the_held_out_images_at_its_ends(digits_run, tmp_path, monkeypatch):
+    """The flow works on [-0.5, 0.5]; the grid is drawn in [-1, 1]: its end tiles are the two held-out
+    images themselves (to within 5-bit quantisation and dequantisation noise)."""
+    import trainer.flow_eval as flow_eval
+    from trainer.evaluate import _run_data
+
+    drawn = []
+    monkeypatch.setattr(flow_eval, "save_grid", lambda x, out: drawn.append(x) or out)
+    flow_eval.flow_interpolate(load_checkpoint(digits_run.run_dir), 3, 7, num=5, out=tmp_path / "i.png")
+    val = _run_data(digits_run.module.cfg, "val")
+    (x,) = drawn
+    for tile, i in ((x[0], 3), (x[-1], 7)):
+        assert (tile - (val.images[i].float() / 127.5 - 1)).abs().max() < 0.1
+
+
+def test_eval_caps_the_images_at_the_held_out_split(digits_run):
+    from trainer.flow_eval import evaluate_flow_checkpoint
+
+    p = evaluate_flow_checkpoint(str(digits_run.run_dir), num=10 ** 6)["protocol"]
+    assert p["num_images"] == p["num_val"] > 100

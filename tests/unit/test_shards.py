@@ -432,6 +432,31 @@ def test_scheduled_batches_resume_exactly_mid_epoch(tmp_path):
         assert head + next_batches(resumed, 9 - stop) == whole, stop
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_scheduled_batches_resume_exactly_on_each_of_two_ranks(tmp_path, rank):
+    """The same with two ranks: the checkpoint counts global images (8 then 12 per global batch), each
+    rank skips its own half of them (images // world), and continues its own stream exactly."""
+    out = write(tmp_path, n=100, maxcount=8)
+
+    def dm_():
+        dm = ShardDataModule(str(out), 8, batch_size=8, mode="resampled", epoch_batches=30, seed=3,
+                             shuffle_buffer=10, rank=rank, world_size=2)
+        dm.batch_schedule = lambda images: 8 if images < 24 else 12
+        dm.prepare()
+        return dm
+
+    whole = next_batches(dm_(), 6)
+    assert [len(b) for b in whole] == [4, 4, 4, 6, 6, 6]  # this rank's halves of the global batches
+    for stop in (2, 4):
+        first = dm_()
+        it = iter(first.train_dataloader())
+        head = [ids(next(it)[0]) for _ in range(stop)]
+        first.images_pos = 2 * sum(len(b) for b in head)  # global images trained on
+        resumed = dm_()
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert head + next_batches(resumed, 6 - stop) == whole, stop
+
+
 def test_exact_resume_skips_what_was_trained_on(tmp_path):
     out = write(tmp_path, n=72, maxcount=8)
     whole = [ids(x) for x, _ in ShardDataModule(str(out), 8, 4, mode="exact", seed=2).train_dataloader()]
