@@ -31,6 +31,7 @@ def test_cli_write_and_inspect(digit_shards, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["verify"]["ok"] and report["verify"]["readable_samples"] == 1797
     assert set(report["verify"]["train_per_class"]) == {str(k) for k in range(10)}
+    assert sum(report["verify"]["train_per_class"].values()) == 1617  # the train split's images, not val's
     from PIL import Image
 
     assert Image.open(tmp_path / "g.png").size == (8 * 18 + 2, 8 * 18 + 2)  # 8x8 tiles of 16 px, 2 px gaps

@@ -219,3 +219,14 @@ def test_console_bar_goes_to_stderr_and_spans_a_mid_epoch_resume(tmp_path):
     assert out["iteration"] == 7 and "gan_digits: 100%" in err and "7/7 [" in err
     out, err = run("trainer.max_iters=15", "resume=auto")
     assert out["iteration"] == 15 and "15/15 [" in err and "/?" not in err
+
+
+def test_the_logged_batch_says_how_it_is_made(tmp_path):
+    """train/effective_batch is data.batch_size; train/micro_batch_per_rank divides it by the processes and
+    the micro-batches of optim.accumulate (16 over 1 process and 4 micro-batches: 4)."""
+    import csv
+
+    run = train("gan_digits", tiny(tmp_path, "trainer.max_iters=1", "data.batch_size=16", "optim.accumulate=4"))
+    with open(run.run_dir / "metrics.csv") as fh:
+        row = [r for r in csv.DictReader(fh) if r.get("train/effective_batch")][-1]
+    assert (float(row["train/effective_batch"]), float(row["train/micro_batch_per_rank"])) == (16.0, 4.0)

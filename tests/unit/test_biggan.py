@@ -375,3 +375,10 @@ def test_gblock_closed_form():
     h = blk.conv1(up(F.relu(blk.bn1(x, c))))
     expected = blk.conv2(F.relu(blk.bn2(h, c))) + blk.conv_sc(up(x))
     torch.testing.assert_close(blk(x, c), expected)
+
+
+def test_d_attends_once_at_a_resolution_several_blocks_share():
+    """The 32 px D keeps 8x8 for its last three blocks: attention comes once, after the first of them
+    (block 1), as in the reference, not after each."""
+    D = BigGANDiscriminator(ch=4, resolution=32, channels=3, attention_res=8)
+    assert list(D.attn) == ["1"]

@@ -35,7 +35,7 @@ def pooled(m: GANModule, n_max: int, seed: int = 0) -> None:
     m.sample_mix = lambda n, gen: take(mix, "mix", n)
 
 
-def one_update(accum: int, loss: str, *extra: str) -> dict:
+def one_update(accum: int, loss: str, *extra: str) -> tuple:
     torch.manual_seed(0)
     m = module("gan_digits", "model.g_norm=none", "model.d_norm=layer" if loss == "wgan_gp" else "model.d_norm=none",
                f"loss.name={loss}", f"optim.accumulate={accum}", "data.batch_size=12", "model.g_width=8",
@@ -46,19 +46,24 @@ def one_update(accum: int, loss: str, *extra: str) -> dict:
     opt_d = torch.optim.SGD(m.D.parameters(), lr=1.0)
     real = torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     gen = torch.Generator().manual_seed(2)
-    m.d_step(real, gen, opt_d)
+    stats = m.d_step(real, gen, opt_d)
     m.g_step(12, gen, opt_g)
-    return {k: v - before[k] for k, v in m.state_dict().items() if v.is_floating_point()}
+    deltas = {k: v - before[k] for k, v in m.state_dict().items() if v.is_floating_point()}
+    return deltas, {k: float(v) for k, v in stats.items()}
 
 
 @pytest.mark.parametrize("loss", ["hinge", "nonsaturating", "wgan_gp"])
 def test_accumulation_equals_one_large_batch(loss):
-    """BN-free networks: 3 micro-batches of 4 give the same D and G updates as one batch of 12."""
-    big, micro = one_update(1, loss), one_update(3, loss)
+    """BN-free networks: 3 micro-batches of 4 give the same D and G updates as one batch of 12, and the
+    same logged D statistics (each a mean over the 12 samples, not a sum over micro-batches)."""
+    (big, big_stats), (micro, micro_stats) = one_update(1, loss), one_update(3, loss)
     assert any(float(v.abs().max()) > 1e-4 for k, v in big.items() if k.startswith("D."))
     assert any(float(v.abs().max()) > 1e-4 for k, v in big.items() if k.startswith("G."))
     for k in big:
         torch.testing.assert_close(micro[k], big[k], rtol=1e-4, atol=1e-6, msg=lambda s: f"{k}: {s}")
+    assert big_stats.keys() == micro_stats.keys() >= {"d/real", "d/fake", "d/loss"}
+    for k in big_stats:
+        assert micro_stats[k] == pytest.approx(big_stats[k], rel=1e-4, abs=1e-6), k
 
 
 def tiny_biggan(*extra: str) -> GANModule:

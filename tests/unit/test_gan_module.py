@@ -72,3 +72,17 @@ def test_device_streaks_reset_on_a_finite_step_and_report_the_longest_network():
     for _ in range(3):
         s.add("G", one)
     assert s.longest() == ("G", 3)  # the longer streak, whichever network was added first
+
+
+def test_pgan_samples_of_an_early_level_are_upsampled_by_pixel_repetition():
+    """Grids and evaluations get one size: a 4 px sample is shown at 32 px as blocks of 8x8 equal pixels
+    (nearest), not smoothed."""
+    cfg = load_config("pgan_mnist5k", ["logging.wandb=false", "pgan.fmap_base=16", "pgan.fmap_max=4"])
+    m = build_module(cfg, channels=1, num_classes=10)
+    z = torch.randn(3, m.z_dim)
+    small = m.generate(z, use_ema=False, level=0, alpha=1.0)
+    m.G.eval()
+    with torch.no_grad():
+        direct = m.G(z, 0, 1.0).clamp(-1, 1)
+    assert direct.shape[-1] == 4 and small.shape[-1] == 32
+    torch.testing.assert_close(small, direct.repeat_interleave(8, -1).repeat_interleave(8, -2))

@@ -149,6 +149,10 @@ def test_crash_mid_write_leaves_the_earlier_write_and_no_trusted_partial_shards(
     monkeypatch.setattr(shards, "encode_image", real)
     shards.write_shards("npz", out, input_path=str(tmp_path / "shards.npz"), encoding="raw", maxcount=8)
     assert not list(out.glob(".staging-*"))
+    # a rewrite into fewer, larger shards leaves exactly the shards its index lists (no stale train/val tars)
+    index = shards.write_shards("npz", out, input_path=str(tmp_path / "shards.npz"), encoding="raw", maxcount=64)
+    listed = {sh["name"] for split in index["splits"].values() for sh in split["shards"]}
+    assert {p.name for p in out.glob("*.tar")} == listed and len(listed) == 2
 
 
 def test_imagefolder_classes_centre_crop_and_resize(tmp_path):
@@ -678,3 +682,13 @@ def test_cifar10_official_split_keeps_each_train_image_with_its_label(tmp_path):
         ds = shards.load_shard_split(str(out), split)
         ids = ds.images[:, 0, 0, 0].long()
         assert (ds.labels == ids % 10).all(), split
+
+
+@pytest.mark.parametrize("raw, message", [(b"-3", "label -3 is negative"), (b"x1", "is not an integer"),
+                                          (None, "no 'cls' label")])
+def test_bad_labels_are_refused_by_name(raw, message):
+    from data_pipelines.shards import decode_label
+
+    assert decode_label(b" 7\n") == 7
+    with pytest.raises(ValueError, match=message):
+        decode_label(raw)
