@@ -198,3 +198,16 @@ def test_eval_caps_the_images_at_the_held_out_split(digits_run):
 
     p = evaluate_flow_checkpoint(str(digits_run.run_dir), num=10 ** 6)["protocol"]
     assert p["num_images"] == p["num_val"] > 100
+
+
+def test_eval_uses_the_ema_flow_unless_the_run_or_the_caller_says_not(tmp_path):
+    from trainer.flow_eval import evaluate_flow_checkpoint
+
+    run = train("glow_digits", TINY + [f"logging.root={tmp_path}", "trainer.max_iters=4", "ema.enabled=true"])
+    ckpt = load_checkpoint(run.run_dir)
+    assert evaluate_flow_checkpoint(ckpt, num=20)["protocol"]["ema"] is True
+    assert evaluate_flow_checkpoint(ckpt, num=20, use_ema=False)["protocol"]["ema"] is False
+    ckpt["genscale"]["config"]["eval"]["use_ema"] = False
+    raw = evaluate_flow_checkpoint(ckpt, num=20)
+    assert raw["protocol"]["ema"] is False
+    assert raw["bpd"] == evaluate_flow_checkpoint(ckpt, num=20, use_ema=False)["bpd"]

@@ -229,3 +229,21 @@ def test_pgan_output_layers_use_gain_one():
         assert rgb.scale == pytest.approx(1.0 / math.sqrt(rgb.weight.shape[1]))
     assert D.dense2.scale == pytest.approx(1.0 / math.sqrt(D.dense2.weight.shape[1]))
     assert D.dense1.scale == pytest.approx(math.sqrt(2.0) / math.sqrt(D.dense1.weight.shape[1]))
+
+
+def test_critic_top_widths_follow_the_reference_stages():
+    """The reference's 4x4 critic block: a 3x3 conv to nf(1) on the features plus the stddev channel,
+    then dense layers nf(1)*16 -> nf(0) -> 1. With fmap_base 32 (nf = 32, 16, 8, 4 for stages 0..3)
+    every stage has its own width, so a stage off by one shows."""
+    D = PGANDiscriminator(resolution=16, channels=1, fmap_base=32, fmap_max=64)
+    assert [fmaps(s, 32, 64) for s in range(4)] == [32, 16, 8, 4]
+    assert tuple(D.conv_top.weight.shape[:2]) == (16, 17)
+    assert tuple(D.dense1.weight.shape) == (32, 16 * 16) and tuple(D.dense2.weight.shape) == (1, 32)
+
+
+def test_dcgan_critic_uses_leaky_relu_0_2_everywhere():
+    from models.dcgan import DCGANDiscriminator
+
+    D = DCGANDiscriminator(width=8, resolution=32, channels=1, norm="layer")
+    slopes = [m.negative_slope for m in D.modules() if isinstance(m, torch.nn.LeakyReLU)]
+    assert slopes == [0.2] * 3
