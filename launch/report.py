@@ -188,13 +188,18 @@ def curves_plot(runs: List[RunData], keys: List[str], title: str) -> str:
     return _img(_png(fig), title)
 
 
+def evenly_spaced(items: list, k: int) -> list:
+    """At most k of the items, evenly spaced, always the first and the last (the run's start and end)."""
+    if len(items) <= k:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
+
+
 def sample_strip(run: RunData) -> str:
     """Up to MAX_GRIDS of the run's sample grids, evenly spaced from first to last, shrunk to 256 px."""
     from PIL import Image
 
-    grids = run.samples
-    if len(grids) > MAX_GRIDS:
-        grids = [grids[round(i * (len(grids) - 1) / (MAX_GRIDS - 1))] for i in range(MAX_GRIDS)]
+    grids = evenly_spaced(run.samples, MAX_GRIDS)
     kimg = {int(r["iteration"]): r["progress/kimg"] for r in run.rows if "iteration" in r and "progress/kimg" in r}
     cells = []
     for p in grids:

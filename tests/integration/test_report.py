@@ -161,3 +161,11 @@ def test_ranking_uses_the_last_value_and_puts_nan_last():
     runs = [run("good", [50.0, 10.0]), run("diverged", [float("nan")]), run("late", [5.0, 20.0]), run("none", [])]
     assert [r.name for r in ranking(runs, "eval/fid", False)] == ["good", "late", "diverged", "none"]
     assert [r.name for r in ranking(runs, "eval/fid", True)][:2] == ["late", "good"]
+
+
+def test_the_sample_strip_spans_the_run_from_first_to_last_grid():
+    from launch.report import evenly_spaced
+
+    assert evenly_spaced(list(range(10)), 4) == [0, 3, 6, 9]
+    assert evenly_spaced(list(range(100)), 6) == [0, 20, 40, 59, 79, 99]
+    assert evenly_spaced([1, 2], 6) == [1, 2]
