@@ -6,7 +6,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import lightning as L
 import torch
@@ -197,8 +197,20 @@ def resume_dir(ckpt: Path, iteration: int, overrides: List[str], newest: bool = 
     return run_dir
 
 
-def make_run_dir(cfg: DictConfig, reuse: bool = False) -> Path:
-    """runs/<experiment>/<run_id>/, refusing to reuse a directory that already holds a run."""
+def _claim(run_dir: Path) -> bool:
+    """Creates run_dir; True only for the one process whose mkdir made it (two runs starting at once
+    can never both take a fresh directory, or remove each other's on a failed start)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir()
+        return True
+    except FileExistsError:
+        return False
+
+
+def make_run_dir(cfg: DictConfig, reuse: bool = False) -> Tuple[Path, bool]:
+    """runs/<experiment>/<run_id>/ and whether this process created it, refusing to reuse a directory that
+    already holds a run. An automatic (timestamp) id takes the next free -k suffix."""
     explicit = bool(cfg.logging.run_id)
     if launched_follower():  # rank 0 made (or makes) the directory; all ranks must name the same one
         run_id = cfg.logging.run_id or os.environ.get("GENSCALE_RUN_ID") or os.environ.get("SLURM_JOB_ID")
@@ -207,27 +219,29 @@ def make_run_dir(cfg: DictConfig, reuse: bool = False) -> Path:
                               "shared with the others: pass the same logging.run_id=ID to every process "
                               "(`genscale launch torchrun` does this).")
         cfg.logging.run_id = run_id
-        return Path(cfg.logging.root) / (cfg.experiment or "default") / run_id
+        return Path(cfg.logging.root) / (cfg.experiment or "default") / run_id, False
     run_id = cfg.logging.run_id or default_run_id()
     base = Path(cfg.logging.root) / (cfg.experiment or "default")
     run_dir = base / run_id
+    named = explicit or bool(os.environ.get("GENSCALE_RUN_ID") or os.environ.get("SLURM_JOB_ID"))  # others rely on it
     if (run_dir / "launch.sbatch").exists() and not (run_dir / "config.yaml").exists() and not reuse:
         raise RunDirError(f"Run directory '{run_dir}' was made by `genscale launch slurm` for its job script: "
                           f"submit it (sbatch {run_dir / 'launch.sbatch'}), or choose a new logging.run_id.")
-    if (run_dir / "config.yaml").exists() and not reuse:
-        if explicit or os.environ.get("GENSCALE_RUN_ID") or os.environ.get("SLURM_JOB_ID"):  # a name others rely on
-            if newest_checkpoint(run_dir) is None:
-                raise RunDirError(f"Run directory '{run_dir}' already holds a run that wrote no checkpoint. Start it "
-                                  f"again in place with resume=auto logging.run_id={run_id}, or choose a new "
-                                  "logging.run_id.")
-            raise RunDirError(f"Run directory '{run_dir}' already holds a run. Resume it with "
-                              f"resume={run_dir}, or choose a new logging.run_id.")
+    if (run_dir / "config.yaml").exists() and not reuse and named:
+        if not any((run_dir / "checkpoints").glob("*.ckpt")):
+            raise RunDirError(f"Run directory '{run_dir}' already holds a run that wrote no checkpoint. Start it "
+                              f"again in place with resume=auto logging.run_id={run_id}, or choose a new "
+                              "logging.run_id.")
+        raise RunDirError(f"Run directory '{run_dir}' already holds a run. Resume it with "
+                          f"resume={run_dir}, or choose a new logging.run_id.")
+    fresh = _claim(run_dir)
+    if not fresh and not named and not reuse:  # a timestamp id another run holds (or is starting in)
         k = 1
-        while (base / f"{run_id}-{k}" / "config.yaml").exists():
+        while not _claim(base / f"{run_id}-{k}"):
             k += 1
-        run_dir = base / f"{run_id}-{k}"
+        run_dir, fresh = base / f"{run_id}-{k}", True
     cfg.logging.run_id = run_dir.name
-    return run_dir
+    return run_dir, fresh
 
 
 def resolve_num_classes(cfg: DictConfig, data_classes: int) -> int:
@@ -235,6 +249,8 @@ def resolve_num_classes(cfg: DictConfig, data_classes: int) -> int:
     recorded in the config so that a resume on data with another class count is refused at start."""
     want = int(cfg.model.num_classes)
     data = f"'{cfg.data.name}'" + (f" at {cfg.data.path}" if cfg.data.path else "")
+    if want == 1 and not data_classes:
+        return 1  # one class of all-zero labels: how runs on npz files without labels were saved before
     if want and not data_classes:
         raise ConfigError(f"model.num_classes={want} (this run is class-conditional) but the dataset "
                           f"{data} has no labels. Use labelled data with {want} classes, "
@@ -523,14 +539,13 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
         check_constraint_fits(cfg.knowledge.constraint, module)
     if resume:
         _check_shapes_match(saved_shapes, module, ckpt_path)
-    new_dir = run_dir is None
+    new_dir, fresh = run_dir is None, False
     if new_dir:
-        run_dir = make_run_dir(cfg, reuse=reuse_dir)
+        run_dir, fresh = make_run_dir(cfg, reuse=reuse_dir)
         module.cfg = to_dict(cfg)
         if reuse_dir and (run_dir / "config.yaml").exists():  # resume=auto, but the last attempt left no checkpoint
             resume_iteration = -1  # the CSV logger keeps no row of the dead attempt (not even iteration 0's)
             _set_aside_attempt(run_dir, cfg)
-    fresh = not run_dir.exists() and not launched_follower()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         run = _finish_prepare(cfg, run_dir, module, dm, resume_iteration, ckpt_path, saved_world, new_dir)

@@ -530,6 +530,10 @@ def load_config(experiment: Optional[str] = None, overrides: Optional[List[str]]
     _undo_yaml_booleans(cfg)
     _deepspeed_overrules_experiment_speed_switches(cfg, [layer for _, layer in command_line])
     _check_batch_not_shadowed(cfg, [layer for _, layer in command_line])
+    new_id = base is None or any(OmegaConf.select(layer, "logging.run_id", default=None) is not None
+                                 for _, layer in command_line)
+    if cfg.logging.run_id and new_id:  # a saved run keeps the id it has (runs from before the rule resume)
+        check_run_id(str(cfg.logging.run_id), "logging.run_id")
     validate(cfg)
     OmegaConf.set_readonly(cfg, False)
     OmegaConf.set_struct(cfg, True)
@@ -611,8 +615,6 @@ def validate(cfg: DictConfig) -> None:
         if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
             raise ConfigError(f"'{key}' must be two numbers in [0, 1) (beta1, beta2), got {betas}.")
     _validate_strategy(cfg.trainer.strategy)
-    if cfg.logging.run_id:
-        check_run_id(str(cfg.logging.run_id), "logging.run_id")
     if cfg.data.batch_size % cfg.optim.accumulate:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
                           f"optim.accumulate={cfg.optim.accumulate}; choose values that divide.")

@@ -54,19 +54,32 @@ def test_followers_join_rank0s_run_directory(tmp_path, no_launcher_env):
     mp = no_launcher_env
     assert not launched_follower()
     cfg = load_config("gan_digits", tiny(tmp_path, "logging.run_id=shared"))
-    lead = make_run_dir(cfg)
-    lead.mkdir(parents=True)
+    lead, fresh = make_run_dir(cfg)
+    assert fresh and lead.is_dir()  # rank 0 claimed it
     (lead / "config.yaml").write_text("x")
     mp.setenv("RANK", "1")
     assert launched_follower()
-    # an existing run directory is not an error for rank 1: rank 0 wrote it
-    assert make_run_dir(load_config("gan_digits", tiny(tmp_path, "logging.run_id=shared"))) == lead
+    # an existing run directory is not an error for rank 1: rank 0 wrote it (and rank 1 never owns it)
+    assert make_run_dir(load_config("gan_digits", tiny(tmp_path, "logging.run_id=shared"))) == (lead, False)
     with pytest.raises(ConfigError, match="logging.run_id"):
         make_run_dir(load_config("gan_digits", tiny(tmp_path)))
     mp.delenv("RANK")
     mp.setenv("LOCAL_RANK", "1")
     mp.setenv("GENSCALE_RUN_ID", "shared")  # what rank 0 exports before Lightning starts the other ranks
-    assert make_run_dir(load_config("gan_digits", tiny(tmp_path))) == lead
+    assert make_run_dir(load_config("gan_digits", tiny(tmp_path))) == (lead, False)
+
+
+def test_two_runs_starting_at_once_never_share_a_fresh_directory(tmp_path, no_launcher_env, monkeypatch):
+    """Timestamp ids of the same second: the second run takes '-1' at once (it used to take the same
+    directory until the first had written config.yaml), and a named id that exists is never owned."""
+    import trainer.build as build
+
+    monkeypatch.setattr(build, "default_run_id", lambda: "20261127-120000")
+    a, fresh_a = make_run_dir(load_config("gan_digits", tiny(tmp_path)))
+    b, fresh_b = make_run_dir(load_config("gan_digits", tiny(tmp_path)))
+    assert (a.name, b.name, fresh_a, fresh_b) == ("20261127-120000", "20261127-120000-1", True, True)
+    named, fresh = make_run_dir(load_config("gan_digits", tiny(tmp_path, "logging.run_id=20261127-120000")))
+    assert named == a and not fresh  # taken by the first run (no config.yaml yet): joined, never removed
 
 
 def test_resume_with_another_world_size_is_refused(tmp_path, no_launcher_env):

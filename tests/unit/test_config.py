@@ -429,3 +429,17 @@ def test_a_labelled_run_on_unlabelled_data_names_the_missing_labels():
     with pytest.raises(ConfigError, match="has 3 classes"):
         resolve_num_classes(cfg, 3)
     assert resolve_num_classes(load_config("biggan_mnist5k"), 0) == 0
+    # runs saved when an npz without labels counted as one class resume as they were trained
+    assert resolve_num_classes(load_config("biggan_mnist5k", ["model.num_classes=1"]), 0) == 1
+
+
+def test_a_saved_run_with_an_id_from_before_the_rule_still_loads():
+    """Run ids were free-form before: resuming such a run (its saved config) must still work; only a new id
+    given now is checked."""
+    saved = load_config("gan_digits", ["logging.run_id=lr"])
+    saved.logging.run_id = "lr=1e-4"  # as an older version wrote it
+    from trainer.config import to_dict
+
+    assert load_config(base=to_dict(saved), overrides=["trainer.max_iters=9"]).logging.run_id == "lr=1e-4"
+    with pytest.raises(ConfigError, match="not a valid run id"):
+        load_config(base=to_dict(saved), overrides=["logging.run_id=a/b"])
