@@ -218,18 +218,6 @@ def trial_threads(parallel: int, n_gpus: int, cores: int, omp_env: Optional[str]
     return max(1, cores // parallel)
 
 
-class SweepStopped(Exception):
-    """SIGTERM (or Ctrl-C) reached the sweep: its running trials are stopped and recorded."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_stop(signum, frame):
-    raise SweepStopped(signum)
-
-
 def _stop_trials(running: dict, sweep_dir: Path, grace_s: float = 300.0) -> None:
     """Each running trial gets SIGTERM, which makes `genscale train` write a checkpoint at the end of its
     step and exit 3; the trial is waited for (killed after grace_s) and recorded, so `--resume`
@@ -252,31 +240,33 @@ def run_local(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, pa
     """Runs the trials, up to ``parallel`` at once; each finished one appends its line to trials.jsonl.
     One at a time, a trial's output goes to the console; concurrently, to sweep_dir/trial-NNN.log.
     ``skip``: trial numbers already done (a resumed sweep); ``extra``: overrides added to every trial.
-    SIGTERM or Ctrl-C stops the running trials at a checkpoint (exit 128 + the signal's number)."""
+    SIGTERM or Ctrl-C stops the running trials at a checkpoint (exit 128 + the signal's number). The
+    handlers only note the signal, and the loop acts on it between steps, so a signal can never land
+    between a trial's start and its being tracked, nor interrupt the stop itself."""
     gpus = visible_gpus() if parallel > 1 else []
     threads = trial_threads(parallel, len(gpus), os.cpu_count() or 1, os.environ.get("OMP_NUM_THREADS"))
     pending = [(i, a) for i, a in enumerate(trials) if i not in skip]
-    free, running, failed = list(range(parallel)), {}, 0
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stop), signal.SIGINT: signal.getsignal(signal.SIGINT)}
-    stopped = None
+    free, running, failed, stop = list(range(parallel)), {}, 0, []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while pending or running:
-            while pending and free:
+        while (pending or running) and not stop:
+            while pending and free and not stop:
                 i, assignment = pending.pop(0)
                 slot = free.pop(0)
                 proc, record, out = _start_trial(spec, i, assignment, len(trials), sweep_dir, sweep_id,
                                                  slot_gpus(slot, parallel, gpus), parallel > 1, threads, extra)
                 running[proc] = (slot, record, out)
-            proc = _wait_any(running)
-            slot, record, out = running.pop(proc)
-            free.append(slot)
-            failed += _finish_trial(proc, record, out, sweep_dir)
-    except (SweepStopped, KeyboardInterrupt) as e:
-        stopped = e.signum if isinstance(e, SweepStopped) else signal.SIGINT
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trials' stop must not be interrupted in turn
-        print(f"genscale sweep: {signal.Signals(stopped).name}: stopping {len(running)} running trial(s) at a "
-              f"checkpoint; continue with: genscale sweep --resume --id {sweep_id}", file=sys.stderr, flush=True)
-        _stop_trials(running, sweep_dir)
+            proc = _wait_any(running, stop)
+            if proc is not None:
+                slot, record, out = running.pop(proc)
+                free.append(slot)
+                failed += _finish_trial(proc, record, out, sweep_dir)
+        if stop:
+            print(f"genscale sweep: {signal.Signals(stop[0]).name}: stopping {len(running)} running trial(s) at a "
+                  f"checkpoint; continue with: genscale sweep --resume --id {sweep_id}", file=sys.stderr, flush=True)
+            _stop_trials(running, sweep_dir)
+            running = {}
     finally:  # an error here: no trial keeps running unattended (each stops at a checkpoint)
         for proc in running:
             if proc.poll() is None:
@@ -284,14 +274,17 @@ def run_local(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, pa
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print(json.dumps({"sweep_dir": str(sweep_dir), "trials": len(trials), "run": len(trials) - len(skip),
-                      "failed": failed, **({"stopped": signal.Signals(stopped).name} if stopped else {})}))
-    return 128 + int(stopped) if stopped else (1 if failed else 0)
+                      "failed": failed, **({"stopped": signal.Signals(stop[0]).name} if stop else {})}))
+    return 128 + int(stop[0]) if stop else (1 if failed else 0)
 
 
 def _start_trial(spec: dict, i: int, assignment: dict, n: int, sweep_dir: Path, sweep_id: str,
                  devices: Optional[str], to_log: bool, threads: Optional[int] = None, extra: tuple = ()):
     cmd = command_for(spec, assignment, extra)
-    env = dict(os.environ, GENSCALE_RUN_ID=f"{sweep_id}-{i:03d}")
+    # Not the SLURM job's variables: a local sweep may run inside an allocation, and a trial stopped by the
+    # sweep would otherwise requeue that whole allocation (and report itself done) instead of stopping.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["GENSCALE_RUN_ID"] = f"{sweep_id}-{i:03d}"
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
     if threads is not None:
@@ -324,13 +317,14 @@ def _finish_trial(proc: subprocess.Popen, record: dict, out, sweep_dir: Path) ->
     return proc.returncode != 0
 
 
-def _wait_any(running: dict) -> subprocess.Popen:
-    """The first of the running trials to finish."""
-    while True:
+def _wait_any(running: dict, stop: list) -> Optional[subprocess.Popen]:
+    """The first of the running trials to finish; None as soon as a stop signal has been noted."""
+    while not stop:
         for proc in running:
             if proc.poll() is not None:
                 return proc
         time.sleep(0.2)
+    return None
 
 
 def run_slurm(spec: dict, trials: List[dict], sweep_dir: Path, sweep_id: str, partition: str = "",

@@ -73,7 +73,8 @@ class TrainerConfig:
     sample_every: int = f(250, "Write a fixed-latent sample grid every N iterations (0: only at the end).")
     sample_grid: int = f(64, "Number of images in the sample grid (a square number looks best).")
     preemption: bool = f(True, "On SIGUSR1/SIGTERM: checkpoint at the end of the current step, requeue the "
-                               "SLURM job (if any) and stop; a requeued job resumes with resume=auto.")
+                               "SLURM job (if any) and stop; a requeued job resumes with resume=auto. Ctrl-C "
+                               "(SIGINT): the same stop without a requeue; a second Ctrl-C aborts.")
     max_nonfinite: int = f(20, "Stop the run after this many consecutive steps with a non-finite loss.")
     finite_check: str = f("auto", "Where the per-step check that the loss is finite is decided. auto: on "
                                   "the device when the optimiser is fused, e.g. Adam on CUDA (a non-finite step is skipped inside "

@@ -159,3 +159,24 @@ def test_preemption_handlers_are_restored_after_training():
     assert all(signal.getsignal(s) == cb._handler for s in before)
     cb.on_train_end(None, None)
     assert {s: signal.getsignal(s) for s in before} == before  # SIGTERM kills the process again after fit, Ctrl-C interrupts
+
+
+def test_a_failed_requeue_reports_a_stop_not_a_requeue(tmp_path):
+    """Under SLURM the stop runs `scontrol requeue`; when that fails (here a stand-in scontrol exiting 1)
+    the run says so and exits 3, as a plain stop: a wrapper must not take it for requeued (exit 0)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'slurm_requeue error: Invalid job id' >&2\nexit 1\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    proc = subprocess.Popen(_cmd(tmp_path, "trainer.max_iters=100000"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for(tmp_path / "gan_digits" / "p1" / "metrics.csv")
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, err[-2000:]
+    assert "scontrol requeue 4242 failed (slurm_requeue error: Invalid job id)" in err
+    assert json.loads(out.strip().splitlines()[-1])["stopped_early"] == "signal"

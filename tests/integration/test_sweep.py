@@ -189,16 +189,25 @@ def test_sigterm_stops_the_running_trial_at_a_checkpoint_and_records_it(tmp_path
 
     text = SWEEP_SPEC.replace("{values: [8, 16]}", "{value: 8}").replace("{value: 2}", "{value: 1000000}")
     text += "  - trainer.log_every=1\n  - trainer.checkpoint.every_n_iters=1000000\n"
+    from tests.distributed.helpers import REPO, clean_env
+
+    # inside a SLURM allocation (SLURM_JOB_ID set), a trial must still stop, not requeue the allocation
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "sweep", str(sweep_file(text)), "--id", "st",
                              "--root", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+                            cwd=REPO, env=dict(clean_env(), CUDA_VISIBLE_DEVICES="", SLURM_JOB_ID="4242"),
+                            start_new_session=True)
     metrics = tmp_path / "runs" / "gan_digits" / "st-000" / "metrics.csv"
-    end = time.time() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
-        assert time.time() < end and proc.poll() is None, "the trial did not start"
-        time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    try:
+        end = time.time() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
+            assert time.time() < end and proc.poll() is None, "the trial did not start"
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:  # never leave the sweep or its million-iteration trial behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert json.loads(out.splitlines()[-1])["stopped"] == "SIGTERM" and "--resume --id st" in err
     # one record: the grid's second trial never starts
@@ -224,3 +233,28 @@ def test_random_sweep_distributions():
     # log-uniform: the median is the geometric mean 1e-3 (uniform would put it near 0.05)
     assert 3e-4 < lrs[200] < 3e-3
     assert sum(lr < 1e-3 for lr in lrs) > 150
+
+
+def test_local_trials_do_not_inherit_the_allocations_slurm_variables(tmp_path, monkeypatch, sweep_file):
+    """A trial that saw SLURM_JOB_ID would requeue the whole allocation when the sweep stops it."""
+    import launch.sweep as sweep
+
+    seen = []
+
+    class Done:
+        returncode = 0
+
+        def __init__(self, cmd, env=None, **kw):
+            seen.append(env)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", Done)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    spec = load_sweep(str(sweep_file()))
+    (tmp_path / "sw").mkdir()
+    assert sweep.run_local(spec, expand(spec)[:2], tmp_path / "sw", "sw") == 0
+    assert len(seen) == 2 and all(not any(k.startswith("SLURM_") for k in env) for env in seen)
+    assert [env["GENSCALE_RUN_ID"] for env in seen] == ["sw-000", "sw-001"]

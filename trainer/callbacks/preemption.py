@@ -30,11 +30,16 @@ class PreemptionCallback(L.Callback):
 
     def _handler(self, signum, frame):
         if signum == signal.SIGINT:
-            if self.received == signal.SIGINT:
-                raise KeyboardInterrupt  # the second Ctrl-C: the user wants out now
-            print("genscale: Ctrl-C: stopping at the end of this step with a checkpoint (Ctrl-C again to abort "
-                  "without one)", file=sys.stderr, flush=True)
-        self.received = signum
+            if self.received:
+                raise KeyboardInterrupt  # Ctrl-C after a stop was asked for: the user wants out now
+            # os.write, not print: a handler that interrupts a print to stderr must not print itself
+            os.write(2, b"genscale: Ctrl-C: stopping at the end of this step with a checkpoint "
+                        b"(Ctrl-C again to abort without one)\n")
+        self.received = self.received or signum  # the first signal decides (a preemption requeues)
+
+    def _kind(self) -> int:
+        """0: no signal; 1: Ctrl-C (stop); 2: a preemption signal (stop and requeue under SLURM)."""
+        return 0 if not self.received else (1 if self.received == signal.SIGINT else 2)
 
     def on_train_start(self, trainer, pl_module):
         for sig in self.signals:
@@ -45,27 +50,35 @@ class PreemptionCallback(L.Callback):
             signal.signal(sig, prev)
         self._previous.clear()
 
-    def _agreed(self, pl_module) -> bool:
+    def _agreed(self, pl_module) -> int:
+        """The stop every rank takes at this step: the largest _kind() over the ranks."""
         if not (dist.is_available() and dist.is_initialized()):
-            return bool(self.received)  # one process: nothing to agree on, no device round trip
+            return self._kind()  # one process: nothing to agree on, no device round trip
         # Several processes must agree at the same step (a signal reaches ranks at different times):
         # one tiny collective and its host read per step, the price of a checkpoint at a step boundary.
-        flag = torch.tensor([1.0 if self.received else 0.0], device=pl_module.device)
+        flag = torch.tensor([float(self._kind())], device=pl_module.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.preempted or not self._agreed(pl_module):
+        kind = 0 if self.preempted else self._agreed(pl_module)
+        if not kind:
             return
         self.preempted = True
         path = self.checkpointer.save(trainer, pl_module)
-        # a user's Ctrl-C is not a preemption: nothing to rerun (another rank's signal reads as a preemption)
-        job = os.environ.get("SLURM_JOB_ID") if self.received != signal.SIGINT else None
+        # a user's Ctrl-C is not a preemption: nothing to rerun
+        job = os.environ.get("SLURM_JOB_ID") if kind == 2 and self.requeue else None
+        ok = False
         if trainer.is_global_zero:
             print(f"genscale: signal {self.received or 'on another rank'}: checkpoint {path} written at "
-                  f"iteration {iteration_of(pl_module)}" + (f"; requeueing SLURM job {job}" if job and self.requeue else ""),
+                  f"iteration {iteration_of(pl_module)}" + (f"; requeueing SLURM job {job}" if job else ""),
                   file=sys.stderr, flush=True)
-            if job and self.requeue:
-                subprocess.run(["scontrol", "requeue", job], check=False)
-        self.requeued = bool(job and self.requeue)
+            if job:
+                res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+                ok = res.returncode == 0
+                if not ok:
+                    print(f"genscale: scontrol requeue {job} failed ({res.stderr.strip() or res.returncode}): the "
+                          "run stopped at its checkpoint; resume it to continue", file=sys.stderr, flush=True)
+        # every rank reports the same outcome (exit 0 when requeued, 3 when stopped)
+        self.requeued = bool(job) and bool(trainer.strategy.broadcast(ok, src=0))
         trainer.should_stop = True
