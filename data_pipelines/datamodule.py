@@ -10,6 +10,7 @@ the epoch and the batches consumed in it (see the class).
 """
 from __future__ import annotations
 
+import os
 import signal
 import warnings
 from dataclasses import dataclass
@@ -163,8 +164,13 @@ def ignore_ctrl_c(worker_id: int) -> None:
     """Loader workers ignore SIGINT. A terminal's Ctrl-C reaches the whole process group; a worker would
     exit on it and the main process, which stops at the end of its step with a checkpoint
     (trainer/callbacks/preemption.py), would fail fetching its next batch first. The main process
-    still ends its workers when it stops."""
+    still ends its workers when it stops. Giving a worker_init_fn keeps Lightning from adding its own
+    worker seeding (seed_everything(workers=True)), so that runs here too."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
 
 
 class ShardLoader(DataLoader):

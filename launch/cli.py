@@ -494,9 +494,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     except _user_errors() as e:
         print(f"genscale {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `genscale list | head`: the reader has gone, which is not an error worth a traceback
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe (a loader worker, a pipe: shard, W&B's service): a real error
+        # `genscale list | head`: the reader has gone, which is not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail too
         return 141  # as a shell reports a process ended by SIGPIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports POLLERR on the write end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 if __name__ == "__main__":

@@ -266,8 +266,9 @@ def bench_config(experiment: str, overrides: Optional[List[str]], batch: Optiona
     if precision is not None:
         ov.append(f"trainer.precision={precision}")
     ov += ["logging.wandb=false", f"trainer.max_iters={steps + warmup + profile + BenchTimer.FLOP_IT + 1}"]
-    # which model it is, before --batch (a Progressive GAN's batch needs the steady schedule's pgan.batch_sizes=[])
-    probe = load_config(experiment, [o for o in ov if not o.startswith("data.batch_size=")])
+    # which model it is (a Progressive GAN's --batch counts only with the steady schedule's pgan.batch_sizes=[],
+    # which the probe assumes; a pgan.batch_sizes among the overrides comes later and wins)
+    probe = load_config(experiment, ["pgan.batch_sizes=[]"] + ov)
     steady = [] if is_flow(probe) else ["optim.critic_boost_steps=0"]
     if probe.model.name == "pgan" and not any(o.startswith(("pgan.fade_images=", "pgan.stable_images=",
                                                             "pgan.batch_sizes=")) for o in ov):

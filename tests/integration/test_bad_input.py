@@ -260,3 +260,16 @@ def test_a_directory_made_for_a_slurm_script_is_not_trained_into(tmp_path, capsy
     capsys.readouterr()
     assert main(["train", "gan_digits", *_base(tmp_path), "logging.run_id=sl1"]) == 2
     assert "sbatch" in capsys.readouterr().err and not (tmp_path / "gan_digits" / "sl1" / "config.yaml").exists()
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(monkeypatch):
+    """Only a closed stdout ends quietly; a BrokenPipeError from anything else (a loader worker, a pipe:
+    shard) is an error and propagates."""
+    import launch.cli as cli
+
+    def broken(args):
+        raise BrokenPipeError("a pipe: shard's process went away")
+
+    monkeypatch.setattr(cli, "cmd_list", broken)
+    with pytest.raises(BrokenPipeError, match="shard"):
+        cli.main(["list"])

@@ -199,3 +199,12 @@ def test_compiled_rows_need_a_warmup_and_no_flops_rows_say_so(tmp_path, capsys):
     row = json.loads(out.read_text())
     assert row["flops_per_iter"] is None and row["tflops_per_s"] is None and row["rank"] == 0
     assert "n/a (--no-flops)" in capsys.readouterr().out
+
+
+def test_a_batch_the_accumulation_divides_is_accepted_whatever_the_experiments_own(capsys):
+    """--batch replaces data.batch_size before the config is checked: gan_digits' own 32 is not
+    divisible by optim.accumulate=3, but the 48 asked for is."""
+    from launch.cli import main
+
+    assert main(["bench", "train", "gan_digits", "optim.accumulate=3", "--batch", "48", "--check"]) == 0
+    assert "ok: gan_digits batch 48" in capsys.readouterr().out

@@ -237,3 +237,27 @@ def test_npz_without_labels(tmp_path):
     tr = load_split("npz", "train", 16, path=str(p))
     assert tr.images.shape == (9, 1, 16, 16)
     assert tr.labels.tolist() == [0] * 9 and tr.labels.dtype == torch.int64
+
+
+def test_loader_workers_ignore_ctrl_c_and_keep_lightnings_seeding(monkeypatch):
+    """ignore_ctrl_c is the loaders' worker_init_fn, which stops Lightning from adding its own: with
+    seed_everything(workers=True) (PL_SEED_WORKERS=1) the worker's generators are seeded as Lightning would."""
+    import random
+    import signal
+
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    from data_pipelines.datamodule import ignore_ctrl_c
+
+    monkeypatch.setenv("PL_SEED_WORKERS", "1")
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        torch.manual_seed(123)
+        ignore_ctrl_c(1)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        ours = (random.random(), float(np.random.rand()), float(torch.rand(())))
+        torch.manual_seed(123)
+        pl_worker_init_function(1)
+        assert ours == (random.random(), float(np.random.rand()), float(torch.rand(())))
+    finally:
+        signal.signal(signal.SIGINT, previous)
