@@ -161,12 +161,15 @@ def test_preemption_handlers_are_restored_after_training():
     assert {s: signal.getsignal(s) for s in before} == before  # SIGTERM kills the process again after fit, Ctrl-C interrupts
 
 
-def test_a_failed_requeue_reports_a_stop_not_a_requeue(tmp_path):
-    """Under SLURM the stop runs `scontrol requeue`; when that fails (here a stand-in scontrol exiting 1)
-    the run says so and exits 3, as a plain stop: a wrapper must not take it for requeued (exit 0)."""
+@pytest.mark.parametrize("scontrol_rc", [0, 1])
+def test_a_requeue_exits_0_and_a_failed_one_reports_a_stop(tmp_path, scontrol_rc):
+    """Under SLURM the stop runs `scontrol requeue` (here a stand-in). Requeued: exit 0 and "requeued"
+    (SLURM reruns the job). When scontrol fails the run says so and exits 3 as a plain stop: a wrapper
+    must not take it for requeued."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'slurm_requeue error: Invalid job id' >&2\nexit 1\n")
+    say = "" if scontrol_rc == 0 else "echo 'slurm_requeue error: Invalid job id' >&2\n"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/scontrol.args\n{say}exit {scontrol_rc}\n")
     (bin_dir / "scontrol").chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
     proc = subprocess.Popen(_cmd(tmp_path, "trainer.max_iters=100000"), stdout=subprocess.PIPE,
@@ -177,6 +180,10 @@ def test_a_failed_requeue_reports_a_stop_not_a_requeue(tmp_path):
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 3, err[-2000:]
-    assert "scontrol requeue 4242 failed (slurm_requeue error: Invalid job id)" in err
-    assert json.loads(out.strip().splitlines()[-1])["stopped_early"] == "signal"
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    stopped = json.loads(out.strip().splitlines()[-1])["stopped_early"]
+    if scontrol_rc == 0:
+        assert proc.returncode == 0 and stopped == "requeued", err[-2000:]
+    else:
+        assert proc.returncode == 3 and stopped == "signal", err[-2000:]
+        assert "scontrol requeue 4242 failed (slurm_requeue error: Invalid job id)" in err
