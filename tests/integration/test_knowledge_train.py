@@ -52,6 +52,13 @@ def test_learned_constraint_resume_restores_phi_and_its_optimiser(tmp_path):
     _assert_same(sd_full, sd_res, "state_dict")
     stats = _callback(full).last_stats
     assert 0 < stats["knowledge/ess_frac"] <= 1 and stats["knowledge/f_student"] <= 0  # log-probabilities
+    # log E_p exp(lambda f) >= lambda E_p f (Jensen), which the logged values must respect
+    assert stats["knowledge/log_z"] >= stats["knowledge/lambda"] * stats["knowledge/f_student"] - 1e-5
+    import csv
+
+    with open(full.run_dir / "metrics.csv") as fh:  # knowledge rows are keyed by iteration like the rest
+        rows = [r for r in csv.DictReader(fh) if r.get("knowledge/log_z")]
+    assert rows and all(r["iteration"] and r["progress/kimg"] for r in rows)
     assert _callback(full).teacher_samples.shape == (8, 1, 32, 32)
 
 

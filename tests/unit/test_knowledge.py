@@ -418,3 +418,33 @@ def test_knowledge_settings_are_validated(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("gan_digits", ["knowledge.enabled=true", "knowledge.constraint=symmetry", override])
     load_config("gan_digits", ["knowledge.enabled=false", override])  # checked only when the callback is on
+
+
+def test_logged_diagnostics_are_expectations_under_p_by_hand():
+    """knowledge/log_z, f_student, f_teacher for f = 0, 1, 2, 3 and lambda = 1: log Z = log mean e^f, pooled
+    or (per_class) the class-share-weighted per-class values; with tempered samples (log p/p_T = log r)
+    every expectation is weighted back to p. log Z >= lambda E_p f (Jensen) always holds."""
+    from trainer.knowledge.teacher import p_diagnostics
+
+    f = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    e = torch.exp(f)
+    d = p_diagnostics(f, f)
+    assert float(d["log_z"]) == pytest.approx(math.log(float(e.mean())))
+    assert float(d["f_student"]) == pytest.approx(1.5)
+    assert float(d["f_teacher"]) == pytest.approx(float((e * f).sum() / e.sum()))
+    assert float(d["log_z"]) >= float(d["f_student"])
+    groups = torch.tensor([0, 0, 1, 1])
+    d = p_diagnostics(f, f, groups=groups, per_class=True)
+    want = 0.5 * math.log((1 + math.e) / 2) + 0.5 * math.log((math.e ** 2 + math.e ** 3) / 2)
+    assert float(d["log_z"]) == pytest.approx(want)
+    teacher = 0.5 * (math.e * 1) / (1 + math.e) + 0.5 * (2 * math.e ** 2 + 3 * math.e ** 3) / (math.e ** 2 + math.e ** 3)
+    assert float(d["f_teacher"]) == pytest.approx(teacher)
+    assert float(p_diagnostics(f, f, groups=groups)["log_z"]) == pytest.approx(math.log(float(e.mean())))  # pooled
+    r = torch.tensor([3.0, 1.0, 1.0, 1.0])  # p puts 3x the tempered mass on the first sample
+    d = p_diagnostics(f, f, log_ratio=torch.log(r))
+    assert float(d["f_student"]) == pytest.approx(1.0)
+    assert float(d["log_z"]) == pytest.approx(math.log(float((r * e).sum() / r.sum())))
+    assert float(d["f_teacher"]) == pytest.approx(float((r * e * f).sum() / (r * e).sum()))
+    # a sample whose f overflowed counts nowhere
+    d = p_diagnostics(torch.tensor([0.0, float("inf")]), torch.tensor([0.0, float("inf")]))
+    assert float(d["f_student"]) == 0.0 and float(d["log_z"]) == 0.0

@@ -21,9 +21,10 @@ import torch
 import torch.distributed as dist
 
 from trainer.knowledge.constraints import ClassConsistency, Constraint, Symmetry
-from trainer.knowledge.teacher import gather_cat, importance_teacher, irl_loss, reverse_kl_loss, weighted_nll_term, world
+from trainer.knowledge.teacher import (gather_cat, importance_teacher, irl_loss, p_diagnostics, reverse_kl_loss,
+                                      weighted_nll_term, world)
 from trainer.config import ConfigError
-from trainer.counters import iteration_of
+from trainer.counters import images_of, iteration_of
 
 
 def tempered_samples(glow, n: int, temperature: float, y: Optional[torch.Tensor], gen: torch.Generator):
@@ -140,7 +141,7 @@ class KnowledgeCallback(L.Callback):
         nll = module.losses(xs, y_s)["bpd"]
         term, teacher = weighted_nll_term(nll, s, self.k["alpha"], y_s)
         self._model_samples.append((images, y_s))
-        self._diagnose(images, y_s, f.nan_to_num(), teacher)
+        self._diagnose(images, y_s, f, teacher, log_ratio)
         # A host read, kept: the term and the skip counter depend on it (the same on every rank: the
         # weights are gathered).
         ess_frac = float(teacher.ess_frac)
@@ -150,18 +151,24 @@ class KnowledgeCallback(L.Callback):
         return term
 
     @torch.no_grad()
-    def _diagnose(self, x: torch.Tensor, y: Optional[torch.Tensor], f: torch.Tensor, teacher=None) -> None:
-        """ESS, the constraint under the student p and under the teacher q, and the resampled teacher set."""
-        s = self.lam * f.float()
+    def _diagnose(self, x: torch.Tensor, y: Optional[torch.Tensor], f: torch.Tensor, teacher=None,
+                  log_ratio: Optional[torch.Tensor] = None) -> None:
+        """ESS, log Z and the constraint under the student p and under the teacher q (over every rank's
+        samples; tempered flow samples weighted back to p by ``log_ratio``), and the resampled teacher set."""
+        s = (self.lam * f.float() + (0.0 if log_ratio is None else log_ratio.float()))
+        s = s.masked_fill(~torch.isfinite(f), float("-inf"))
+        y_all = gather_cat(y)[0] if y is not None else None
         if teacher is None:
-            s_all = gather_cat(s)[0]
-            teacher = importance_teacher(s_all, gather_cat(y)[0] if y is not None else None)
+            teacher = importance_teacher(gather_cat(s)[0], y_all)
         local = importance_teacher(s, y).w
         if y is not None:  # weights sum to 1 within each class: weigh the classes by their share of samples
             local = local * torch.bincount(y)[y].to(local.dtype) / y.shape[0]
         self.counters["teacher_steps"] += 1
-        self._device_stats = {"knowledge/ess_frac": teacher.ess_frac, "knowledge/log_z": teacher.log_z,
-                              "knowledge/f_student": f.mean(), "knowledge/f_teacher": (local * f).sum() / local.sum()}
+        per_class = self.k.get("irl_log_z", "pooled") == "per_class"
+        d = p_diagnostics(gather_cat(self.lam * f.float())[0], gather_cat(f.float())[0],
+                          None if log_ratio is None else gather_cat(log_ratio)[0], y_all, per_class)
+        self._device_stats = {"knowledge/ess_frac": teacher.ess_frac, "knowledge/log_z": d["log_z"],
+                              "knowledge/f_student": d["f_student"], "knowledge/f_teacher": d["f_teacher"]}
         self._stats = {"knowledge/lambda": self.lam}  # a new step's diagnostics replace the last one's
         self._resample(x, local)
 
@@ -211,8 +218,9 @@ class KnowledgeCallback(L.Callback):
         self._model_samples = []
         self._stats.update({f"knowledge/{k}": float(v) for k, v in self.counters.items()})
         if (it % self.log_every == 0 or it == 1) and trainer.is_global_zero:
-            for lg in trainer.loggers:
-                lg.log_metrics(self.last_stats, step=it)
+            row = {**self.last_stats, "iteration": float(it), "progress/kimg": images_of(pl_module) / 1000.0}
+            for lg in trainer.loggers:  # keyed like the modules' rows (metrics.csv, the report)
+                lg.log_metrics(row, step=it)
 
     # ---- checkpoint state ---------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -117,6 +117,34 @@ class SampleTeacher:
     log_z: torch.Tensor   # log mean exp(s): the estimate of log Z = log E_p exp(lambda f)
 
 
+def _group_shares(groups: Optional[torch.Tensor], n: int):
+    """[(index mask, share of the samples)] per group, or one group of everything."""
+    if groups is None:
+        return [(slice(None), 1.0)]
+    return [(groups == g, float((groups == g).sum()) / n) for g in torch.unique(groups)]
+
+
+def p_diagnostics(lam_f: torch.Tensor, f: torch.Tensor, log_ratio: Optional[torch.Tensor] = None,
+                  groups: Optional[torch.Tensor] = None, per_class: bool = False) -> dict:
+    """What the knowledge callback logs, all under the student p, from samples of p or of a tempered
+    p_T with log p/p_T = log_ratio (self-normalised importance weights):
+    log_z = log E_p exp(lambda f), pooled over all samples, or (per_class) sum_c pi_c log E_p[. | c] with
+    pi_c the samples' class shares, as the IRL loss's knowledge.irl_log_z; f_student = E_p f;
+    f_teacher = E_q f, q proportional to p exp(lambda f) (per class, classes weighed by their shares).
+    Samples whose f is not finite count in none of them."""
+    lam_f, f = lam_f.detach().float(), f.detach().float()
+    r = torch.zeros_like(lam_f) if log_ratio is None else log_ratio.detach().float()
+    ok = torch.isfinite(f) & torch.isfinite(lam_f)
+    lr = r.masked_fill(~ok, float("-inf"))
+    s = (lam_f + r).masked_fill(~ok, float("-inf"))
+    f0 = f.masked_fill(~ok, 0.0)
+    pooled_log_z = torch.logsumexp(s, 0) - torch.logsumexp(lr, 0)
+    log_z = pooled_log_z if not per_class or groups is None else sum(
+        share * (torch.logsumexp(s[m], 0) - torch.logsumexp(lr[m], 0)) for m, share in _group_shares(groups, f.numel()))
+    f_teacher = sum(share * (torch.softmax(s[m], 0) * f0[m]).sum() for m, share in _group_shares(groups, f.numel()))
+    return {"log_z": log_z, "f_student": (torch.softmax(lr, 0) * f0).sum(), "f_teacher": f_teacher}
+
+
 def importance_teacher(s: torch.Tensor, groups: Optional[torch.Tensor] = None) -> SampleTeacher:
     """Self-normalised importance weights w_i proportional to exp(s_i), s = lambda f(x_i), x_i ~ p.
     ``groups`` (e.g. the requested class of a conditional model) normalises within each group, so
