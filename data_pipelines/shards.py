@@ -531,9 +531,10 @@ def inspect_shards(path: str | os.PathLike, grid: Optional[str] = None, verify: 
                     problems.append(f"{sh['name']}: sha256 differs from index.json (changed or truncated)")
                 n = 0
                 try:
-                    import webdataset as wds
+                    from data_pipelines.tario import shard_samples
 
-                    for s in wds.tarfile_samples([{"url": str(f)}]):
+                    # genscale's own tar reader, as training uses: its errors name the byte and the damage
+                    for s in shard_samples([{"url": str(f)}], lambda u: open(u, "rb"), lambda e: False):
                         try:
                             if index["encoding"] not in s:
                                 raise ValueError(f"no '{index['encoding']}' image in the sample")
@@ -544,7 +545,8 @@ def inspect_shards(path: str | os.PathLike, grid: Optional[str] = None, verify: 
                         except Exception as e:
                             problems.append(f"{sh['name']}: sample {s.get('__key__')}: {e}")
                 except (tarfile.TarError, OSError, ValueError) as e:
-                    problems.append(f"{sh['name']}: unreadable tar after {n} samples: {e}")
+                    why = e.args[0] if e.args else e  # the reader adds the url as a second argument
+                    problems.append(f"{sh['name']}: unreadable tar after {n} samples: {why}")
                 if n != sh["count"]:
                     problems.append(f"{sh['name']}: {n} readable samples, index.json lists {sh['count']}")
                 good += n

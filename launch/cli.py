@@ -43,6 +43,8 @@ def cmd_train(args) -> int:
         print(run_summary(run), file=sys.stderr, flush=True)
     ckpt = run.checkpointer.last_path
     stop = stopped_early(run)
+    if not run.trainer.is_global_zero:  # one JSON line per run, from rank 0 (the others share its directory)
+        return STOPPED_EARLY if stop == "signal" else 0
     print(json.dumps({"run_dir": str(run.run_dir), "iteration": int(run.module.iteration),
                       "kimg": int(run.module.images_seen) / 1000, "checkpoint": str(ckpt) if ckpt else None,
                       "samples": str(run.sampler.last_path) if run.sampler.last_path else None,
@@ -79,6 +81,7 @@ def cmd_sample(args) -> int:
         return 0
     if args.temperature or args.interpolate:
         raise UsageError("--temperature and --interpolate apply to flow checkpoints only.")
+    has_ema = any(k.startswith("G_ema.") for k in ckpt["state_dict"])  # a run with ema.enabled=false has none
     del ckpt
     if args.interpolate_class or args.interpolate_z:
         from trainer.evaluate import interpolation_grid
@@ -90,7 +93,7 @@ def cmd_sample(args) -> int:
         return 0
     out = sample_grid(args.checkpoint, num=args.num, out=args.out, seed=args.seed, use_ema=not args.no_ema,
                       truncation=args.truncation or 0.0, label=args.label)
-    print(json.dumps({"out": str(out), "num": args.num, "seed": args.seed, "ema": not args.no_ema,
+    print(json.dumps({"out": str(out), "num": args.num, "seed": args.seed, "ema": not args.no_ema and has_ema,
                       "truncation": args.truncation, "class": args.label}))
     return 0
 

@@ -623,6 +623,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}.")
+    monitor, rankable = cfg.trainer.checkpoint.monitor, MONITORABLE["flow" if is_flow(cfg) else "gan"]
+    if monitor and monitor not in rankable:
+        raise ConfigError(f"trainer.checkpoint.monitor='{monitor}' is not a metric checkpoints can be ranked by "
+                          f"for this model (a checkpoint lacking it would rank last, silently): use one of "
+                          f"{', '.join(rankable)} (eval/* need eval.every_n_iters), or '' for the newest.")
     _validate_optimizer_impls(cfg)
     _validate_deepspeed(cfg)
     _validate_knowledge(cfg)
@@ -699,9 +704,13 @@ def _validate_knowledge(cfg: DictConfig) -> None:
                           f"{k.constraint} has none. Use knowledge.constraint=class_consistency or learned=false.")
     if k.temperature <= 0:
         raise ConfigError(f"knowledge.temperature must be > 0 (importance weights need a density), got {k.temperature}.")
-    if k.lam < 0 or k.alpha < 0 or k.bound < 0 or k.phi_every <= 0 or not 0.0 <= k.ess_min <= 1.0:
-        raise ConfigError(f"knowledge: lam, alpha and bound must be non-negative, phi_every positive and ess_min "
-                          f"in [0, 1] (got {k.lam}, {k.alpha}, {k.bound}, {k.phi_every}, {k.ess_min}).")
+    rules = [("lam", k.lam >= 0, "non-negative"), ("alpha", k.alpha >= 0, "non-negative"),
+             ("bound", k.bound >= 0, "non-negative"), ("phi_every", k.phi_every > 0, "positive"),
+             ("ess_min", 0.0 <= k.ess_min <= 1.0, "in [0, 1]"),
+             ("samples", k.samples >= 0, "0 (the batch size) or more"), ("keep_samples", k.keep_samples > 0, "positive")]
+    for key, ok, want in rules:
+        if not ok:
+            raise ConfigError(f"knowledge.{key} must be {want}, got {k[key]}.")
 
 
 def _validate_pgan(cfg: DictConfig) -> None:
@@ -735,6 +744,10 @@ def is_flow(cfg) -> bool:
 
     return OmegaConf.select(cfg, "model.name") in FLOWS if isinstance(cfg, DictConfig) else cfg["model"]["name"] in FLOWS
 
+
+# What reaches trainer.callback_metrics, where checkpoint ranking reads it (the periodic evaluations; a
+# flow's per-step training bits/dim). GAN losses are logged straight to the loggers and rank nothing.
+MONITORABLE = {"gan": ["eval/fid", "eval/kid", "eval/kid_std"], "flow": ["eval/bpd", "train/bpd", "train/bits_y"]}
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 

@@ -90,6 +90,16 @@ def test_sample_cli_writes_png(run, tmp_path, capsys):
     assert img.mode == "L" and img.width == img.height and img.width % side == 0
     assert outs[0].read_bytes() == outs[1].read_bytes()
     assert outs[0].read_bytes() != outs[2].read_bytes()
+    assert res["ema"] is True
+
+
+def test_sample_says_raw_g_for_a_run_without_ema(tmp_path, capsys):
+    """ema.enabled=false: the checkpoint has no G_ema, so the grid is the raw G's, and the line says so."""
+    run = train("gan_digits", [f"logging.root={tmp_path}", "logging.wandb=false", "trainer.progress_bar=false",
+                               "trainer.max_iters=2", "ema.enabled=false", "model.g_width=8", "model.d_width=8"])
+    capsys.readouterr()
+    res = _eval_json(capsys, ["sample", str(run.run_dir), "--num", "4", "--out", str(tmp_path / "s.png")])
+    assert res["ema"] is False
 
 
 def test_eval_truncated_checkpoint(run, tmp_path, capsys):

@@ -443,3 +443,15 @@ def test_a_saved_run_with_an_id_from_before_the_rule_still_loads():
     assert load_config(base=to_dict(saved), overrides=["trainer.max_iters=9"]).logging.run_id == "lr=1e-4"
     with pytest.raises(ConfigError, match="not a valid run id"):
         load_config(base=to_dict(saved), overrides=["logging.run_id=a/b"])
+
+
+def test_a_checkpoint_monitor_that_ranks_nothing_is_refused():
+    """Checkpoints are ranked by what reaches callback_metrics; a GAN loss or a typo would rank every
+    checkpoint last (inf) and keep the newest instead, silently."""
+    for bad in ("g/loss", "eval/fdi"):
+        with pytest.raises(ConfigError, match="eval/fid, eval/kid"):
+            load_config("gan_digits", [f"trainer.checkpoint.monitor={bad}"])
+    assert load_config("gan_digits", ["trainer.checkpoint.monitor=eval/fid"]).trainer.checkpoint.monitor == "eval/fid"
+    assert load_config("glow_digits", ["trainer.checkpoint.monitor=train/bpd"])
+    with pytest.raises(ConfigError, match="eval/bpd"):
+        load_config("glow_digits", ["trainer.checkpoint.monitor=eval/fid"])

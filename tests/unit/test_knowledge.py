@@ -406,10 +406,12 @@ def test_weighted_nll_term_drops_neg_inf_samples_from_both_averages():
 @pytest.mark.parametrize("override, message", [
     ("knowledge.temperature=0", "temperature must be > 0"),
     ("knowledge.temperature=-1", "temperature must be > 0"),
-    ("knowledge.bound=-1", "must be non-negative"),
-    ("knowledge.lam=-0.5", "must be non-negative"),
-    ("knowledge.phi_every=0", "phi_every positive"),
-    ("knowledge.ess_min=1.5", "ess_min"),
+    ("knowledge.bound=-1", "knowledge.bound must be non-negative, got -1"),
+    ("knowledge.lam=-0.5", "knowledge.lam must be non-negative, got -0.5"),
+    ("knowledge.phi_every=0", "knowledge.phi_every must be positive"),
+    ("knowledge.ess_min=1.5", "knowledge.ess_min must be in"),
+    ("knowledge.samples=-3", "knowledge.samples must be 0"),
+    ("knowledge.keep_samples=0", "knowledge.keep_samples must be positive"),
     ("knowledge.learned=true", "needs a constraint with parameters"),
 ])
 def test_knowledge_settings_are_validated(override, message):

@@ -111,6 +111,13 @@ def test_index_contents_and_sha256(tmp_path):
     val.write_bytes(val.read_bytes()[:3000])  # truncated inside the second sample
     problems = shards.inspect_shards(out, verify=True)["verify"]["problems"]
     assert any("val-000000.tar" in p and "readable samples, index.json lists 7" in p for p in problems), problems
+    # a damaged header is named in words with its byte, as the training reader says it (no Python reprs)
+    raw = bytearray((out / "train-000002.tar").read_bytes())
+    raw[1024 + 100] ^= 0xFF  # inside the second member's header
+    (out / "train-000002.tar").write_bytes(bytes(raw))
+    (bad,) = [p for p in shards.inspect_shards(out, verify=True)["verify"]["problems"]
+              if p.startswith("train-000002.tar: unreadable")]
+    assert "bad tar header checksum at byte 1024" in bad and "<_io" not in bad and "('" not in bad, bad
     from launch.cli import main as genscale
 
     assert genscale(["data", "inspect", str(out), "--verify"]) == 1  # problems: a failing exit status
