@@ -45,7 +45,7 @@ def cmd_train(args) -> int:
     stop = stopped_early(run)
     if not run.trainer.is_global_zero:  # one JSON line per run, from rank 0 (the others share its directory)
         return STOPPED_EARLY if stop == "signal" else 0
-    print(json.dumps({"run_dir": str(run.run_dir), "iteration": int(run.module.iteration),
+    print(json.dumps({"run_dir": str(run.run_dir.resolve()), "iteration": int(run.module.iteration),
                       "kimg": int(run.module.images_seen) / 1000, "checkpoint": str(ckpt) if ckpt else None,
                       "samples": str(run.sampler.last_path) if run.sampler.last_path else None,
                       "metrics": str(run.run_dir / "metrics.csv"), "stopped_early": stop or None}))

@@ -623,6 +623,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}.")
+    for key in ("start_iter", "rampup_iters"):
+        if cfg.ema[key] < 0:
+            raise ConfigError(f"ema.{key} must be 0 or more (G iterations), got {cfg.ema[key]}.")
     monitor, rankable = cfg.trainer.checkpoint.monitor, MONITORABLE["flow" if is_flow(cfg) else "gan"]
     if monitor and monitor not in rankable:
         raise ConfigError(f"trainer.checkpoint.monitor='{monitor}' is not a metric checkpoints can be ranked by "

@@ -455,3 +455,9 @@ def test_a_checkpoint_monitor_that_ranks_nothing_is_refused():
     assert load_config("glow_digits", ["trainer.checkpoint.monitor=train/bpd"])
     with pytest.raises(ConfigError, match="eval/bpd"):
         load_config("glow_digits", ["trainer.checkpoint.monitor=eval/fid"])
+
+
+def test_negative_ema_schedule_lengths_are_refused():
+    for key in ("ema.start_iter", "ema.rampup_iters"):
+        with pytest.raises(ConfigError, match=f"{key} must be 0 or more"):
+            load_config("gan_digits", [f"{key}=-5"])
