@@ -74,11 +74,14 @@ class PreemptionCallback(L.Callback):
                   f"iteration {iteration_of(pl_module)}" + (f"; requeueing SLURM job {job}" if job else ""),
                   file=sys.stderr, flush=True)
             if job:
-                res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
-                ok = res.returncode == 0
+                try:
+                    res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+                    ok, why = res.returncode == 0, res.stderr.strip() or f"exit {res.returncode}"
+                except OSError as e:  # no scontrol on this node's PATH
+                    ok, why = False, str(e)
                 if not ok:
-                    print(f"genscale: scontrol requeue {job} failed ({res.stderr.strip() or res.returncode}): the "
-                          "run stopped at its checkpoint; resume it to continue", file=sys.stderr, flush=True)
+                    print(f"genscale: scontrol requeue {job} failed ({why}): the run stopped at its checkpoint; "
+                          "resume it to continue", file=sys.stderr, flush=True)
         # every rank reports the same outcome (exit 0 when requeued, 3 when stopped)
         self.requeued = bool(job) and bool(trainer.strategy.broadcast(ok, src=0))
         trainer.should_stop = True
