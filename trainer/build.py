@@ -517,6 +517,10 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
         saved_world = ckpt["genscale"].get("world_size")
         saved_shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if torch.is_tensor(v)}
         _check_strategy_matches(ckpt, cfg)
+        if "KnowledgeCallback" in ckpt.get("callbacks", {}) and not cfg.knowledge.enabled and not launched_follower():
+            print("genscale: this checkpoint's knowledge-constraint state (lambda, counters and a learned phi) is "
+                  "not used: the run continues with knowledge.enabled=false (it stays in the older checkpoints).",
+                  file=sys.stderr, flush=True)
         del ckpt
         if run_dir is None and resume_iteration >= cfg.trainer.max_iters:
             raise ConfigError(f"'{ckpt_path}' is at iteration {resume_iteration}, so a branch with trainer.max_iters="

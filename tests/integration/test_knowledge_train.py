@@ -93,3 +93,13 @@ def test_flow_term_ess_guard_skips_and_counts(tmp_path):
     key = next(k for k, v in sd_plain.items() if k.startswith("glow.") and v.is_floating_point() and v.numel() > 10)
     assert not torch.equal(sd_plain[key], sd_used[key])
     assert 0 < _callback(used).last_stats["knowledge/ess_frac"] < 1
+
+
+def test_resuming_with_knowledge_off_says_the_constraint_state_is_not_used(tmp_path, capsys):
+    common = COMMON + [f"logging.root={tmp_path}", "trainer.checkpoint.every_n_iters=2", "model.g_width=8",
+                       "model.d_width=8"]
+    run = train("gan_digits", common + ["trainer.max_iters=2", "knowledge.enabled=true",
+                                        "knowledge.constraint=symmetry"])
+    capsys.readouterr()
+    train(None, [f"resume={run.run_dir}", "trainer.max_iters=3", "knowledge.enabled=false"])
+    assert "knowledge-constraint state (lambda, counters and a learned phi) is not used" in capsys.readouterr().err
