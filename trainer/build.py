@@ -25,7 +25,7 @@ from trainer.callbacks.samples import SampleGridCallback
 from trainer.csv_log import AppendingCSVLogger
 from trainer.checkpointing import (AtomicCheckpointIO, CheckpointError, IterationCheckpoint, iteration_in_name,
                                   load_checkpoint)
-from trainer.config import ConfigError, check_run_id, is_flow, load_config, to_dict, to_yaml
+from trainer.config import ConfigError, check_run_id, ignored_settings, is_flow, load_config, to_dict, to_yaml
 from trainer.gan_module import GANModule, NonFiniteLossError
 from trainer.progress import ThroughputBar
 from trainer.strategies.gan_ddp import STRATEGY_NAME as GAN_DDP, GANDDPStrategy
@@ -533,6 +533,9 @@ def prepare_run(experiment: Optional[str] = None, overrides: Optional[List[str]]
         cfg = load_config(experiment, overrides)
         run_dir, resume_iteration, saved_world = None, None, None
     check_devices(cfg.trainer)
+    if not launched_follower():
+        for note in ignored_settings(cfg, overrides):
+            print(f"genscale: note: {note}.", file=sys.stderr, flush=True)
     dm = build_datamodule(cfg)
     train = dm.prepare()  # a missing or unreadable data path fails here, before any directory is made
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)

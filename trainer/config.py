@@ -787,6 +787,22 @@ def _validate_flow(cfg: DictConfig) -> None:
                           f"(got optim.accumulate={cfg.optim.accumulate}).")
 
 
+def ignored_settings(cfg: DictConfig, overrides: List[str]) -> List[str]:
+    """Command-line settings that this config makes do nothing (accepted, so a sweep can vary them, but
+    said): the user asked for something the run will not do."""
+    given = {o.split("=", 1)[0] for o in overrides if "=" in o}
+    notes = []
+    if not cfg.knowledge.enabled:
+        notes += [f"{k} has no effect with knowledge.enabled=false" for k in sorted(given)
+                  if k.startswith("knowledge.") and k != "knowledge.enabled"]
+    elif "knowledge.irl_log_z" in given and not cfg.knowledge.learned:
+        notes.append("knowledge.irl_log_z has no effect without knowledge.learned=true (a fixed constraint)")
+    if "trainer.zero_stage" in given and cfg.trainer.strategy != "deepspeed":
+        notes.append(f"trainer.zero_stage has no effect with trainer.strategy={cfg.trainer.strategy} "
+                     "(it is DeepSpeed's)")
+    return notes
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 

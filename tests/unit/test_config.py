@@ -461,3 +461,18 @@ def test_negative_ema_schedule_lengths_are_refused():
     for key in ("ema.start_iter", "ema.rampup_iters"):
         with pytest.raises(ConfigError, match=f"{key} must be 0 or more"):
             load_config("gan_digits", [f"{key}=-5"])
+
+
+def test_settings_the_config_makes_do_nothing_are_named():
+    from trainer.config import ignored_settings
+
+    ov = ["knowledge.learned=true", "knowledge.lam=3", "trainer.zero_stage=1", "trainer.max_iters=5"]
+    notes = ignored_settings(load_config("gan_digits", ov), ov)
+    assert notes == ["knowledge.lam has no effect with knowledge.enabled=false",
+                     "knowledge.learned has no effect with knowledge.enabled=false",
+                     "trainer.zero_stage has no effect with trainer.strategy=auto (it is DeepSpeed's)"]
+    ov = ["knowledge.enabled=true", "knowledge.constraint=symmetry", "knowledge.irl_log_z=per_class"]
+    assert ignored_settings(load_config("gan_digits", ov), ov) == [
+        "knowledge.irl_log_z has no effect without knowledge.learned=true (a fixed constraint)"]
+    ov = ["trainer.strategy=deepspeed", "trainer.zero_stage=1"]
+    assert ignored_settings(load_config("gan_digits", ov), ov) == []
