@@ -531,10 +531,15 @@ def load_config(experiment: Optional[str] = None, overrides: Optional[List[str]]
     _undo_yaml_booleans(cfg)
     _deepspeed_overrules_experiment_speed_switches(cfg, [layer for _, layer in command_line])
     _check_batch_not_shadowed(cfg, [layer for _, layer in command_line])
-    new_id = base is None or any(OmegaConf.select(layer, "logging.run_id", default=None) is not None
-                                 for _, layer in command_line)
-    if cfg.logging.run_id and new_id:  # a saved run keeps the id it has (runs from before the rule resume)
-        check_run_id(str(cfg.logging.run_id), "logging.run_id")
+    def new(key):  # set now, not carried by a saved run (runs saved before a rule keep resuming)
+        return base is None or any(OmegaConf.select(layer, key, default=None) is not None for _, layer in command_line)
+
+    run_id = str(cfg.logging.run_id)
+    existing = (Path(cfg.logging.root) / (cfg.experiment or "default") / run_id / "config.yaml").is_file()
+    if run_id and new("logging.run_id") and not existing:  # an id naming an existing run is that run's
+        check_run_id(run_id, "logging.run_id")
+    if new("trainer.checkpoint.monitor"):
+        _validate_monitor(cfg)
     validate(cfg)
     OmegaConf.set_readonly(cfg, False)
     OmegaConf.set_struct(cfg, True)
@@ -626,11 +631,6 @@ def validate(cfg: DictConfig) -> None:
     for key in ("start_iter", "rampup_iters"):
         if cfg.ema[key] < 0:
             raise ConfigError(f"ema.{key} must be 0 or more (G iterations), got {cfg.ema[key]}.")
-    monitor, rankable = cfg.trainer.checkpoint.monitor, MONITORABLE["flow" if is_flow(cfg) else "gan"]
-    if monitor and monitor not in rankable:
-        raise ConfigError(f"trainer.checkpoint.monitor='{monitor}' is not a metric checkpoints can be ranked by "
-                          f"for this model (a checkpoint lacking it would rank last, silently): use one of "
-                          f"{', '.join(rankable)} (eval/* need eval.every_n_iters), or '' for the newest.")
     _validate_optimizer_impls(cfg)
     _validate_deepspeed(cfg)
     _validate_knowledge(cfg)
@@ -751,6 +751,14 @@ def is_flow(cfg) -> bool:
 # What reaches trainer.callback_metrics, where checkpoint ranking reads it (the periodic evaluations; a
 # flow's per-step training bits/dim). GAN losses are logged straight to the loggers and rank nothing.
 MONITORABLE = {"gan": ["eval/fid", "eval/kid", "eval/kid_std"], "flow": ["eval/bpd", "train/bpd", "train/bits_y"]}
+
+def _validate_monitor(cfg: DictConfig) -> None:
+    monitor, rankable = cfg.trainer.checkpoint.monitor, MONITORABLE["flow" if is_flow(cfg) else "gan"]
+    if monitor and monitor not in rankable:
+        raise ConfigError(f"trainer.checkpoint.monitor='{monitor}' is not a metric checkpoints can be ranked by "
+                          f"for this model (a checkpoint lacking it would rank last, silently): use one of "
+                          f"{', '.join(rankable)} (eval/* need eval.every_n_iters), or '' for the newest.")
+
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 

@@ -57,3 +57,26 @@ def test_two_ranks_equal_one_process_on_the_gathered_batch(tmp_path):
     assert torch.allclose(got["w"], importance_teacher(LAM * x_model @ torch.tensor([0.5, -0.3, 0.8])).w, atol=1e-6)
     assert torch.allclose(got["g_theta"], g_theta, atol=1e-6)
     assert torch.allclose(got["g_phi"], g_phi, atol=1e-6)
+
+
+def test_flow_knowledge_trains_on_two_ranks_at_temperature_one(tmp_path):
+    """The callback's diagnostics gather every rank's samples: at T = 1 the tempered log-ratio is a
+    0-dim zero, which crashed the gather on two ranks at the first step. Both temperatures train, and
+    the logged log Z respects Jensen's bound against lambda E_p f."""
+    import csv
+    import json
+
+    from tests.conftest import tiny
+    from tests.distributed.helpers import finish_all, start_ranks
+
+    for t in ("1.0", "0.8"):
+        common = tiny(tmp_path, "trainer.accelerator=cpu", "trainer.max_iters=3", "trainer.checkpoint.every_n_iters=3",
+                      "trainer.sample_every=0", "trainer.log_every=1", "knowledge.enabled=true",
+                      "knowledge.constraint=symmetry", "knowledge.lam=2", f"knowledge.temperature={t}")
+        finish_all(start_ranks(tmp_path / f"t{t}", "glow_digits", *common, f"logging.run_id=t{t}"))
+        run_dir = json.loads((tmp_path / f"t{t}" / "rank0.json").read_text())["run_dir"]
+        with open(f"{run_dir}/metrics.csv") as fh:
+            rows = [r for r in csv.DictReader(fh) if r.get("knowledge/log_z")]
+        assert len(rows) == 3, t
+        for r in rows:
+            assert float(r["knowledge/log_z"]) >= 2 * float(r["knowledge/f_student"]) - 1e-5

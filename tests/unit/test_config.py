@@ -476,3 +476,21 @@ def test_settings_the_config_makes_do_nothing_are_named():
         "knowledge.irl_log_z has no effect without knowledge.learned=true (a fixed constraint)"]
     ov = ["trainer.strategy=deepspeed", "trainer.zero_stage=1"]
     assert ignored_settings(load_config("gan_digits", ov), ov) == []
+
+
+def test_rules_added_later_do_not_stop_saved_runs_from_resuming(tmp_path):
+    """A run saved with a checkpoint monitor or a run id that a newer rule refuses resumes (from its saved
+    config, and with resume=auto naming its existing directory); the rules apply to new settings."""
+    from trainer.config import to_dict
+
+    saved = load_config("gan_digits", [f"logging.root={tmp_path}"])
+    saved.trainer.checkpoint.monitor, saved.logging.run_id = "g/loss", "lr=1e-4"
+    assert load_config(base=to_dict(saved), overrides=["trainer.max_iters=9"]).trainer.checkpoint.monitor == "g/loss"
+    with pytest.raises(ConfigError, match="not a metric"):
+        load_config(base=to_dict(saved), overrides=["trainer.checkpoint.monitor=d/loss"])
+    run = tmp_path / "gan_digits" / "lr=1e-4"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("{}\n")
+    assert load_config("gan_digits", [f"logging.root={tmp_path}", "logging.run_id=lr=1e-4"]).logging.run_id == "lr=1e-4"
+    with pytest.raises(ConfigError, match="not a valid run id"):
+        load_config("gan_digits", [f"logging.root={tmp_path}", "logging.run_id=.."])

@@ -73,6 +73,7 @@ def check_constraint_fits(constraint: str, pl_module) -> None:
 class KnowledgeCallback(L.Callback):
     def __init__(self, k: dict, constraint: Constraint, log_every: int = 10, seed: int = 0):
         self.k, self.constraint, self.log_every, self.seed = k, constraint, log_every, seed
+        self._classes = 0  # set at setup from the module
         self.lam = float(k["lam"])
         self.opt: Optional[torch.optim.Optimizer] = None
         self.counters = {"phi_steps": 0, "ess_skipped": 0, "teacher_steps": 0}
@@ -105,6 +106,7 @@ class KnowledgeCallback(L.Callback):
 
     # ---- wiring -----------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage=None):
+        self._classes = _conditional_classes(pl_module)  # the diagnostics' per-class sums, without host reads
         if isinstance(self.constraint, ClassConsistency):
             check_constraint_fits("class_consistency", pl_module)
         self.constraint.to(pl_module.device)
@@ -165,8 +167,10 @@ class KnowledgeCallback(L.Callback):
             local = local * torch.bincount(y)[y].to(local.dtype) / y.shape[0]
         self.counters["teacher_steps"] += 1
         per_class = self.k.get("irl_log_z", "pooled") == "per_class"
-        d = p_diagnostics(gather_cat(self.lam * f.float())[0], gather_cat(f.float())[0],
-                          None if log_ratio is None else gather_cat(log_ratio)[0], y_all, per_class)
+        # log_ratio is a 0-dim zero at temperature 1: made per sample, so every rank gathers equal shapes
+        lr = torch.zeros_like(f, dtype=torch.float32) if log_ratio is None else log_ratio.float().expand(f.shape)
+        d = p_diagnostics(gather_cat(self.lam * f.float())[0], gather_cat(f.float())[0], gather_cat(lr)[0], y_all,
+                          per_class, self._classes)
         self._device_stats = {"knowledge/ess_frac": teacher.ess_frac, "knowledge/log_z": d["log_z"],
                               "knowledge/f_student": d["f_student"], "knowledge/f_teacher": d["f_teacher"]}
         self._stats = {"knowledge/lambda": self.lam}  # a new step's diagnostics replace the last one's

@@ -117,32 +117,49 @@ class SampleTeacher:
     log_z: torch.Tensor   # log mean exp(s): the estimate of log Z = log E_p exp(lambda f)
 
 
-def _group_shares(groups: Optional[torch.Tensor], n: int):
-    """[(index mask, share of the samples)] per group, or one group of everything."""
-    if groups is None:
-        return [(slice(None), 1.0)]
-    return [(groups == g, float((groups == g).sum()) / n) for g in torch.unique(groups)]
+def _per_group(s: torch.Tensor, v: torch.Tensor, groups: torch.Tensor, classes: int):
+    """Per group: log sum exp(s) and sum softmax(s) v, by scatters (no host read, whatever the classes
+    present); -inf and 0 for a group without samples or without a finite s."""
+    neg = torch.full((classes,), float("-inf"), device=s.device)
+    m = neg.scatter_reduce(0, groups, s, reduce="amax")
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m[groups])
+    tot = torch.zeros(classes, device=s.device).index_add(0, groups, e)
+    ev = torch.zeros(classes, device=s.device).index_add(0, groups, e * v)
+    return torch.log(tot) + m, torch.where(tot > 0, ev / tot.clamp_min(1e-30), torch.zeros_like(tot))
 
 
 def p_diagnostics(lam_f: torch.Tensor, f: torch.Tensor, log_ratio: Optional[torch.Tensor] = None,
-                  groups: Optional[torch.Tensor] = None, per_class: bool = False) -> dict:
+                  groups: Optional[torch.Tensor] = None, per_class: bool = False, classes: int = 0) -> dict:
     """What the knowledge callback logs, all under the student p, from samples of p or of a tempered
     p_T with log p/p_T = log_ratio (self-normalised importance weights):
     log_z = log E_p exp(lambda f), pooled over all samples, or (per_class) sum_c pi_c log E_p[. | c] with
-    pi_c the samples' class shares, as the IRL loss's knowledge.irl_log_z; f_student = E_p f;
-    f_teacher = E_q f, q proportional to p exp(lambda f) (per class, classes weighed by their shares).
-    Samples whose f is not finite count in none of them."""
+    pi_c the model samples' class shares (the IRL loss's knowledge.irl_log_z=per_class weighs by the real
+    batch's shares; both estimate the same class mix); f_student = E_p f; f_teacher = E_q f, q proportional
+    to p exp(lambda f) within each class, classes weighed by their shares. Samples whose f is not finite
+    count in none of them. ``classes``: the number of classes ``groups`` indexes (0: ungrouped)."""
     lam_f, f = lam_f.detach().float(), f.detach().float()
     r = torch.zeros_like(lam_f) if log_ratio is None else log_ratio.detach().float()
     ok = torch.isfinite(f) & torch.isfinite(lam_f)
     lr = r.masked_fill(~ok, float("-inf"))
     s = (lam_f + r).masked_fill(~ok, float("-inf"))
     f0 = f.masked_fill(~ok, 0.0)
-    pooled_log_z = torch.logsumexp(s, 0) - torch.logsumexp(lr, 0)
-    log_z = pooled_log_z if not per_class or groups is None else sum(
-        share * (torch.logsumexp(s[m], 0) - torch.logsumexp(lr[m], 0)) for m, share in _group_shares(groups, f.numel()))
-    f_teacher = sum(share * (torch.softmax(s[m], 0) * f0[m]).sum() for m, share in _group_shares(groups, f.numel()))
-    return {"log_z": log_z, "f_student": (torch.softmax(lr, 0) * f0).sum(), "f_teacher": f_teacher}
+    out = {"f_student": (torch.softmax(lr, 0) * f0).sum()}
+    if groups is None or not classes:
+        out["log_z"] = torch.logsumexp(s, 0) - torch.logsumexp(lr, 0)
+        out["f_teacher"] = (torch.softmax(s, 0) * f0).sum()
+        return out
+    groups = groups.long()
+    share = torch.bincount(groups, minlength=classes).float() / groups.numel()
+    lse_s, f_q = _per_group(s, f0, groups, classes)
+    lse_r, _ = _per_group(lr, f0, groups, classes)
+    present = share > 0
+    out["f_teacher"] = torch.where(present, share * f_q, torch.zeros_like(share)).sum()
+    if per_class:
+        out["log_z"] = torch.where(present, share * (lse_s - lse_r), torch.zeros_like(share)).sum()
+    else:
+        out["log_z"] = torch.logsumexp(s, 0) - torch.logsumexp(lr, 0)
+    return out
 
 
 def importance_teacher(s: torch.Tensor, groups: Optional[torch.Tensor] = None) -> SampleTeacher:
