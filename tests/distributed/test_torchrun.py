@@ -79,35 +79,59 @@ def test_bad_launch_request_exits_2_with_a_message(capsys):
     assert "--master" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_two_nodes_on_localhost_train_and_checkpoint_together(tmp_path):
+# A worker that aborts in C++ right after the process group forms ("terminate called without an active
+# exception", exit -6): seen once in a full CI run (bb06a9d), never in isolation (0 of 5 reruns); torch's
+# gloo/elastic start-up, not genscale. Such an attempt is retried once in a fresh run directory.
+GLOO_START_ABORT = "terminate called without an active exception"
+
+
+def _two_nodes(tmp_path, overrides):
+    """Starts both nodes; as soon as one fails the other is stopped (instead of waiting out torch elastic's
+    exit barrier). Returns (returncodes, outputs, port)."""
     port = free_port()
-    overrides = tiny(tmp_path, "trainer.accelerator=cpu", "trainer.max_iters=4", "trainer.sample_every=0",
-                     "trainer.checkpoint.every_n_iters=0", "data.batch_size=16", "trainer.log_every=1")
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    logs = [open(tmp_path / f"node{r}.log", "w+") for r in (0, 1)]  # files, not pipes: polling never blocks them
     nodes = [subprocess.Popen(_launch("gan_digits", "--nodes", "2", "--gpus-per-node", "1", "--node-rank", str(r),
                                       "--master", f"127.0.0.1:{port}", "--timeout", "120", *overrides),
-                              cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=REPO, env=clean_env(), stdout=logs[r], stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
-    outs = []
+    # Training takes about 12 s. The limit is above torch elastic's exit barrier (300 s), where an agent
+    # waits for the other node's agent at the end: once in a CI run (f331fc4) node 0's agent stayed there
+    # after both workers had finished and checkpointed.
+    deadline = time.monotonic() + 360
     try:
-        # Training takes about 12 s. The limit is above torch elastic's exit barrier (300 s), where an agent
-        # waits for the other node's agent at the end: once in a CI run (f331fc4) node 0's agent stayed
-        # there after both workers had finished and checkpointed.
-        for p in nodes:
-            outs.append(p.communicate(timeout=360)[0])
-    except subprocess.TimeoutExpired:
-        for p in nodes:
-            p.kill()
-        tails = "\n".join(f"--- node {r}:\n{(p.communicate()[0] or '')[-3000:]}" for r, p in enumerate(nodes))
-        raise AssertionError(f"the nodes did not exit within 360 s:\n{tails}") from None
+        while any(p.poll() is None for p in nodes) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in nodes):
+                break  # one node failed: the other would only wait for it
+            time.sleep(0.5)
     finally:
         for p in nodes:
             if p.poll() is None:
                 p.kill()
-    for r, (p, out) in enumerate(zip(nodes, outs)):
-        assert p.returncode == 0, f"node {r} failed:\n{out[-4000:]}"
+    for p in nodes:
+        p.wait()
+    outs = []
+    for log in logs:
+        log.seek(0)
+        outs.append(log.read())
+        log.close()
+    return [p.returncode for p in nodes], outs, port
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_train_and_checkpoint_together(tmp_path):
+    for attempt in (1, 2):
+        root = tmp_path / f"attempt{attempt}"
+        overrides = tiny(root, "trainer.accelerator=cpu", "trainer.max_iters=4", "trainer.sample_every=0",
+                          "trainer.checkpoint.every_n_iters=0", "data.batch_size=16", "trainer.log_every=1")
+        rcs, outs, port = _two_nodes(root, overrides)
+        if attempt == 1 and rcs != [0, 0] and any(GLOO_START_ABORT in out for out in outs):
+            continue
+        break
+    for r, (rc, out) in enumerate(zip(rcs, outs)):
+        assert rc == 0, f"node {r} failed (exit {rc}):\n{out[-4000:]}"
     assert "GLOBAL_RANK: 1" in outs[1] and "MEMBER: 2/2" in outs[1]  # node 1 ran global rank 1 of 2
-    runs = list((tmp_path / "runs" / "gan_digits").iterdir())
+    runs = list((root / "runs" / "gan_digits").iterdir())
     assert [r.name for r in runs] == [f"torchrun-127.0.0.1-{port}"]
     ckpts = sorted(p.name for p in (runs[0] / "checkpoints").glob("*.ckpt"))
     assert ckpts == ["iter-0000004.ckpt", "last.ckpt"]  # one checkpoint, written once
