@@ -157,8 +157,9 @@ class KnowledgeCallback(L.Callback):
                   log_ratio: Optional[torch.Tensor] = None) -> None:
         """ESS, log Z and the constraint under the student p and under the teacher q (over every rank's
         samples; tempered flow samples weighted back to p by ``log_ratio``), and the resampled teacher set."""
-        s = (self.lam * f.float() + (0.0 if log_ratio is None else log_ratio.float()))
-        s = s.masked_fill(~torch.isfinite(f), float("-inf"))
+        # log_ratio is a 0-dim zero at temperature 1: made per sample, so every rank gathers equal shapes
+        lr = torch.zeros_like(f, dtype=torch.float32) if log_ratio is None else log_ratio.float().expand(f.shape)
+        s = (self.lam * f.float() + lr).masked_fill(~torch.isfinite(f), float("-inf"))
         y_all = gather_cat(y)[0] if y is not None else None
         if teacher is None:
             teacher = importance_teacher(gather_cat(s)[0], y_all)
@@ -167,10 +168,8 @@ class KnowledgeCallback(L.Callback):
             local = local * torch.bincount(y)[y].to(local.dtype) / y.shape[0]
         self.counters["teacher_steps"] += 1
         per_class = self.k.get("irl_log_z", "pooled") == "per_class"
-        # log_ratio is a 0-dim zero at temperature 1: made per sample, so every rank gathers equal shapes
-        lr = torch.zeros_like(f, dtype=torch.float32) if log_ratio is None else log_ratio.float().expand(f.shape)
-        d = p_diagnostics(gather_cat(self.lam * f.float())[0], gather_cat(f.float())[0], gather_cat(lr)[0], y_all,
-                          per_class, self._classes)
+        f_all = gather_cat(f.float())[0]
+        d = p_diagnostics(self.lam * f_all, f_all, gather_cat(lr)[0], y_all, per_class, self._classes)
         self._device_stats = {"knowledge/ess_frac": teacher.ess_frac, "knowledge/log_z": d["log_z"],
                               "knowledge/f_student": d["f_student"], "knowledge/f_teacher": d["f_teacher"]}
         self._stats = {"knowledge/lambda": self.lam}  # a new step's diagnostics replace the last one's
